@@ -1,0 +1,191 @@
+"""The consumer process: the reorder buffer that puts results back in order.
+
+It reads result packets from every worker's pipe, keeps those that arrive
+early in a priority queue keyed by their wrap-around ``PacketID``, and
+forwards packets to the main process strictly in id order.  It publishes
+``max_packet_id`` (the highest id it will accept: ``next + buffer - 1``),
+so the priority queue never holds more than ``buffer`` packets; a worker
+whose packet is past it has sent a WAIT and sleeps until the consumer writes
+to its wake-up pipe.
+
+Payloads are forwarded as received, never unpickled here.  The consumer only
+moves a packet out of the buffer when its output pipe has taken the previous
+one, so when nobody calls ``get()`` the window stops, workers stop, and
+``put()`` finally blocks: memory stays bounded end to end.
+
+For every packet it receives it credits the dispatcher (the main process's
+thread that feeds workers), which is how the dispatcher knows a worker is
+ready for more and which packets a dead worker took with it.
+"""
+
+from __future__ import annotations
+
+import heapq
+import os
+import selectors
+import signal
+from typing import Any, NamedTuple, Optional
+
+from . import _wire
+from ._packet_id import PacketID, ahead
+from ._wire import Credit, Fd, Kind
+
+
+class ConsumerSpec(NamedTuple):
+    """Everything the consumer process is given at start."""
+
+    results_in: list[Fd]  # per slot: the worker's result pipe
+    go_out: list[Fd]  # per slot: the worker's wake-up pipe
+    ctrl_in: Fd  # dispatcher -> consumer
+    credits_out: Fd  # consumer -> dispatcher
+    output_out: Fd  # consumer -> get()
+    parent_alive: Fd
+    max_packet_id: Any  # RawValue('q')
+    window: int
+    buffer_max: int
+
+
+def consumer_main(spec: ConsumerSpec) -> None:
+    keep = {f.fd for f in spec.results_in} | {f.fd for f in spec.go_out}
+    keep |= {spec.ctrl_in.fd, spec.credits_out.fd, spec.output_out.fd, spec.parent_alive.fd}
+    _wire.close_inherited_fds(keep)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    _Consumer(spec).run()
+
+
+class _Consumer:
+    def __init__(self, spec: ConsumerSpec) -> None:
+        self.spec = spec
+        self.next = PacketID(spec.window, 0)
+        self.delivered = 0
+        self.last_total: Optional[int] = None
+        self.heap: list[tuple[PacketID, bytes]] = []
+        self.waiting: dict[int, int] = {}  # slot -> packet id it waits to send
+        self.readers = [_wire.FrameReader(fd) for fd in spec.results_in]
+        self.ctrl = _wire.FrameReader(spec.ctrl_in)
+        _wire.set_nonblocking(spec.output_out)
+        _wire.set_nonblocking(spec.credits_out)
+        self.output = _wire.FrameWriter(spec.output_out)
+        self.credits = _wire.FrameWriter(spec.credits_out)
+        self.sel = selectors.DefaultSelector()
+        self.publish_max()
+
+    def publish_max(self) -> int:
+        m = (self.next + (self.spec.buffer_max - 1)).value
+        self.spec.max_packet_id.value = m
+        return m
+
+    def run(self) -> None:
+        sel = self.sel
+        for slot, r in enumerate(self.readers):
+            sel.register(r.fd.fd, selectors.EVENT_READ, slot)
+        sel.register(self.ctrl.fd.fd, selectors.EVENT_READ, "ctrl")
+        sel.register(self.spec.parent_alive.fd, selectors.EVENT_READ, "parent")
+        out_registered = cred_registered = False
+        while True:
+            for key, _ in sel.select():
+                tag = key.data
+                if tag == "out":
+                    self.output.flush()
+                elif tag == "cred":
+                    self.credits.flush()
+                elif tag == "ctrl":
+                    bodies = self.ctrl.read_ready()
+                    if self.ctrl.eof:
+                        return  # the main process closed us down
+                    for body in bodies:
+                        self.on_command(body)
+                elif tag == "parent":
+                    os._exit(3)
+                else:
+                    for body in self.readers[tag].read_ready():
+                        self.on_worker_frame(tag, body)
+            self.deliver()
+            if self.last_total is not None and self.delivered >= self.last_total and not self.output.pending_bytes:
+                self.credits_flush_blocking()
+                return
+            want_out = bool(self.output.pending_bytes)
+            if want_out != out_registered:
+                _toggle(sel, self.output.fd.fd, want_out, "out")
+                out_registered = want_out
+            want_cred = bool(self.credits.pending_bytes)
+            if want_cred != cred_registered:
+                _toggle(sel, self.credits.fd.fd, want_cred, "cred")
+                cred_registered = want_cred
+
+    def on_worker_frame(self, slot: int, body: bytes) -> None:
+        kind = body[0]
+        if kind == Kind.RESULT:
+            h = _wire.decode_result(body)
+            heapq.heappush(self.heap, (PacketID(self.spec.window, h.packet_id), body))
+            self.credit(Credit(slot, h.packet_id, h.count, h.compute_ns, False))
+        elif kind == Kind.WAIT:
+            pid = _wire.decode_id(body)
+            if ahead(pid, self.spec.max_packet_id.value, self.next._base, self.spec.window):
+                self.waiting[slot] = pid
+            else:
+                self.wake(slot)
+        elif kind == Kind.REJECT:
+            self.credit(Credit(slot, _wire.decode_id(body), 0, 0, True))
+        elif kind == Kind.INIT_FAILED:
+            self.credits.send(bytes([Kind.FATAL]), memoryview(body)[1:])
+
+    def credit(self, c: Credit) -> None:
+        self.credits.send(_wire.encode_credit(c))
+
+    def wake(self, slot: int) -> None:
+        try:
+            os.write(self.spec.go_out[slot].fd, b"\0")
+        except OSError:
+            pass  # that worker is gone; a DRAIN for its slot is on the way
+
+    def deliver(self) -> None:
+        heap = self.heap
+        moved = False
+        # One packet at a time, and only when the output pipe took the last
+        # one: the window only advances as fast as get() reads.
+        while heap and heap[0][0] == self.next and not self.output.pending_bytes:
+            _, body = heapq.heappop(heap)
+            self.output.send(body)
+            self.next = self.next.next()
+            self.delivered += 1
+            moved = True
+        if moved:
+            m = self.publish_max()
+            if self.waiting:
+                base, window = self.next._base, self.spec.window
+                for slot, pid in list(self.waiting.items()):
+                    if not ahead(pid, m, base, window):
+                        del self.waiting[slot]
+                        self.wake(slot)
+
+    def on_command(self, body: bytes) -> None:
+        kind = body[0]
+        if kind == Kind.DRAIN:
+            slot = _wire.decode_slot(body)
+            reader = self.readers[slot]
+            for frame in reader.drain():
+                if frame[0] != Kind.WAIT:  # a dead worker waits for nothing
+                    self.on_worker_frame(slot, frame)
+            reader.discard_partial()
+            self.waiting.pop(slot, None)
+            self.credits.send(_wire.encode_slot(Kind.DRAINED, slot))
+        elif kind == Kind.LAST:
+            self.last_total = _wire.decode_id(body)
+
+    def credits_flush_blocking(self) -> None:
+        while not self.credits.flush():
+            _wire_wait_writable(self.credits.fd.fd)
+
+
+def _toggle(sel: selectors.BaseSelector, fd: int, on: bool, tag: str) -> None:
+    if on:
+        sel.register(fd, selectors.EVENT_WRITE, tag)
+    else:
+        sel.unregister(fd)
+
+
+def _wire_wait_writable(fd: int) -> None:
+    import select
+
+    select.select([], [fd], [])

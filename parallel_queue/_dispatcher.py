@@ -1,0 +1,427 @@
+"""The dispatcher: the main-process thread that feeds and supervises workers.
+
+Hot path: take a batch from ``pending``, pickle it once, write it to a
+worker that has credit.  Batches size themselves: a worker that is idle gets
+what is there at once (one task at low load), and while every worker is
+busy, tasks accumulate, so the next batch is larger; a measured per-task
+time caps a batch at about ``TARGET_PACKET_SECONDS`` of work, so slow tasks
+still spread over all workers.
+
+Slow paths, each in its own method: a worker ending (crash, kill, timeout,
+recycling), a batch the worker could not unpickle, the consumer dying, and
+the orderly end after ``stop()``.
+"""
+
+from __future__ import annotations
+
+import os
+import selectors
+import time
+from typing import TYPE_CHECKING, Any, Optional
+
+from . import _wire
+from ._engine import CREDITS_PER_WORKER, Slot
+from ._errors import QueueBrokenError, TaskTimeoutError, WorkerInitError, WorkerLostError
+from ._payload import TaskError, describe_task, dumps_individually, dumps_tasks
+from ._worker import P_ITEM, P_PACKET, P_SEQ, P_START_NS, PROGRESS_FIELDS
+from ._wire import Kind
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+# The most tasks in one packet.  More amortises the per-packet cost (a few
+# system calls and wake-ups) further, but holds more results back at once and
+# makes a crash re-run more neighbours of the task that crashed.
+MAX_BATCH = 1024
+
+# How much work (by measured task time) a packet should carry.  Longer packets
+# cost less per task; shorter ones balance better when tasks are slow or of
+# uneven length, and keep the reorder window (counted in packets) short.
+TARGET_PACKET_SECONDS = 0.005
+
+# Weight of the newest measurement in the running mean of task time.  Higher
+# follows changes in the workload faster, lower is steadier.
+EWMA_WEIGHT = 0.3
+
+# A worker that dies this many times in a row without starting a task (a
+# crashing initializer, a broken interpreter) breaks the queue instead of
+# being restarted forever.
+MAX_STARTUP_DEATHS = 3
+
+
+class PacketRecord:
+    """A packet the dispatcher sent and the consumer has not yet credited."""
+
+    __slots__ = ("packet_id", "first_task", "items")
+
+    def __init__(self, packet_id: int, first_task: int, items: list[Any]) -> None:
+        self.packet_id = packet_id
+        self.first_task = first_task  # index of items[0] among all tasks put
+        self.items = items
+
+
+class Dispatcher:
+    def __init__(self, engine: Engine) -> None:
+        self.e = engine
+        self.base = 2 * engine.opts.window + 1
+        self.next_id = 0
+        self.packets_total = 0
+        self.dispatched_tasks = 0
+        self.item_seconds = 0.0  # running mean of task time; 0 until measured
+        self.credits = _wire.FrameReader(engine.credits_r)
+        self.sel = selectors.DefaultSelector()
+        self.last_sent = False
+        self.consumer_done = False
+        self.startup_deaths = [0] * len(engine.slots)
+        self.replaced = 0
+
+    # ------------------------------------------------------------ main loop
+
+    def run(self) -> None:
+        try:
+            self.loop()
+        except BaseException as exc:  # noqa: BLE001 - a dead dispatcher must not hang get()
+            err = QueueBrokenError(f"internal error in the dispatcher thread: {exc!r}")
+            err.__cause__ = exc
+            self.e.break_with(err)
+        finally:
+            self.sel.close()
+
+    def loop(self) -> None:
+        e = self.e
+        sel = self.sel
+        sel.register(e.wake_r.fd, selectors.EVENT_READ, "wake")
+        sel.register(e.credits_r.fd, selectors.EVENT_READ, "credits")
+        sel.register(e.consumer.sentinel, selectors.EVENT_READ, "consumer")
+        for slot in e.slots:
+            sel.register(slot.proc.sentinel, selectors.EVENT_READ, ("ended", slot))
+        while True:
+            with e.lock:
+                if e.terminated or e.broken is not None:
+                    return
+            self.dispatch()
+            self.finish_if_stopped()
+            if self.all_done():
+                return
+            timeout = self.timeouts()
+            with e.lock:
+                # Decided under the lock put() takes, so a task put from now
+                # on either is seen here or finds dispatcher_idle set and
+                # writes to the wake-up pipe: no lost wake-up.
+                if e.pending and self.pick_slot() is not None:
+                    timeout = 0
+                else:
+                    e.dispatcher_idle = self.pick_slot() is not None
+            events = sel.select(timeout)
+            with e.lock:
+                e.dispatcher_idle = False
+            registered = sel.get_map()
+            for key, _ in events:
+                # An earlier handler in this batch may have unregistered this
+                # fd (a worker's sentinel and its pipe end together), or even
+                # registered a new one under the same number.
+                if registered.get(key.fd) is not key:
+                    continue
+                tag = key.data
+                if tag == "wake":
+                    os.read(e.wake_r.fd, 4096)
+                elif tag == "credits":
+                    self.on_credits()
+                elif tag == "consumer":
+                    self.on_consumer_end()
+                elif tag[0] == "write":
+                    self.on_writable(tag[1])
+                else:
+                    self.on_worker_end(tag[1])
+
+    def all_done(self) -> bool:
+        return (
+            self.last_sent
+            and self.consumer_done
+            and all(s.state == "ended" for s in self.e.slots)
+        )
+
+    # ------------------------------------------------------------- hot path
+
+    def pick_slot(self) -> Optional[Slot]:
+        """The running worker with the fewest packets that can take one more."""
+        best: Optional[Slot] = None
+        quota = self.e.opts.max_tasks_per_worker
+        for slot in self.e.slots:
+            if (
+                slot.state == "running"
+                and not slot.stop_sent
+                and len(slot.outstanding) < CREDITS_PER_WORKER
+                and not (slot.writer is not None and slot.writer.pending_bytes)
+                and not (quota and slot.sent_items >= quota)
+                and (best is None or len(slot.outstanding) < len(best.outstanding))
+            ):
+                best = slot
+        return best
+
+    def free_credits(self) -> int:
+        return sum(
+            CREDITS_PER_WORKER - len(s.outstanding) for s in self.e.slots if s.state == "running" and not s.stop_sent
+        )
+
+    def batch_size(self, slot: Slot, waiting: int) -> int:
+        limit = self.e.opts.max_batch or MAX_BATCH
+        if self.item_seconds > 0:
+            limit = min(limit, max(1, int(TARGET_PACKET_SECONDS / self.item_seconds)))
+        else:
+            limit = 1  # nothing measured yet: do not give one worker everything
+        # Spread what is waiting over the free credits, so idle workers all
+        # get a share instead of the first one taking the lot.
+        share = -(-waiting // max(1, self.free_credits()))
+        n = min(limit, share, waiting)
+        quota = self.e.opts.max_tasks_per_worker
+        if quota:
+            n = min(n, quota - slot.sent_items)
+        return max(1, n)
+
+    def dispatch(self) -> None:
+        e = self.e
+        while True:
+            slot = self.pick_slot()
+            if slot is None:
+                return
+            with e.lock:
+                waiting = len(e.pending)
+                if not waiting:
+                    return
+                n = self.batch_size(slot, waiting)
+                items = [e.pending.popleft() for _ in range(n)]
+                if waiting >= e.opts.in_q_max:
+                    e.put_cond.notify_all()
+            rec = PacketRecord(self.next_id, self.dispatched_tasks, items)
+            self.next_id = (self.next_id + 1) % self.base
+            self.packets_total += 1
+            self.dispatched_tasks += n
+            slot.outstanding.append(rec)
+            self.send(slot, rec, individually=False)
+
+    def send(self, slot: Slot, rec: PacketRecord, individually: bool) -> None:
+        if individually:
+            payload = dumps_individually(rec.items)
+        else:
+            payload, individually = dumps_tasks(rec.items)
+        slot.sent_items += len(rec.items)
+        writer = slot.writer
+        assert writer is not None
+        try:
+            done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), individually), payload)
+        except BrokenPipeError:
+            writer.clear()  # the worker is gone; its sentinel tells us next
+            return
+        if not done:
+            self.sel.register(writer.fd.fd, selectors.EVENT_WRITE, ("write", slot))
+
+    def on_writable(self, slot: Slot) -> None:
+        writer = slot.writer
+        assert writer is not None
+        try:
+            done = writer.flush()
+        except BrokenPipeError:
+            writer.clear()
+            done = True
+        if done:
+            self.sel.unregister(writer.fd.fd)
+
+    def on_credits(self) -> None:
+        if self.credits.eof:
+            return
+        for body in self.credits.read_ready():
+            kind = body[0]
+            if kind == Kind.CREDIT:
+                self.on_credit(_wire.decode_credit(body))
+            elif kind == Kind.DRAINED:
+                self.on_drained(self.e.slots[_wire.decode_slot(body)])
+            elif kind == Kind.FATAL:
+                self.on_init_failed(bytes(body[1:]))
+        if self.credits.eof:
+            self.sel.unregister(self.e.credits_r.fd)
+
+    def on_credit(self, c: _wire.Credit) -> None:
+        slot = self.e.slots[c.slot]
+        if c.rejected:
+            # The worker could not unpickle the batch as a whole: send it
+            # again, one pickle per task, so only the guilty task fails.
+            self.send(slot, slot.outstanding[0], individually=True)
+            return
+        rec = slot.outstanding.popleft()
+        assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
+        self.startup_deaths[c.slot] = 0
+        if c.count:
+            sample = c.compute_ns / c.count / 1e9
+            m = self.item_seconds
+            self.item_seconds = sample if m == 0 else m + EWMA_WEIGHT * (sample - m)
+
+    # ------------------------------------------------------------ slow paths
+
+    def on_worker_end(self, slot: Slot) -> None:
+        """A worker process ended: have the consumer read its pipe to the end."""
+        proc = slot.proc
+        proc.join()
+        self.sel.unregister(proc.sentinel)
+        if slot.writer is not None and slot.writer.pending_bytes:
+            self.sel.unregister(slot.writer.fd.fd)
+        _wire.close_fd(slot.tasks_w)
+        slot.writer = None
+        slot.state = "draining"
+        if self.consumer_done:
+            self.on_drained(slot)
+            return
+        self.send_ctrl(_wire.encode_slot(Kind.DRAIN, slot.index))
+
+    def send_ctrl(self, body: bytes) -> None:
+        # Control frames are a few bytes and the consumer always reads them,
+        # so a plain blocking write cannot stall here.
+        try:
+            os.write(self.e.ctrl_w.fd, b"".join(bytes(b) for b in _wire.frame((body,))))
+        except BrokenPipeError:
+            pass  # the consumer is gone: on_consumer_end deals with it
+
+    def on_drained(self, slot: Slot) -> None:
+        """Everything the dead worker sent has been counted: re-send the rest."""
+        e = self.e
+        lost = list(slot.outstanding)
+        slot.outstanding.clear()
+        proc = slot.proc
+        p0 = slot.index * PROGRESS_FIELDS
+        started_any = e.progress[p0 + P_SEQ] > 0
+        if lost:
+            self.blame_running_task(slot, lost[0], proc)
+        # Wake-ups the dead worker never read (end-of-file once the consumer is gone).
+        while _wire.readable(slot.go_r.fd, 0) and os.read(slot.go_r.fd, 4096):
+            pass
+        with e.lock:
+            more_work = bool(e.pending) or e.tasks_at_stop is None
+        if not lost and not more_work:
+            slot.state = "ended"
+            return
+        if not started_any and proc.exitcode != 0:
+            self.startup_deaths[slot.index] += 1
+            if self.startup_deaths[slot.index] >= MAX_STARTUP_DEATHS:
+                e.break_with(
+                    QueueBrokenError(
+                        f"worker processes keep dying before running a task (last exit code {proc.exitcode})"
+                    )
+                )
+                return
+        e.start_worker(slot)
+        self.replaced += 1
+        self.sel.register(slot.proc.sentinel, selectors.EVENT_READ, ("ended", slot))
+        for rec in lost:  # in id order, into an empty pipe: nothing waits ahead of them
+            slot.outstanding.append(rec)
+            self.send(slot, rec, individually=False)
+
+    def blame_running_task(self, slot: Slot, rec: PacketRecord, proc: Any) -> None:
+        """Put an error in the slot of the task that was running when the worker died."""
+        prog = self.e.progress
+        p0 = slot.index * PROGRESS_FIELDS
+        k = prog[p0 + P_ITEM]
+        if prog[p0 + P_PACKET] != rec.packet_id or not 0 <= k < len(rec.items):
+            return  # it died between tasks: every task of the packet runs again
+        if isinstance(rec.items[k], TaskError):
+            return
+        index = rec.first_task + k
+        what = f"task #{index} ({describe_task(rec.items[k])})"
+        code = proc.exitcode
+        how = f"was killed by signal {_signal_name(-code)}" if code is not None and code < 0 else f"exited with code {code}"
+        err: Exception
+        if slot.kill_reason == "timeout":
+            if slot.kill_seq != prog[p0 + P_SEQ]:
+                return  # the slow task finished in time; the one we killed runs again
+            err = TaskTimeoutError(
+                f"{what} ran longer than task_timeout={self.e.opts.task_timeout}s and was killed with its worker (pid {proc.pid})",
+                index,
+                proc.pid,
+                code,
+            )
+        else:
+            err = WorkerLostError(f"{what} was running in worker pid {proc.pid}, which {how}", index, proc.pid, code)
+        rec.items[k] = TaskError.from_message(err)
+
+    def timeouts(self) -> Optional[float]:
+        """Kill workers whose task ran past task_timeout; seconds until the next check."""
+        limit = self.e.opts.task_timeout
+        if limit is None:
+            return None
+        prog = self.e.progress
+        now = time.monotonic_ns()
+        limit_ns = int(limit * 1e9)
+        soonest: Optional[int] = None
+        for slot in self.e.slots:
+            if slot.state != "running" or not slot.outstanding or slot.kill_reason:
+                continue
+            p0 = slot.index * PROGRESS_FIELDS
+            seq = prog[p0 + P_SEQ]
+            packet, k, start = prog[p0 + P_PACKET], prog[p0 + P_ITEM], prog[p0 + P_START_NS]
+            first = slot.outstanding[0]
+            if seq != prog[p0 + P_SEQ] or packet != first.packet_id or k >= len(first.items) or seq == 0:
+                # Between tasks (or just switching): no event tells us when
+                # the next task starts, so look again one timeout from now.
+                deadline = now + limit_ns
+            else:
+                deadline = start + limit_ns
+                if deadline <= now:
+                    slot.kill_seq = seq
+                    slot.kill_reason = "timeout"
+                    slot.proc.kill()
+                    continue
+            soonest = deadline if soonest is None else min(soonest, deadline)
+        return None if soonest is None else max(0.0, (soonest - now) / 1e9)
+
+    def on_init_failed(self, payload: bytes) -> None:
+        import pickle
+
+        original = pickle.loads(payload).to_exception()
+        err = WorkerInitError(f"worker_init_f raised {type(original).__name__}: {original}")
+        err.__cause__ = original
+        self.e.break_with(err)
+
+    def on_consumer_end(self) -> None:
+        e = self.e
+        e.consumer.join()
+        self.sel.unregister(e.consumer.sentinel)
+        # Its last credits may still be in the pipe: count them first.
+        while not self.credits.eof and _wire.readable(e.credits_r.fd, 0):
+            self.on_credits()
+        if self.last_sent and e.consumer.exitcode == 0:
+            self.consumer_done = True
+            for slot in e.slots:
+                if slot.state == "draining":
+                    self.on_drained(slot)
+            return
+        with e.lock:
+            if e.terminated:
+                return
+        e.break_with(QueueBrokenError(f"the consumer process died (exit code {e.consumer.exitcode})"))
+
+    def finish_if_stopped(self) -> None:
+        """After stop(): once every task is sent, tell the consumer and the workers."""
+        e = self.e
+        with e.lock:
+            if e.tasks_at_stop is None or e.pending:
+                return
+        if not self.last_sent:
+            self.last_sent = True
+            self.send_ctrl(_wire.encode_id(Kind.LAST, self.packets_total))
+        for slot in e.slots:
+            if slot.state == "running" and not slot.outstanding and not slot.stop_sent:
+                slot.stop_sent = True
+                assert slot.writer is not None
+                try:
+                    if not slot.writer.send(bytes([Kind.STOP])):
+                        self.sel.register(slot.writer.fd.fd, selectors.EVENT_WRITE, ("write", slot))
+                except BrokenPipeError:
+                    slot.writer.clear()
+
+
+def _signal_name(num: int) -> str:
+    import signal
+
+    try:
+        return f"{signal.Signals(num).name} ({num})"
+    except ValueError:
+        return str(num)

@@ -1,0 +1,478 @@
+"""The process engine: who runs where, and the pipes between them.
+
+::
+
+    main process                                                     main process
+   ----------------------------------------------------------------------------------
+    put() --> pending --> [dispatcher thread] ==tasks==> worker 0 --results--+
+    (any        (deque,     batches, pickles,  ==tasks==> worker 1 --results--+
+     thread)    bounded     assigns PacketIDs,    ...                        |
+                in_q_max)   supervises workers ==tasks==> worker N-1 -------+
+                               ^       |                  ^   |              |
+                               |       | ctrl (DRAIN,     |   | WAIT         v
+                               |       |  LAST)      wake-up  +--------> [consumer process]
+                               |       +-------------> pipes <-----------  reorder buffer (heap
+                               |                                           of PacketIDs), publishes
+                               +---- credits (CREDIT, DRAINED, FATAL) ---  max_packet_id (shared)
+                                                                                  |
+    get() <-- [delivery: markers merged in their places, payloads unpickled] <-- output
+
+- **put()** (caller's thread) appends a task to ``pending``; a marker (a
+  non-callable) never leaves the main process: it waits in ``markers`` with
+  the number of tasks put before it, and ``get()`` hands it back (the same
+  object) in that place.
+- **dispatcher** (a thread of the main process) takes batches from
+  ``pending`` and writes them as packets to workers that have credit (at
+  most ``CREDITS_PER_WORKER`` packets each), sized from measured task times.
+  It also starts replacement workers, kills timed-out tasks and, after a
+  worker ends, re-sends the packets it took with it (the task that was
+  running gets ``WorkerLostError`` in its slot).  It is the only thread that
+  writes to workers or starts processes after construction.
+- **workers** (processes, one per slot) run packets and send results to the
+  consumer, never past ``max_packet_id``; past it they WAIT and sleep on
+  their wake-up pipe until the consumer wakes them.
+- **consumer** (one process) owns the reorder buffer: the seed's algorithm.
+  It forwards packets to ``get()`` in id order without unpickling them and
+  credits the dispatcher for every packet received.
+- **delivery** (``get()``, caller's thread) reads the output pipe, unpickles
+  a packet's results, and hands out values, errors and markers in put order.
+
+Every pipe has a single writer process; readers never block on a frame half
+written (see ``_wire``), so a process that dies at any instant loses at most
+its own unfinished work, and that is detected from its process sentinel.
+"""
+
+from __future__ import annotations
+
+import atexit
+import multiprocessing
+import os
+import threading
+import weakref
+from collections import deque
+from multiprocessing.context import BaseContext
+from typing import Any, Callable, Optional, Union
+
+from . import _wire
+from ._consumer import ConsumerSpec, consumer_main
+from ._errors import QueueBrokenError
+from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
+from ._wire import Fd
+
+# Packets a worker may hold at once (running + queued in its pipe).  One
+# would leave it idle while the next packet travels; more would let one
+# worker hoard work that an idle one could have taken, and lengthen the
+# list of packets a crash takes with it.
+CREDITS_PER_WORKER = 2
+
+
+class Options:
+    """The resolved constructor options of a queue."""
+
+    def __init__(
+        self,
+        num_workers: Optional[int],
+        daemon: bool,
+        in_q_max: int,
+        out_q_max: int,
+        worker_q_max: int,
+        worker_init_f: Optional[Callable[[], Any]],
+        consumer_buffer_max: Optional[int],
+        mp_context: Union[None, str, BaseContext],
+        task_timeout: Optional[float],
+        max_tasks_per_worker: Optional[int],
+        max_batch: Optional[int],
+    ) -> None:
+        self.num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
+        if self.num_workers < 1:
+            raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
+        if self.num_workers > 60000:
+            raise ValueError("num_workers must be below 60000")
+        self.daemon = daemon
+        for name, v in (("in_q_max", in_q_max), ("out_q_max", out_q_max), ("worker_q_max", worker_q_max)):
+            if v < 1:
+                raise ValueError(f"{name} must be at least 1, got {v}")
+        self.in_q_max = in_q_max
+        self.out_q_max = out_q_max
+        self.worker_q_max = worker_q_max
+        self.worker_init_f = worker_init_f
+        self.consumer_buffer_max = consumer_buffer_max if consumer_buffer_max is not None else 10 * self.num_workers
+        if self.consumer_buffer_max < 1:
+            raise ValueError(f"consumer_buffer_max must be at least 1, got {self.consumer_buffer_max}")
+        if mp_context is None or isinstance(mp_context, str):
+            self.ctx = multiprocessing.get_context(mp_context)
+        else:
+            self.ctx = mp_context
+        if task_timeout is not None and not task_timeout > 0:
+            raise ValueError(f"task_timeout must be a positive number of seconds, got {task_timeout}")
+        self.task_timeout = task_timeout
+        if max_tasks_per_worker is not None and max_tasks_per_worker < 1:
+            raise ValueError(f"max_tasks_per_worker must be at least 1, got {max_tasks_per_worker}")
+        self.max_tasks_per_worker = max_tasks_per_worker or 0
+        if max_batch is not None and max_batch < 1:
+            raise ValueError(f"max_batch must be at least 1, got {max_batch}")
+        self.max_batch = max_batch
+        # Every id alive at once lies within [next, next + window): the
+        # reorder buffer plus what workers hold, plus one for the packet
+        # being re-sent after a crash.
+        self.window = self.consumer_buffer_max + self.num_workers * CREDITS_PER_WORKER + 1
+
+
+# ------------------------------------------------------------ parent alive
+
+_parent_alive: Optional[tuple[Fd, Fd]] = None
+_parent_alive_lock = threading.Lock()
+
+
+def parent_alive_pipe() -> tuple[Fd, Fd]:
+    """This process's "I am alive" pipe: children exit when its write end closes."""
+    global _parent_alive
+    with _parent_alive_lock:
+        if _parent_alive is None:
+            _parent_alive = _wire.make_pipe()
+        return _parent_alive
+
+
+def _forget_parent_alive() -> None:
+    # A forked child is a parent of its own (a task may start a queue): it
+    # needs a pipe of its own, not a copy of its parent's.
+    global _parent_alive
+    _parent_alive = None
+
+
+os.register_at_fork(after_in_child=_forget_parent_alive)
+
+# ------------------------------------------------------------------ at exit
+
+_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+
+
+def _terminate_all_at_exit() -> None:
+    # Runs before multiprocessing's own exit handler (registered earlier, so
+    # run later), which would otherwise wait forever for non-daemonic workers
+    # of a queue nobody stopped.
+    for engine in list(_live_engines):
+        engine.terminate()
+
+
+atexit.register(_terminate_all_at_exit)
+
+
+class Slot:
+    """One worker position: its shared pipes, its current process and its packets."""
+
+    __slots__ = (
+        "index",
+        "results_w",
+        "go_r",
+        "proc",
+        "tasks_w",
+        "writer",
+        "outstanding",
+        "sent_items",
+        "state",
+        "stop_sent",
+        "kill_seq",
+        "kill_reason",
+        "incarnation",
+    )
+
+    def __init__(self, index: int, results_w: Fd, go_r: Fd) -> None:
+        self.index = index
+        self.results_w = results_w  # kept to hand to each new worker in this slot
+        self.go_r = go_r
+        self.proc: Any = None
+        self.tasks_w: Optional[Fd] = None
+        self.writer: Optional[_wire.FrameWriter] = None
+        self.outstanding: deque[Any] = deque()  # PacketRecords, oldest first
+        self.sent_items = 0
+        self.state = "idle"  # running | draining | ended
+        self.stop_sent = False
+        self.kill_seq = 0  # progress sequence number of the task we killed
+        self.kill_reason = ""
+        self.incarnation = 0
+
+
+class Engine:
+    """Owns the processes, pipes and threads of one queue.
+
+    The public queue classes hold an Engine; the Engine never refers back
+    to them, so a queue dropped without ``stop()`` is collected and its
+    finalizer terminates the Engine.
+    """
+
+    def __init__(self, opts: Options, task_fn: Optional[Callable[..., Any]]) -> None:
+        from ._delivery import Delivery
+        from ._dispatcher import Dispatcher
+
+        self.opts = opts
+        ctx = opts.ctx
+        self.ctx = ctx
+        self.task_fn = task_fn
+        n = opts.num_workers
+
+        # Shared state in the main process, guarded by one lock.
+        self.lock = threading.Lock()
+        self.put_cond = threading.Condition(self.lock)  # put() waits here when pending is full
+        self.pending: deque[Any] = deque()
+        self.markers: deque[tuple[int, Any]] = deque()
+        self.tasks_put = 0
+        self.tasks_at_stop: Optional[int] = None
+        self.terminated = False
+        self.broken: Optional[BaseException] = None
+        self.dispatcher_idle = False  # waiting for tasks, with credit to send them
+        self.getter_waiting = False
+        self.closed = False  # every process ended and every descriptor released
+
+        self.max_packet_id = ctx.RawValue("q", 0)
+        self.progress = ctx.RawArray("q", PROGRESS_FIELDS * n)
+        self.alive_r, _ = parent_alive_pipe()
+
+        results = [_wire.make_pipe() for _ in range(n)]
+        gos = [_wire.make_pipe() for _ in range(n)]
+        ctrl_r, self.ctrl_w = _wire.make_pipe()
+        self.credits_r, credits_w = _wire.make_pipe()
+        self.output_r, output_w = _wire.make_pipe()
+        self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
+        self.get_wake_r, self.get_wake_w = _wire.make_pipe()  # wakes a waiting get()
+        self.slots = [Slot(i, results[i][1], gos[i][0]) for i in range(n)]
+
+        spec = ConsumerSpec(
+            [r for r, _ in results],
+            [w for _, w in gos],
+            ctrl_r,
+            credits_w,
+            output_w,
+            self.alive_r,
+            self.max_packet_id,
+            opts.window,
+            opts.consumer_buffer_max,
+        )
+        self.consumer = ctx.Process(
+            target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon
+        )
+        self.consumer.start()
+        for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
+            _wire.close_fd(fd)
+
+        self.dispatcher = Dispatcher(self)
+        for slot in self.slots:
+            self.start_worker(slot)
+        self.delivery = Delivery(self)
+        _live_engines.add(self)
+        self.thread = threading.Thread(target=self.dispatcher.run, name="parallel_queue-dispatcher", daemon=True)
+        self.thread.start()
+
+    # -------------------------------------------------------------- workers
+
+    def start_worker(self, slot: Slot) -> None:
+        """Start a new worker process in ``slot`` (its pipes are clean)."""
+        tasks_r, tasks_w = _wire.make_pipe()
+        p0 = slot.index * PROGRESS_FIELDS
+        for f in range(PROGRESS_FIELDS):
+            self.progress[p0 + f] = -1 if f == 0 else 0
+        spec = WorkerSpec(
+            slot.index,
+            tasks_r,
+            slot.results_w,
+            slot.go_r,
+            self.alive_r,
+            self.max_packet_id,
+            self.progress,
+            self.opts.window,
+            self.task_fn,
+            self.opts.worker_init_f,
+            self.opts.max_tasks_per_worker,
+        )
+        slot.incarnation += 1
+        proc = self.ctx.Process(
+            target=worker_main,
+            args=(Inherited(spec),),
+            name=f"parallel_queue-worker-{slot.index}.{slot.incarnation}",
+            daemon=self.opts.daemon,
+        )
+        proc.start()
+        _wire.close_fd(tasks_r)
+        _wire.set_nonblocking(tasks_w)
+        slot.proc = proc
+        slot.tasks_w = tasks_w
+        slot.writer = _wire.FrameWriter(tasks_w)
+        slot.sent_items = 0
+        slot.state = "running"
+        slot.stop_sent = False
+        slot.kill_seq = 0
+        slot.kill_reason = ""
+
+    # ----------------------------------------------------------- lifecycle
+
+    # Wake-ups: one byte into a pipe the sleeper polls.  Always called with
+    # ``lock`` held (see close()).
+
+    def wake_dispatcher(self) -> None:
+        try:
+            os.write(self.wake_w.fd, b"\0")
+        except OSError:
+            pass
+
+    def wake_getter(self) -> None:
+        try:
+            os.write(self.get_wake_w.fd, b"\0")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------- putting
+
+    def put_task(self, item: Any, timeout: Optional[float]) -> None:
+        with self.put_cond:
+            self.check_usable()
+            if len(self.pending) >= self.opts.in_q_max:
+                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+            self.pending.append(item)
+            self.tasks_put += 1
+            if self.dispatcher_idle:
+                self.dispatcher_idle = False
+                self.wake_dispatcher()
+
+    def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
+        with self.put_cond:
+            self.check_usable()
+            if len(self.markers) >= self.opts.in_q_max:
+                self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
+            self.markers.append((self.tasks_put, marker))
+            if self.getter_waiting:
+                self.wake_getter()
+
+    def wait_for_room(self, room: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Wait (lock held) until ``room()``; ``queue.Full`` after ``timeout``."""
+        import queue
+        import time
+
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not room():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise queue.Full
+            self.put_cond.wait(remaining)
+            self.check_usable(after_wait=True)
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.tasks_at_stop is None:
+                self.tasks_at_stop = self.tasks_put
+            self.put_cond.notify_all()
+            self.wake_getter()
+            self.wake_dispatcher()
+
+    def break_with(self, error: BaseException) -> None:
+        """The queue cannot go on: record why, wake everyone, end the processes."""
+        with self.lock:
+            if self.broken is None and not self.terminated:
+                self.broken = error
+            self.put_cond.notify_all()
+            self.wake_getter()
+        self.kill_processes()
+
+    def terminate(self) -> None:
+        """Tear everything down at once; undelivered results are lost."""
+        with self.lock:
+            if self.terminated or self.closed:
+                return
+            self.terminated = True
+            if self.tasks_at_stop is None:
+                self.tasks_at_stop = self.tasks_put
+            self.put_cond.notify_all()
+            self.wake_getter()
+            self.wake_dispatcher()
+        self.kill_processes()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        self.close()
+
+    def kill_processes(self) -> None:
+        procs = [p for p in self.processes() if _usable(p)]
+        for p in procs:
+            if p.exitcode is None:
+                p.kill()
+        for p in procs:
+            p.join()
+
+    def close(self) -> None:
+        """Release every descriptor and process handle (all processes have ended)."""
+        self.delivery.close()  # waits for a get() in progress to leave
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            # Wake-up writes happen under this lock too, so none can hit a
+            # descriptor number reused after this close.
+            for slot in self.slots:
+                _wire.close_fd(slot.results_w)
+                _wire.close_fd(slot.go_r)
+                _wire.close_fd(slot.tasks_w)
+            for fd in (self.ctrl_w, self.credits_r, self.wake_r, self.wake_w, self.get_wake_r, self.get_wake_w):
+                _wire.close_fd(fd)
+        for p in self.processes():
+            try:
+                p.close()
+            except ValueError:  # still running: only after a failed kill
+                pass
+        _live_engines.discard(self)
+
+    def processes(self) -> list[Any]:
+        return [s.proc for s in self.slots if s.proc is not None] + [self.consumer]
+
+    def is_alive(self) -> bool:
+        return any(p.is_alive() for p in self.processes() if _usable(p))
+
+    def check_usable(self, after_wait: bool = False) -> None:
+        """Raise the reason put() cannot take tasks any more (lock held)."""
+        from ._errors import QueueStopped
+
+        if self.broken is not None:
+            raise QueueBrokenError(str(self.broken)) from self.broken
+        if self.terminated:
+            raise QueueStopped("the queue was terminated")
+        if self.tasks_at_stop is not None:
+            raise QueueStopped("stop() was called while put() waited" if after_wait else "put() after stop()")
+
+    def join(self, timeout: Optional[float]) -> bool:
+        """Wait for every process to end; True if they all did within ``timeout``.
+
+        Results still coming out are read into memory meanwhile, so the
+        consumer never waits for a get() that is not coming.
+        """
+        import time
+        from multiprocessing.connection import wait
+
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            alive = [p for p in self.processes() if _usable(p) and p.exitcode is None]
+            if not alive:
+                break
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            waitables: list[Any] = [p.sentinel for p in alive]
+            if not self.delivery.closed and not self.delivery.reader.eof:
+                waitables.append(self.output_r.fd)
+            wait(waitables, remaining)
+            self.delivery.pump()
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        if self.thread is not threading.current_thread():
+            self.thread.join(remaining)
+            if self.thread.is_alive():
+                return False
+        while self.delivery.pump(block=True):
+            _wire.readable(self.output_r.fd, None)
+        self.close()
+        return True
+
+
+def _usable(p: Any) -> bool:
+    try:
+        p.is_alive()
+        return True
+    except ValueError:  # closed
+        return False

@@ -1,0 +1,284 @@
+"""What travels inside packets: task batches, results and error records.
+
+Tasks go out with cloudpickle (lambdas, closures and ``__main__`` functions
+work), a whole batch in one call so a callable repeated in the batch is
+pickled once.  Results come back with plain pickle, falling back to
+cloudpickle for what plain pickle refuses.  Every failure is narrowed down
+to the one item that caused it, which gets an error in its own slot; the
+others go through.
+"""
+
+from __future__ import annotations
+
+import pickle
+import traceback
+from types import TracebackType
+from typing import Any, Callable, Optional
+
+import cloudpickle
+from tblib import Traceback
+
+from ._errors import RemoteError
+
+PROTOCOL = pickle.HIGHEST_PROTOCOL
+
+# A chain of causes deeper than this is cut (a cycle, or an absurd chain):
+# each link costs a pickle and a traceback in the worker.
+MAX_CHAIN = 8
+
+
+class TaskError:
+    """An exception raised by (or on behalf of) one task, ready to travel.
+
+    Built in the worker from the live exception; rebuilt in the main process
+    by ``to_exception()``: the original type when it survives pickling,
+    otherwise a ``RemoteError`` with its type name, message and traceback
+    text.  Either way the exception gets the worker's frames as its
+    ``__traceback__`` and the formatted traceback as ``stack_trace``.
+    """
+
+    __slots__ = ("exc_bytes", "type_name", "message", "stack_trace", "tb", "cause", "context", "suppress", "reason")
+
+    def __init__(
+        self,
+        exc_bytes: Optional[bytes],
+        type_name: str,
+        message: str,
+        stack_trace: str,
+        tb: Optional[dict[str, Any]] = None,
+        cause: Optional[TaskError] = None,
+        context: Optional[TaskError] = None,
+        suppress: bool = False,
+        reason: str = "",
+    ) -> None:
+        self.exc_bytes = exc_bytes
+        self.type_name = type_name
+        self.message = message
+        self.stack_trace = stack_trace
+        self.tb = tb
+        self.cause = cause
+        self.context = context
+        self.suppress = suppress
+        self.reason = reason
+
+    def __reduce__(self) -> tuple[type[TaskError], tuple[Any, ...]]:
+        return TaskError, tuple(getattr(self, s) for s in TaskError.__slots__)
+
+    @classmethod
+    def from_exception(cls, exc: BaseException, depth: int = 0) -> TaskError:
+        """Capture ``exc`` (with its traceback and causes) in the worker."""
+        exc_bytes, reason = _pickle_exception(exc)
+        try:
+            tb = Traceback(exc.__traceback__).to_dict() if exc.__traceback__ else None
+        except Exception:  # a frame tblib cannot describe: the text still travels
+            tb = None
+        cause = context = None
+        if depth < MAX_CHAIN:
+            if exc.__cause__ is not None:
+                cause = cls.from_exception(exc.__cause__, depth + 1)
+            elif exc.__context__ is not None and not exc.__suppress_context__:
+                context = cls.from_exception(exc.__context__, depth + 1)
+        return cls(
+            exc_bytes,
+            _qualified_name(type(exc)),
+            _safe_str(exc),
+            "".join(traceback.format_exception(type(exc), exc, exc.__traceback__)),
+            tb,
+            cause,
+            context,
+            exc.__suppress_context__,
+            reason,
+        )
+
+    @classmethod
+    def for_failure(
+        cls, exc: BaseException, what: str, error_type: type[Exception] = pickle.PicklingError
+    ) -> TaskError:
+        """An error raised on a task's behalf (``what`` failed), caused by ``exc``."""
+        try:
+            raise error_type(f"{what}: {type(exc).__name__}: {_safe_str(exc)}") from exc
+        except Exception as wrapped:
+            return cls.from_exception(wrapped)
+
+    @classmethod
+    def from_message(cls, exc: BaseException) -> TaskError:
+        """An error made in the main process for a task (worker lost, timeout)."""
+        return cls(_dumps_or_none(exc), _qualified_name(type(exc)), _safe_str(exc), f"{_qualified_name(type(exc))}: {exc}\n")
+
+    def to_exception(self) -> BaseException:
+        """The exception to raise in ``get()``, with the worker's traceback."""
+        exc: BaseException
+        reason = self.reason
+        if self.exc_bytes is not None:
+            try:
+                exc = pickle.loads(self.exc_bytes)
+                if not isinstance(exc, BaseException):
+                    raise TypeError(f"unpickled a {type(exc).__name__}, not an exception")
+            except Exception as e:
+                reason = f"{type(e).__name__}: {e}"
+                exc = RemoteError(self.type_name, self.message, self.stack_trace, reason)
+        else:
+            exc = RemoteError(self.type_name, self.message, self.stack_trace, reason)
+        try:
+            exc.stack_trace = self.stack_trace  # type: ignore[attr-defined]
+        except Exception:  # exception types with __slots__ refuse new attributes
+            pass
+        tb = _rebuild_traceback(self.tb)
+        if tb is not None:
+            exc = exc.with_traceback(tb)
+        if self.cause is not None:
+            exc.__cause__ = self.cause.to_exception()
+        elif self.context is not None:
+            exc.__context__ = self.context.to_exception()
+        exc.__suppress_context__ = self.suppress
+        return exc
+
+
+def _qualified_name(t: type) -> str:
+    mod = getattr(t, "__module__", None)
+    name = getattr(t, "__qualname__", t.__name__)
+    return name if mod in (None, "builtins") else f"{mod}.{name}"
+
+
+def _safe_str(exc: BaseException) -> str:
+    try:
+        return str(exc)
+    except Exception as e:  # a broken __str__ must not lose the error
+        return f"<str() failed: {type(e).__name__}: {e}>"
+
+
+def _dumps_or_none(obj: Any) -> Optional[bytes]:
+    try:
+        return pickle.dumps(obj, PROTOCOL)
+    except Exception:
+        return None
+
+
+def _pickle_exception(exc: BaseException) -> tuple[Optional[bytes], str]:
+    """Pickle ``exc`` if it will also unpickle; otherwise say why not.
+
+    The round trip runs here in the worker, on the error path only: an
+    exception whose ``__init__`` needs more than its args pickles fine but
+    fails to unpickle, and it is better to learn that here than in ``get()``.
+    """
+    saved_tb = exc.__traceback__
+    try:
+        exc.__traceback__ = None  # frames do not pickle; tblib carries them
+        for dumps in (pickle.dumps, cloudpickle.dumps):
+            try:
+                data = dumps(exc, PROTOCOL)
+            except Exception as e:
+                reason = f"cannot be pickled: {type(e).__name__}: {_safe_str(e)}"
+                continue
+            try:
+                pickle.loads(data)
+            except Exception as e:
+                return None, f"cannot be unpickled: {type(e).__name__}: {_safe_str(e)}"
+            return data, ""
+        return None, reason
+    finally:
+        exc.__traceback__ = saved_tb
+
+
+def _rebuild_traceback(d: Optional[dict[str, Any]]) -> Optional[TracebackType]:
+    if d is None:
+        return None
+    try:
+        return Traceback.from_dict(d).as_traceback()  # type: ignore[no-any-return]
+    except Exception:
+        return None
+
+
+# ------------------------------------------------------------------- tasks
+#
+# An item of a ParallelQueue packet is ``(fn, args, kwargs_or_None)``; of a
+# ParallelSingleTaskQueue packet, ``(args, kwargs_or_None)``.  A TaskError in
+# place of an item is a task that already failed (it could not be pickled, or
+# its worker died): the worker passes the error through in its slot.
+
+
+def dumps_tasks(items: list[Any]) -> tuple[bytes, bool]:
+    """Pickle a batch; returns (payload, individually).
+
+    The fast path pickles the whole list at once.  If that fails, each item
+    is pickled on its own and the ones that fail become TaskErrors, so one
+    unpicklable argument costs only its own slot.
+    """
+    try:
+        return cloudpickle.dumps(items, PROTOCOL), False
+    except Exception:
+        return dumps_individually(items), True
+
+
+def dumps_individually(items: list[Any]) -> bytes:
+    parts: list[Any] = []
+    for item in items:
+        if isinstance(item, TaskError):
+            parts.append(item)
+            continue
+        try:
+            parts.append(cloudpickle.dumps(item, PROTOCOL))
+        except Exception as e:
+            parts.append(TaskError.for_failure(e, f"could not pickle task {describe_task(item)}"))
+    return pickle.dumps(parts, PROTOCOL)
+
+
+def loads_tasks(payload: bytes | memoryview, individually: bool) -> list[Any]:
+    """Unpickle a batch in the worker.  Raises if a whole batch cannot be loaded."""
+    if not individually:
+        return pickle.loads(payload)  # type: ignore[no-any-return]
+    items: list[Any] = []
+    for part in pickle.loads(payload):
+        if isinstance(part, TaskError):
+            items.append(part)
+            continue
+        try:
+            items.append(pickle.loads(part))
+        except Exception as e:
+            items.append(TaskError.for_failure(e, "could not unpickle the task in the worker", pickle.UnpicklingError))
+    return items
+
+
+def describe_task(item: Any) -> str:
+    """A short, safe description of a task item for error messages."""
+    fn = item[0] if isinstance(item, tuple) and len(item) == 3 else None
+    if fn is None:
+        return "(arguments of the queue's task function)"
+    name = getattr(fn, "__qualname__", None) or getattr(type(fn), "__qualname__", "?")
+    mod = getattr(fn, "__module__", None)
+    return f"{mod}.{name}" if mod else str(name)
+
+
+# ----------------------------------------------------------------- results
+#
+# A result payload is ``(values, errors)``: ``values[k]`` is task k's return
+# value (None where it failed) and ``errors`` maps k to its TaskError, empty
+# on the happy path so delivery checks one dict lookup at most.
+
+
+def dumps_results(values: list[Any], errors: dict[int, TaskError], describe: Callable[[int], str]) -> bytes:
+    """Pickle a packet's results; a value that will not pickle fails in its slot."""
+    try:
+        return pickle.dumps((values, errors), PROTOCOL)
+    except Exception:
+        pass
+    try:
+        return cloudpickle.dumps((values, errors), PROTOCOL)
+    except Exception:
+        pass
+    for k, v in enumerate(values):
+        if k in errors:
+            continue
+        try:
+            pickle.dumps(v, PROTOCOL)
+        except Exception:
+            try:
+                cloudpickle.dumps(v, PROTOCOL)
+            except Exception as e:
+                errors[k] = TaskError.for_failure(e, f"could not pickle the result of {describe(k)}")
+                values[k] = None
+    return cloudpickle.dumps((values, errors), PROTOCOL)
+
+
+def loads_results(payload: bytes | memoryview) -> tuple[list[Any], dict[int, TaskError]]:
+    return pickle.loads(payload)  # type: ignore[no-any-return]

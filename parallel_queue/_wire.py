@@ -1,0 +1,377 @@
+"""Pipes and the frames that cross them.
+
+Every channel is a plain OS pipe carrying length-prefixed frames: an 8-byte
+little-endian body length, then the body.  The body starts with one kind byte
+and a fixed struct header; the rest is a pickled payload that only the
+endpoints decode (the consumer forwards result payloads without unpickling
+them, so a result is pickled once and unpickled once).
+
+Why raw pipes and not ``multiprocessing.Queue``: a Queue shares one lock
+between all readers, and a worker killed while holding it (SIGKILL, OOM)
+deadlocks every other worker; its feeder thread also drops what it cannot
+pickle.  Here each pipe has one writer process, readers never block on a
+half-written frame (they collect bytes as they come and parse whole frames),
+and a dead writer leaves at most a partial tail that the reader discards.
+"""
+
+from __future__ import annotations
+
+import os
+import select
+import struct
+import threading
+from collections import deque
+from multiprocessing import reduction
+from typing import Any, Callable, NamedTuple
+
+_LEN = struct.Struct("<Q")
+
+# Reading: how much to ask the kernel for at once.  Larger means fewer system
+# calls for big payloads; a pipe rarely holds more than 64 KiB anyway.
+READ_CHUNK = 1 << 18
+
+# ---------------------------------------------------------------- fd handling
+
+# Every pipe end a queue in this process owns.  A child started with the
+# ``fork`` method inherits all of them; it closes those it was not given, so
+# that the only holders of a pipe end are the processes that use it (a worker
+# holding another worker's pipe end open would hide that worker's death, or
+# keep its input pipe from reporting a broken pipe).
+_OWNED_FDS: set[int] = set()
+_OWNED_LOCK = threading.Lock()
+
+
+class Fd:
+    """A raw file descriptor that can be handed to a child process.
+
+    Under ``fork`` the child inherits it; under ``spawn`` and ``forkserver``
+    pickling it during process start duplicates it into the child (the same
+    mechanism ``multiprocessing`` uses for its own connections).  It has no
+    finalizer: its owner closes it explicitly, so a copy inherited by a child
+    can never close a reused descriptor number by accident.
+    """
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def __reduce__(self) -> tuple[Callable[..., Fd], tuple[Any]]:
+        return _rebuild_fd, (reduction.DupFd(self.fd),)
+
+    def __repr__(self) -> str:
+        return f"Fd({self.fd})"
+
+
+def _rebuild_fd(dup: Any) -> Fd:
+    return Fd(dup.detach())
+
+
+def make_pipe() -> tuple[Fd, Fd]:
+    """A new pipe (read end, write end), registered as owned by this process."""
+    r, w = os.pipe()
+    with _OWNED_LOCK:
+        _OWNED_FDS.update((r, w))
+    return Fd(r), Fd(w)
+
+
+def close_fd(fd: Fd | None) -> None:
+    """Close an owned descriptor once; closing twice is a no-op."""
+    if fd is None or fd.fd < 0:
+        return
+    n, fd.fd = fd.fd, -1
+    with _OWNED_LOCK:
+        _OWNED_FDS.discard(n)
+    try:
+        os.close(n)
+    except OSError:
+        pass
+
+
+def close_inherited_fds(keep: set[int]) -> None:
+    """In a freshly forked child: close every inherited queue fd not in ``keep``."""
+    with _OWNED_LOCK:
+        foreign = _OWNED_FDS - keep
+        _OWNED_FDS.clear()
+        _OWNED_FDS.update(keep)
+    for n in foreign:
+        try:
+            os.close(n)
+        except OSError:
+            pass
+
+
+def set_nonblocking(fd: Fd) -> None:
+    os.set_blocking(fd.fd, False)
+
+
+def readable(fd: int, timeout: float | None) -> bool:
+    """Wait until ``fd`` has data or end-of-file (or ``timeout`` seconds pass)."""
+    p = select.poll()
+    p.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
+    return bool(p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999))))
+
+
+# ------------------------------------------------------------------ framing
+
+
+def frame(body_parts: tuple[bytes | memoryview, ...]) -> list[bytes | memoryview]:
+    """The buffers of one frame: length prefix, then the body parts as they are."""
+    n = sum(len(p) for p in body_parts)
+    return [_LEN.pack(n), *body_parts]
+
+
+class FrameReader:
+    """Collects bytes from a pipe and yields whole frame bodies.
+
+    ``read_ready()`` does at most one ``os.read``, so it never blocks when
+    the caller knows the pipe is readable.  A frame cut short because its
+    writer died stays in the buffer; ``discard_partial()`` drops it.
+    """
+
+    __slots__ = ("fd", "_buf", "eof")
+
+    def __init__(self, fd: Fd) -> None:
+        self.fd = fd
+        self._buf = bytearray()
+        self.eof = False
+
+    def read_ready(self) -> list[bytes]:
+        try:
+            chunk = os.read(self.fd.fd, READ_CHUNK)
+        except (BlockingIOError, InterruptedError):
+            return []
+        if not chunk:
+            self.eof = True
+            return []
+        buf = self._buf
+        buf += chunk
+        bodies: list[bytes] = []
+        pos = 0
+        end = len(buf)
+        while end - pos >= 8:
+            (n,) = _LEN.unpack_from(buf, pos)
+            if end - pos - 8 < n:
+                break
+            bodies.append(bytes(buf[pos + 8 : pos + 8 + n]))
+            pos += 8 + n
+        if pos:
+            del buf[:pos]
+        return bodies
+
+    def drain(self) -> list[bytes]:
+        """Everything whole that is in the pipe now (the writer is known dead)."""
+        bodies: list[bytes] = []
+        while not self.eof and readable(self.fd.fd, 0):
+            got = self.read_ready()
+            bodies.extend(got)
+        return bodies
+
+    def discard_partial(self) -> None:
+        self._buf.clear()
+        self.eof = False
+
+
+class FrameWriter:
+    """Writes frames to a non-blocking pipe, keeping what the pipe cannot take yet.
+
+    ``send()`` writes as much as the pipe takes at once and returns whether
+    everything went out; the owner's event loop calls ``flush()`` when the
+    pipe becomes writable again.  Raises ``BrokenPipeError`` when the reader
+    is gone.
+    """
+
+    __slots__ = ("fd", "_out", "pending_bytes")
+
+    def __init__(self, fd: Fd) -> None:
+        self.fd = fd
+        self._out: deque[memoryview] = deque()
+        self.pending_bytes = 0
+
+    def send(self, *body_parts: bytes | memoryview) -> bool:
+        for part in frame(body_parts):
+            mv = memoryview(part).cast("B")
+            if len(mv):
+                self._out.append(mv)
+                self.pending_bytes += len(mv)
+        return self.flush()
+
+    def flush(self) -> bool:
+        out = self._out
+        while out:
+            try:
+                n = os.writev(self.fd.fd, list(out)[:64])
+            except (BlockingIOError, InterruptedError):
+                return False
+            self.pending_bytes -= n
+            while n:
+                head = out[0]
+                if len(head) <= n:
+                    n -= len(head)
+                    out.popleft()
+                else:
+                    out[0] = head[n:]
+                    n = 0
+        return True
+
+    def clear(self) -> None:
+        self._out.clear()
+        self.pending_bytes = 0
+
+
+def write_frame_blocking(fd: int, *body_parts: bytes | memoryview) -> None:
+    """Write one whole frame to a blocking pipe (a worker's result pipe)."""
+    bufs = [memoryview(p).cast("B") for p in frame(body_parts)]
+    while bufs:
+        n = os.writev(fd, bufs)
+        while n:
+            if len(bufs[0]) <= n:
+                n -= len(bufs[0])
+                bufs.pop(0)
+            else:
+                bufs[0] = bufs[0][n:]
+                n = 0
+
+
+def read_exact(fd: int, n: int) -> bytearray | None:
+    """Read exactly ``n`` bytes from a blocking pipe; None at end-of-file."""
+    buf = bytearray(n)
+    view = memoryview(buf)
+    pos = 0
+    while pos < n:
+        got = os.readv(fd, [view[pos:]])
+        if got == 0:
+            return None
+        pos += got
+    return buf
+
+
+def read_frame_blocking(fd: int) -> bytearray | None:
+    """Read one whole frame body from a blocking pipe; None at end-of-file."""
+    head = read_exact(fd, 8)
+    if head is None:
+        return None
+    (n,) = _LEN.unpack(head)
+    return read_exact(fd, n)
+
+
+# ------------------------------------------------------------ message types
+#
+# Kinds are one byte.  Hot-path messages (tasks, results, credits) have a
+# fixed struct header; the rest is a pickled payload.
+
+
+class Kind:
+    """The first byte of every frame body."""
+
+    TASKS = 1  # dispatcher -> worker: a packet of tasks
+    STOP = 2  # dispatcher -> worker: exit after the packets before this
+    RESULT = 3  # worker -> consumer -> main: a packet's results
+    WAIT = 4  # worker -> consumer: my finished packet is past max_packet_id; wake me
+    REJECT = 5  # worker -> consumer: the packet's batch could not be unpickled here
+    INIT_FAILED = 6  # worker -> consumer: worker_init_f raised
+    CREDIT = 7  # consumer -> dispatcher: slot's worker is done with a packet
+    DRAINED = 8  # consumer -> dispatcher: a dead worker's pipe is read to the end
+    DRAIN = 9  # dispatcher -> consumer: this slot's worker ended; read its pipe out
+    LAST = 10  # dispatcher -> consumer: this many packets in all; exit after them
+    FATAL = 11  # consumer -> dispatcher: the queue cannot go on (payload: error)
+
+
+class TaskPacket(NamedTuple):
+    """Dispatcher -> worker: ``count`` tasks under one packet id.
+
+    ``individually`` packets carry a list of per-item pickles, so one item
+    that cannot be unpickled in the worker fails alone.
+    """
+
+    packet_id: int
+    count: int
+    individually: bool
+    payload: bytes | memoryview
+
+
+_TASKS = struct.Struct("<BqIB")
+
+
+def encode_tasks(packet_id: int, count: int, individually: bool) -> bytes:
+    return _TASKS.pack(Kind.TASKS, packet_id, count, individually)
+
+
+def decode_tasks(body: bytearray) -> TaskPacket:
+    _, pid, count, ind = _TASKS.unpack_from(body)
+    return TaskPacket(pid, count, bool(ind), memoryview(body)[_TASKS.size :])
+
+
+class ResultHeader(NamedTuple):
+    """Worker -> consumer -> main: the results of packet ``packet_id``.
+
+    ``compute_ns`` is the time the worker spent running the packet's tasks
+    (the dispatcher sizes batches from it).
+    """
+
+    packet_id: int
+    count: int
+    compute_ns: int
+
+
+RESULT = struct.Struct("<BqIQ")
+
+
+def encode_result(packet_id: int, count: int, compute_ns: int) -> bytes:
+    return RESULT.pack(Kind.RESULT, packet_id, count, compute_ns)
+
+
+def decode_result(body: bytes | bytearray) -> ResultHeader:
+    _, pid, count, ns = RESULT.unpack_from(body)
+    return ResultHeader(pid, count, ns)
+
+
+_ID = struct.Struct("<Bq")  # WAIT, REJECT (+payload), LAST
+
+
+def encode_id(kind: int, value: int) -> bytes:
+    return _ID.pack(kind, value)
+
+
+def decode_id(body: bytes | bytearray) -> int:
+    return int(_ID.unpack_from(body)[1])
+
+
+ID_SIZE = _ID.size
+
+
+class Credit(NamedTuple):
+    """Consumer -> dispatcher: the worker in ``slot`` is done with ``packet_id``.
+
+    ``rejected``: it could not unpickle the batch, so the dispatcher sends
+    the packet again with each task pickled on its own.
+    """
+
+    slot: int
+    packet_id: int
+    count: int
+    compute_ns: int
+    rejected: bool
+
+
+_CREDIT = struct.Struct("<BHqIQB")
+
+
+def encode_credit(c: Credit) -> bytes:
+    return _CREDIT.pack(Kind.CREDIT, c.slot, c.packet_id, c.count, c.compute_ns, c.rejected)
+
+
+def decode_credit(body: bytes | bytearray) -> Credit:
+    _, slot, pid, count, ns, rej = _CREDIT.unpack_from(body)
+    return Credit(slot, pid, count, ns, bool(rej))
+
+
+_SLOT = struct.Struct("<BH")  # DRAIN, DRAINED
+
+
+def encode_slot(kind: int, slot: int) -> bytes:
+    return _SLOT.pack(kind, slot)
+
+
+def decode_slot(body: bytes | bytearray) -> int:
+    return int(_SLOT.unpack_from(body)[1])

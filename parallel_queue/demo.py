@@ -1,0 +1,88 @@
+"""The main job, shown: a batch indexer that logs each batch in order.
+
+Run it with ``python -m parallel_queue.demo``.  A producer thread puts
+documents in batches, each followed by a ``BatchDone(count)`` marker; a
+consumer thread takes results in put order and logs a batch when its marker
+comes out.  Some documents are slow: thanks to the ordering, a slow document
+holds up only what comes after it, while the workers keep going on the next
+batches.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import threading
+import time
+from typing import Optional
+
+from . import ParallelQueue
+
+
+class BatchDone(int):
+    """Marker: the batch of ``int(self)`` documents before it is complete."""
+
+
+def index_document(doc_id: int, text: str) -> tuple[int, int, str]:
+    """Stand-in for real indexing: some CPU work, a few slow documents."""
+    rounds = 3000 if doc_id % 37 else 60000  # every 37th document is slow
+    digest = text.encode()
+    for _ in range(rounds):
+        digest = hashlib.sha256(digest).digest()
+    return doc_id, len(text.split()), digest.hex()[:12]
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m parallel_queue.demo", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batches", type=int, default=8)
+    parser.add_argument("--batch-size", type=int, default=250)
+    parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    args = parser.parse_args(argv)
+
+    queue = ParallelQueue(num_workers=args.jobs)
+    start = time.perf_counter()
+
+    def producer() -> None:
+        doc_id = 0
+        for _ in range(args.batches):
+            for _ in range(args.batch_size):
+                queue.put(index_document, doc_id, f"document number {doc_id} " * (1 + doc_id % 5))
+                doc_id += 1
+            queue.put(BatchDone(args.batch_size))
+        queue.stop()
+
+    totals = {"docs": 0, "words": 0}
+
+    def consumer() -> None:
+        batch = 0
+        words = 0
+        for item in queue:  # results and markers, in put order, until stopped
+            if isinstance(item, BatchDone):
+                batch += 1
+                print(
+                    f"batch {batch:3d}: {int(item)} documents, {words} words indexed"
+                    f"  ({time.perf_counter() - start:6.2f} s)",
+                    flush=True,
+                )
+                totals["docs"] += int(item)
+                totals["words"] += words
+                words = 0
+            else:
+                words += item[1]
+
+    threads = [threading.Thread(target=producer), threading.Thread(target=consumer)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    queue.join()
+    elapsed = time.perf_counter() - start
+    print(
+        f"indexed {totals['docs']} documents ({totals['words']} words) in {elapsed:.2f} s "
+        f"with {queue.num_workers} worker processes"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

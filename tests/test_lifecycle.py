@@ -1,0 +1,232 @@
+"""Start methods, threads, context manager, garbage collection, 0.5 examples."""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+import threading
+
+import pytest
+from conftest import descendants, run_python
+
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
+
+
+def make_counter(lock, counter):
+    def task(i):
+        with lock:  # a multiprocessing Lock and Value reached the worker at start
+            counter.value += 1
+        return i * i
+
+    return task
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_all_start_methods(method):
+    ctx = multiprocessing.get_context(method)
+    lock, counter = ctx.Lock(), ctx.Value("i", 0, lock=False)
+    with ParallelSingleTaskQueue(make_counter(lock, counter), num_workers=2, mp_context=ctx) as q:
+        for i in range(50):
+            q.put(i)
+        assert [q.get(timeout=60) for _ in range(50)] == [i * i for i in range(50)]
+    assert counter.value == 50
+    k = 3
+    with ParallelQueue(num_workers=2, mp_context=method) as q:
+        q.put(lambda x: x * k, 2)  # a lambda over a local
+        q.put("marker")
+        assert [q.get(timeout=60), q.get(timeout=60)] == [6, "marker"]
+
+
+def test_many_producer_threads_order_is_put_order():
+    """Order is the order in which put() returned: each producer records
+    what it put under the same lock, so the record is that order."""
+    record = []
+    record_lock = threading.Lock()
+    with ParallelQueue(num_workers=2, in_q_max=50) as q:
+
+        def produce(t):
+            for i in range(400):
+                with record_lock:
+                    q.put(abs, -(t * 1000 + i))
+                    record.append(t * 1000 + i)
+
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+        got = []
+        consumer = threading.Thread(target=lambda: got.extend(q.get(timeout=60) for _ in range(1600)))
+        consumer.start()
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        consumer.join(120)
+    assert got == record
+    assert sorted(got) == sorted(t * 1000 + i for t in range(4) for i in range(400))
+
+
+def test_many_consumer_threads_get_each_result_once():
+    with ParallelQueue(num_workers=2) as q:
+        for i in range(2000):
+            q.put(abs, -i)
+        q.stop()
+        parts: list[list[int]] = [[] for _ in range(3)]
+
+        def consume(part):
+            for x in q:
+                part.append(x)
+
+        threads = [threading.Thread(target=consume, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+    assert sorted(x for p in parts for x in p) == list(range(2000))
+    for p in parts:
+        assert p == sorted(p)  # each thread sees a subsequence of the order
+
+
+def test_context_manager_joins_on_normal_exit():
+    with ParallelQueue(num_workers=2) as q:
+        q.put(abs, -1)
+        assert q.get(timeout=30) == 1
+    assert not q.is_alive()
+    with pytest.raises(QueueStopped):
+        q.put(abs, 1)
+
+
+def sleep_forever():
+    threading.Event().wait()
+
+
+def test_context_manager_terminates_on_error_even_with_stuck_tasks():
+    with pytest.raises(KeyError):
+        with ParallelQueue(num_workers=2) as q:
+            q.put(sleep_forever)
+            q.put(sleep_forever)
+            raise KeyError("boom")
+    assert not q.is_alive()
+
+
+def test_terminate_with_tasks_that_never_return():
+    q = ParallelQueue(num_workers=2)
+    for _ in range(5):
+        q.put(sleep_forever)
+    q.terminate()
+    assert not q.is_alive()
+    with pytest.raises(QueueStopped):
+        q.get(timeout=1)
+
+
+def test_garbage_collected_queue_ends_quietly():
+    code = """
+import gc, os
+from parallel_queue import ParallelQueue
+q = ParallelQueue(num_workers=2)
+q.put(abs, -1)
+assert q.get(timeout=30) == 1
+del q
+gc.collect()
+import multiprocessing
+assert multiprocessing.active_children() == [], multiprocessing.active_children()
+print("clean")
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "clean"
+    assert r.stderr == ""
+
+
+def test_unstopped_queue_at_interpreter_exit():
+    """Forgetting stop() does not hang the exit, even with non-daemon workers."""
+    code = """
+from parallel_queue import ParallelQueue
+q = ParallelQueue(num_workers=2, daemon=False)
+q.put(abs, -1)
+print(q.get(timeout=30))
+"""
+    r = run_python(code, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "1" and r.stderr == ""
+
+
+SEED_EXAMPLE = r"""
+import threading, time
+from parallel_queue import ParallelQueue
+
+class BatchDone(int): pass
+
+def indexing_func(doc):
+    return doc.upper()
+
+def get_document_batch(b):
+    return ["doc%d-%d" % (b, i) for i in range(5)]
+
+log = []
+def producer(queue):
+    for b in range(3):
+        doc_count = 0
+        for document in get_document_batch(b):
+            queue.put(indexing_func, document)
+            doc_count += 1
+        queue.put(BatchDone(doc_count))
+    queue.stop()
+
+def consumer(queue):
+    while True:
+        try:
+            result_or_batch_done = queue.get(timeout=1)
+        except Exception:
+            if not queue.is_alive():
+                return
+            continue
+        if isinstance(result_or_batch_done, BatchDone):
+            log.append(("batch", int(result_or_batch_done)))
+        else:
+            log.append(result_or_batch_done)
+
+queue = ParallelQueue(daemon=True)
+t1 = threading.Thread(target=producer, args=(queue,))
+t2 = threading.Thread(target=consumer, args=(queue,))
+t1.start(); t2.start(); t1.join(); t2.join(60)
+queue.join(timeout=2)
+if queue.is_alive():
+    raise Exception("join() must have timed out!")
+print(log)
+"""
+
+
+def test_0_5_batch_indexing_example_runs_unchanged():
+    r = run_python(SEED_EXAMPLE, timeout=90)
+    assert r.returncode == 0, r.stderr
+    expected = []
+    for b in range(3):
+        expected += ["DOC%d-%d" % (b, i) for i in range(5)] + [("batch", 5)]
+    assert r.stdout.strip() == repr(expected)
+    assert r.stderr == ""
+
+
+def test_0_5_quick_start_calls():
+    """The quick-start calls of 0.5, with their exact signatures."""
+    q = ParallelQueue(daemon=True)
+    q.put(str.upper, "data", timeout=5)
+    assert q.get(timeout=1) == "DATA"
+    q.stop()
+    q.join(timeout=2)
+    assert not q.is_alive()
+
+
+def test_no_descriptor_leak_across_many_queues():
+    def fds():
+        return len(os.listdir("/proc/self/fd"))
+
+    with ParallelQueue(num_workers=2) as q:  # warm-up: lazily created globals
+        q.put(abs, 1)
+        q.get(timeout=30)
+    before = fds()
+    for _ in range(20):
+        with ParallelQueue(num_workers=2) as q:
+            q.put(abs, -1)
+            assert q.get(timeout=30) == 1
+        q2 = ParallelQueue(num_workers=1)
+        q2.terminate()
+    assert fds() == before
+    assert descendants(os.getpid()) == []
