@@ -19,7 +19,7 @@ from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
 from . import _wire
-from ._errors import QueueBrokenError, QueueStopped
+from ._errors import QueueBrokenError, QueueStopped, fresh_copy
 from ._payload import TaskError, loads_results
 
 if TYPE_CHECKING:
@@ -107,7 +107,7 @@ class Delivery:
         e = self.e
         stop_at = e.tasks_at_stop
         if e.broken is not None:
-            raise QueueBrokenError(str(e.broken)) from e.broken
+            raise fresh_copy(e.broken)
         if stop_at is not None and self.delivered >= stop_at:
             raise QueueStopped("the queue was stopped and every result was delivered")
         if e.terminated:

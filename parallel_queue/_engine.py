@@ -55,7 +55,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
-from ._errors import QueueBrokenError
+from ._errors import fresh_copy
 from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 from ._wire import Fd
 
@@ -431,7 +431,7 @@ class Engine:
         from ._errors import QueueStopped
 
         if self.broken is not None:
-            raise QueueBrokenError(str(self.broken)) from self.broken
+            raise fresh_copy(self.broken)
         if self.terminated:
             raise QueueStopped("the queue was terminated")
         if self.tasks_at_stop is not None:

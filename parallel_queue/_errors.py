@@ -90,3 +90,17 @@ class RemoteError(ParallelQueueError):
 
     def __reduce__(self):  # type: ignore[no-untyped-def]
         return type(self), (self.type_name, self.message, self.stack_trace, self.reason)
+
+
+def fresh_copy(error: BaseException) -> BaseException:
+    """A new exception like ``error`` (same type, message and cause) to raise again.
+
+    Raising one exception object from many calls would pile every call's
+    frames onto its traceback.
+    """
+    try:
+        copy = type(error)(*error.args)
+    except Exception:
+        copy = QueueBrokenError(str(error))
+    copy.__cause__ = error.__cause__
+    return copy

@@ -1,0 +1,223 @@
+"""Nothing lost, nothing hangs: dead workers, timeouts, recycling, dead consumer."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import threading
+import time
+
+import pytest
+
+from parallel_queue import (
+    ParallelQueue,
+    ParallelSingleTaskQueue,
+    QueueBrokenError,
+    TaskTimeoutError,
+    WorkerInitError,
+    WorkerLostError,
+)
+
+
+def die(how):
+    if how == "sigkill":
+        os.kill(os.getpid(), signal.SIGKILL)
+    elif how == "exit":
+        os._exit(7)
+    elif how == "exit0":
+        os._exit(0)
+    elif how == "segfault":
+        ctypes.string_at(0)
+    raise AssertionError("still alive")
+
+
+def whoami(i):
+    return i, os.getpid()
+
+
+@pytest.mark.parametrize(
+    "how, signal_or_code",
+    [("sigkill", "SIGKILL"), ("exit", "exited with code 7"), ("exit0", "exited with code 0"), ("segfault", "SIGSEGV")],
+)
+def test_dead_worker_is_one_error_in_its_slot(how, signal_or_code):
+    with ParallelQueue(num_workers=2) as q:
+        for i in range(30):
+            q.put(abs, -i)
+        q.put("before")
+        q.put(die, how)
+        q.put("after")
+        for i in range(30):
+            q.put(abs, -i)
+        out = [q.get(timeout=60) for _ in range(31)]
+        with pytest.raises(WorkerLostError) as info:
+            q.get(timeout=60)
+        rest = [q.get(timeout=60) for _ in range(31)]
+    assert out == list(range(30)) + ["before"]
+    assert rest == ["after"] + list(range(30))
+    err = info.value
+    assert err.task_index == 30 and err.pid > 0
+    assert "task #30 (" in str(err) and "die" in str(err) and signal_or_code in str(err)
+
+
+def test_every_worker_dies_and_is_replaced():
+    """More deaths than workers: without replacements the queue would run out
+    of workers after two deaths and the later results would never come."""
+    with ParallelQueue(num_workers=2) as q:
+        for i in range(6):
+            q.put(die, "sigkill")
+            q.put(whoami, i)
+        for i in range(6):
+            with pytest.raises(WorkerLostError):
+                q.get(timeout=60)
+            j, _ = q.get(timeout=60)
+            assert j == i
+
+
+def test_batched_neighbours_of_a_crash_run_again_and_are_not_lost():
+    """A crash in the middle of a packet: the tasks before and after it in the
+    same packet still deliver, exactly once, in order."""
+    with ParallelQueue(num_workers=1, max_batch=50) as q:
+        # One worker, and the tasks put before it starts: they travel together.
+        for i in range(20):
+            q.put(abs, -i)
+        q.put(die, "sigkill")
+        for i in range(20, 40):
+            q.put(abs, -i)
+        got = []
+        for k in range(41):
+            try:
+                got.append(q.get(timeout=60))
+            except WorkerLostError as e:
+                got.append(("lost", e.task_index))
+    assert got == list(range(20)) + [("lost", 20)] + list(range(20, 40))
+
+
+def test_task_timeout_kills_only_the_slow_task():
+    with ParallelQueue(num_workers=2, task_timeout=0.5) as q:
+        q.put(time.sleep, 0.01)
+        q.put(time.sleep, 60)
+        q.put(abs, -3)
+        q.put(time.sleep, 60)
+        assert q.get(timeout=60) is None
+        with pytest.raises(TaskTimeoutError) as info:
+            q.get(timeout=60)
+        assert q.get(timeout=60) == 3
+        with pytest.raises(TimeoutError):  # TaskTimeoutError is a TimeoutError too
+            q.get(timeout=60)
+    assert info.value.task_index == 1
+    assert "task_timeout=0.5" in str(info.value)
+    assert isinstance(info.value, WorkerLostError)
+
+
+def test_max_tasks_per_worker_recycles_without_changing_results():
+    with ParallelQueue(num_workers=2, max_tasks_per_worker=5) as q:
+        for i in range(60):
+            q.put(whoami, i)
+        out = [q.get(timeout=60) for _ in range(60)]
+    assert [i for i, _ in out] == list(range(60))
+    pids = [p for _, p in out]
+    assert len(set(pids)) >= 12  # 60 tasks / 5 per worker
+    for p in set(pids):
+        assert pids.count(p) <= 5
+
+
+def failing_init():
+    raise RuntimeError("no database")
+
+
+def test_failing_initializer_breaks_the_queue_clearly():
+    q = ParallelQueue(num_workers=2, worker_init_f=failing_init)
+    try:
+        q.put(abs, -1)
+        with pytest.raises(WorkerInitError) as info:
+            q.get(timeout=60)
+        assert isinstance(info.value.__cause__, RuntimeError)
+        assert "no database" in str(info.value)
+        assert "failing_init" in info.value.__cause__.stack_trace
+        with pytest.raises(QueueBrokenError):
+            q.put(abs, -2)
+    finally:
+        q.terminate()
+    assert not q.is_alive()
+
+
+def crash_in_init():
+    os._exit(5)
+
+
+def test_initializer_that_kills_the_worker_breaks_instead_of_looping():
+    q = ParallelQueue(num_workers=1, worker_init_f=crash_in_init)
+    try:
+        q.put(abs, -1)
+        with pytest.raises(QueueBrokenError, match="keep dying"):
+            q.get(timeout=60)
+    finally:
+        q.terminate()
+
+
+def initializer_sets_global():
+    global INITIALIZED
+    INITIALIZED = os.getpid()
+
+
+INITIALIZED = None
+
+
+def read_global(_):
+    return INITIALIZED
+
+
+def test_initializer_runs_in_each_worker():
+    with ParallelSingleTaskQueue(read_global, num_workers=2, worker_init_f=initializer_sets_global) as q:
+        for i in range(10):
+            q.put(i)
+        assert all(isinstance(q.get(timeout=60), int) for _ in range(10))
+
+
+def test_dead_consumer_breaks_get_promptly():
+    q = ParallelQueue(num_workers=2)
+    try:
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        q.put(time.sleep, 60)
+        errors = []
+
+        def getter():
+            try:
+                q.get(timeout=60)
+            except QueueBrokenError as e:
+                errors.append(e)
+
+        t = threading.Thread(target=getter)
+        t.start()
+        os.kill(q._engine.consumer.pid, signal.SIGKILL)
+        t.join(60)
+        assert not t.is_alive()
+        assert errors and "consumer" in str(errors[0])
+        with pytest.raises(QueueBrokenError):
+            q.put(abs, -2)
+        q.join(30)
+        assert not q.is_alive()
+    finally:
+        q.terminate()
+
+
+def test_stop_waits_for_work_lost_in_a_crash_after_stop():
+    """A worker dying after stop() is still replaced: its tasks finish."""
+    with ParallelQueue(num_workers=2) as q:
+        for i in range(10):
+            q.put(abs, -i)
+        q.put(die, "sigkill")
+        for i in range(10):
+            q.put(abs, -i)
+        q.stop()
+        got = []
+        while True:
+            try:
+                got.append(q.get(timeout=60))
+            except WorkerLostError:
+                got.append("lost")
+            except Exception:
+                break
+    assert got == list(range(10)) + ["lost"] + list(range(10))
