@@ -1,0 +1,135 @@
+"""Ctrl-C and a killed parent, on real child interpreters."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import ROOT
+
+PRELUDE = """
+import multiprocessing, os, sys, threading
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue
+
+ctx = multiprocessing.get_context({method!r})
+started = ctx.Event()
+
+def stuck(_):
+    started.set()
+    threading.Event().wait()
+
+def ready(q):
+    # Every process of the queue is past its start-up (a result went
+    # through the consumer, a worker runs a task) before we report.
+    pids = [str(p.pid) for p in q._engine.processes()]
+    print(" ".join(pids), flush=True)
+"""
+
+BODIES = {
+    "get": """
+with ParallelSingleTaskQueue(stuck, num_workers=2, mp_context=ctx) as q:
+    q.put(0)
+    assert started.wait(60)
+    ready(q)
+    q.get()
+""",
+    "put": """
+with ParallelSingleTaskQueue(stuck, num_workers=1, in_q_max=1, max_batch=1, mp_context=ctx) as q:
+    q.put(0)
+    assert started.wait(60)
+    ready(q)
+    for i in range(100):
+        q.put(i)   # blocks once the worker holds two and one waits
+""",
+    "iterate": """
+with ParallelSingleTaskQueue(stuck, num_workers=2, mp_context=ctx) as q:
+    q.put(0)
+    assert started.wait(60)
+    ready(q)
+    for result in q:
+        pass
+""",
+    "no-with": """
+q = ParallelSingleTaskQueue(stuck, num_workers=2, mp_context=ctx)
+q.put(0)
+assert started.wait(60)
+ready(q)
+q.get()
+""",
+}
+
+
+def start_child(body: str, method: str = "fork") -> tuple[subprocess.Popen[str], list[int]]:
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    child = subprocess.Popen(
+        [sys.executable, "-c", PRELUDE.format(method=method) + body],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,  # its own process group, as a shell job has
+    )
+    assert child.stdout is not None
+    line = child.stdout.readline()
+    if not line:
+        child.wait(30)
+        raise AssertionError(f"child failed to start: {child.stderr.read() if child.stderr else ''}")
+    return child, [int(p) for p in line.split()]
+
+
+def gone(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        return True
+    return stat[stat.rindex(")") + 2] == "Z"  # a zombie has exited
+
+
+def wait_gone(pids: list[int], seconds: float) -> list[int]:
+    """Which of ``pids`` are still running after ``seconds`` (checked as they go)."""
+    deadline = time.monotonic() + seconds
+    left = [p for p in pids if not gone(p)]
+    while left and time.monotonic() < deadline:
+        time.sleep(0.05)
+        left = [p for p in left if not gone(p)]
+    return left
+
+
+@pytest.mark.parametrize("where", sorted(BODIES))
+def test_one_ctrl_c_stops_everything(where):
+    child, pids = start_child(BODIES[where])
+    try:
+        os.killpg(child.pid, signal.SIGINT)  # what the terminal does on Ctrl-C
+        child.wait(30)
+    finally:
+        if child.poll() is None:
+            os.killpg(child.pid, signal.SIGKILL)
+            child.wait()
+    err = child.stderr.read() if child.stderr else ""
+    assert child.returncode != 0
+    assert "KeyboardInterrupt" in err
+    assert "Error" not in err.replace("KeyboardInterrupt", "")  # nothing else went wrong
+    assert wait_gone(pids, 10) == []
+
+
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_killed_parent_leaves_no_orphans(method):
+    body = """
+q = ParallelSingleTaskQueue(stuck, num_workers=2, mp_context=ctx)
+q.put(0)
+assert started.wait(60)
+ready(q)
+threading.Event().wait()
+"""
+    child, pids = start_child(body, method)
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(30)
+    left = wait_gone(pids, 10)
+    for p in left:  # do not leave them running for the next test either
+        os.kill(p, signal.SIGKILL)
+    assert left == []
