@@ -31,6 +31,7 @@ _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 class Delivery:
     def __init__(self, engine: Engine) -> None:
         self.e = engine
+        self.markers = engine.markers
         self.reader = _wire.FrameReader(engine.output_r)
         self.bodies: deque[bytes] = deque()  # packets read but not yet unpickled
         self.values: list[Any] = []
@@ -115,6 +116,7 @@ class Delivery:
         if self.reader.eof:
             err = QueueBrokenError("the consumer process died; results still in flight are lost")
             e.broken = err
+            e.accepting = False
             raise err
 
     def decode(self, body: bytes) -> None:

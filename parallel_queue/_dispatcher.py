@@ -190,7 +190,12 @@ class Dispatcher:
                 if not waiting:
                     return
                 n = self.batch_size(slot, waiting)
-                items = [e.pending.popleft() for _ in range(n)]
+                if n == waiting:
+                    items = list(e.pending)
+                    e.pending.clear()
+                else:
+                    take = e.pending.popleft
+                    items = [take() for _ in range(n)]
                 if waiting >= e.opts.in_q_max:
                     e.put_cond.notify_all()
             rec = PacketRecord(self.next_id, self.dispatched_tasks, items)

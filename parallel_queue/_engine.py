@@ -55,7 +55,7 @@ from typing import Any, Callable, Optional, Union
 
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
-from ._errors import fresh_copy
+from ._errors import QueueStopped, fresh_copy
 from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 from ._wire import Fd
 
@@ -223,6 +223,9 @@ class Engine:
         self.dispatcher_idle = False  # waiting for tasks, with credit to send them
         self.getter_waiting = False
         self.closed = False  # every process ended and every descriptor released
+        # put()'s fast path reads these two instead of four conditions.
+        self.accepting = True  # not stopped, broken or terminated
+        self.in_q_max = opts.in_q_max
 
         self.max_packet_id = ctx.RawValue("q", 0)
         self.progress = ctx.RawArray("q", PROGRESS_FIELDS * n)
@@ -324,7 +327,8 @@ class Engine:
 
     def put_task(self, item: Any, timeout: Optional[float]) -> None:
         with self.put_cond:
-            self.check_usable()
+            if not self.accepting:
+                self.check_usable()
             if len(self.pending) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
             self.pending.append(item)
@@ -361,6 +365,7 @@ class Engine:
         with self.lock:
             if self.tasks_at_stop is None:
                 self.tasks_at_stop = self.tasks_put
+            self.accepting = False
             self.put_cond.notify_all()
             self.wake_getter()
             self.wake_dispatcher()
@@ -370,6 +375,7 @@ class Engine:
         with self.lock:
             if self.broken is None and not self.terminated:
                 self.broken = error
+            self.accepting = False
             self.put_cond.notify_all()
             self.wake_getter()
         self.kill_processes()
@@ -382,6 +388,7 @@ class Engine:
             self.terminated = True
             if self.tasks_at_stop is None:
                 self.tasks_at_stop = self.tasks_put
+            self.accepting = False
             self.put_cond.notify_all()
             self.wake_getter()
             self.wake_dispatcher()
@@ -428,8 +435,6 @@ class Engine:
 
     def check_usable(self, after_wait: bool = False) -> None:
         """Raise the reason put() cannot take tasks any more (lock held)."""
-        from ._errors import QueueStopped
-
         if self.broken is not None:
             raise fresh_copy(self.broken)
         if self.terminated:

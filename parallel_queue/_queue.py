@@ -69,6 +69,7 @@ class _QueueBase(Generic[R]):
             max_batch,
         )
         self._engine = Engine(opts, task_fn)
+        self._delivery = self._engine.delivery
         # Collected without stop(): end the processes quietly.  The finalizer
         # holds the engine, never the queue, so it does not keep it alive.
         self._finalizer = weakref.finalize(self, self._engine.terminate)
@@ -88,7 +89,22 @@ class _QueueBase(Generic[R]):
         (a ``queue.Empty``) once the queue was stopped and everything put
         before ``stop()`` was delivered.  Thread-safe.
         """
-        return self._engine.delivery.get(block, timeout)  # type: ignore[no-any-return]
+        d = self._delivery
+        # Fast path: the next result is in hand and no marker is due before it.
+        if d.lock.acquire(False):
+            try:
+                k = d.pos
+                if k < len(d.values) and not d.errors:
+                    markers = d.markers
+                    if not markers or markers[0][0] != d.delivered:
+                        d.pos = k + 1
+                        d.delivered += 1
+                        value = d.values[k]
+                        d.values[k] = None
+                        return value  # type: ignore[no-any-return]
+            finally:
+                d.lock.release()
+        return d.get(block, timeout)  # type: ignore[no-any-return]
 
     def stop(self) -> None:
         """Accept no more tasks; finish the ones put so far, then end the processes.
@@ -199,7 +215,14 @@ class ParallelQueue(_QueueBase[Any]):
         is the order in which ``put()`` calls returned.
         """
         if callable(task):
-            self._engine.put_task((task, args, kwargs or None), timeout)
+            e = self._engine
+            # Fast path: room, running, nobody to wake.  Same lock as put_task.
+            with e.lock:
+                if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
+                    e.pending.append((task, args, kwargs or None))
+                    e.tasks_put += 1
+                    return
+            e.put_task((task, args, kwargs or None), timeout)
         elif args or kwargs:
             raise ValueError(
                 f"a non-callable put is a marker and takes no arguments; got {type(task).__name__} with arguments"
@@ -260,4 +283,10 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
 
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""
-        self._engine.put_task((args, kwargs or None), timeout)
+        e = self._engine
+        with e.lock:
+            if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
+                e.pending.append((args, kwargs or None))
+                e.tasks_put += 1
+                return
+        e.put_task((args, kwargs or None), timeout)
