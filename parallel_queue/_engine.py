@@ -392,15 +392,18 @@ class Engine:
             self.put_cond.notify_all()
             self.wake_getter()
             self.wake_dispatcher()
-        self.kill_processes()
+        # The dispatcher sees ``terminated`` and returns at its next wake-up
+        # (just written); once it is gone this thread may reap the processes.
         if self.thread is not threading.current_thread():
             self.thread.join()
+        self.kill_processes()
         self.close()
 
     def kill_processes(self) -> None:
+        """SIGKILL and reap every process (from the dispatcher, or once it is gone)."""
         procs = [p for p in self.processes() if _usable(p)]
         for p in procs:
-            if p.exitcode is None:
+            if not _ended(p):
                 p.kill()
         for p in procs:
             p.join()
@@ -431,7 +434,7 @@ class Engine:
         return [s.proc for s in self.slots if s.proc is not None] + [self.consumer]
 
     def is_alive(self) -> bool:
-        return any(p.is_alive() for p in self.processes() if _usable(p))
+        return not all(_ended(p) for p in self.processes())
 
     def check_usable(self, after_wait: bool = False) -> None:
         """Raise the reason put() cannot take tasks any more (lock held)."""
@@ -453,7 +456,7 @@ class Engine:
 
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
-            alive = [p for p in self.processes() if _usable(p) and p.exitcode is None]
+            alive = [p for p in self.processes() if not _ended(p)]
             if not alive:
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
@@ -473,6 +476,21 @@ class Engine:
             _wire.readable(self.output_r.fd, None)
         self.close()
         return True
+
+
+def _ended(p: Any) -> bool:
+    """Whether process ``p`` has exited, without reaping it.
+
+    Only the dispatcher thread reaps (waitpid) while it runs: when two
+    threads reap one child, the loser gets ECHILD and multiprocessing reports
+    exit code None, which reads as a crash.  A sentinel is readable once the
+    process has exited, reaped or not.
+    """
+    try:
+        sentinel = p.sentinel
+    except ValueError:  # closed: it ended long ago
+        return True
+    return _wire.readable(sentinel, 0)
 
 
 def _usable(p: Any) -> bool:

@@ -129,8 +129,10 @@ def failing_init():
 def test_failing_initializer_breaks_the_queue_clearly():
     q = ParallelQueue(num_workers=2, worker_init_f=failing_init)
     try:
-        q.put(abs, -1)
+        # The workers may fail before or after the put: whichever call comes
+        # after the failure raises it.
         with pytest.raises(WorkerInitError) as info:
+            q.put(abs, -1)
             q.get(timeout=60)
         assert isinstance(info.value.__cause__, RuntimeError)
         assert "no database" in str(info.value)
@@ -149,8 +151,8 @@ def crash_in_init():
 def test_initializer_that_kills_the_worker_breaks_instead_of_looping():
     q = ParallelQueue(num_workers=1, worker_init_f=crash_in_init)
     try:
-        q.put(abs, -1)
         with pytest.raises(QueueBrokenError, match="keep dying"):
+            q.put(abs, -1)
             q.get(timeout=60)
     finally:
         q.terminate()
