@@ -39,6 +39,12 @@ MAX_BATCH = 1024
 # uneven length, and keep the reorder window (counted in packets) short.
 TARGET_PACKET_SECONDS = 0.005
 
+# The most pickled bytes a packet should carry (by the measured mean size of
+# a task).  Bigger packets cost less per task for small tasks; for large
+# arguments (arrays, documents) a cap keeps one packet from holding gigabytes
+# and lets several workers share them.
+TARGET_PACKET_BYTES = 1 << 20
+
 # Weight of the newest measurement in the running mean of task time.  Higher
 # follows changes in the workload faster, lower is steadier.
 EWMA_WEIGHT = 0.3
@@ -68,6 +74,7 @@ class Dispatcher:
         self.packets_total = 0
         self.dispatched_tasks = 0
         self.item_seconds = 0.0  # running mean of task time; 0 until measured
+        self.item_bytes = 0.0  # running mean of a task's pickled size
         self.credits = _wire.FrameReader(engine.credits_r)
         self.sel = selectors.DefaultSelector()
         self.last_sent = False
@@ -170,6 +177,8 @@ class Dispatcher:
             limit = min(limit, max(1, int(TARGET_PACKET_SECONDS / self.item_seconds)))
         else:
             limit = 1  # nothing measured yet: do not give one worker everything
+        if self.item_bytes > 0:
+            limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
         # Spread what is waiting over the free credits, so idle workers all
         # get a share instead of the first one taking the lot.
         share = -(-waiting // max(1, self.free_credits()))
@@ -210,6 +219,9 @@ class Dispatcher:
             payload = dumps_individually(rec.items)
         else:
             payload, individually = dumps_tasks(rec.items)
+        size = len(payload) / len(rec.items)
+        m = self.item_bytes
+        self.item_bytes = size if m == 0 else m + EWMA_WEIGHT * (size - m)
         slot.sent_items += len(rec.items)
         writer = slot.writer
         assert writer is not None
@@ -273,7 +285,10 @@ class Dispatcher:
         _wire.close_fd(slot.tasks_w)
         slot.writer = None
         slot.state = "draining"
-        if self.consumer_done:
+        if self.consumer_done or (not slot.outstanding and proc.exitcode == 0):
+            # Nothing to recover: every packet it took was credited, so its
+            # pipe holds no whole frame we lack, and a clean exit (after STOP,
+            # or recycling) leaves no half frame either.  Skip the round trip.
             self.on_drained(slot)
             return
         self.send_ctrl(_wire.encode_slot(Kind.DRAIN, slot.index))

@@ -231,11 +231,11 @@ class Engine:
         self.progress = ctx.RawArray("q", PROGRESS_FIELDS * n)
         self.alive_r, _ = parent_alive_pipe()
 
-        results = [_wire.make_pipe() for _ in range(n)]
+        results = [_wire.make_pipe(big=True) for _ in range(n)]
         gos = [_wire.make_pipe() for _ in range(n)]
         ctrl_r, self.ctrl_w = _wire.make_pipe()
         self.credits_r, credits_w = _wire.make_pipe()
-        self.output_r, output_w = _wire.make_pipe()
+        self.output_r, output_w = _wire.make_pipe(big=True)
         self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
         self.get_wake_r, self.get_wake_w = _wire.make_pipe()  # wakes a waiting get()
         self.slots = [Slot(i, results[i][1], gos[i][0]) for i in range(n)]
@@ -270,7 +270,7 @@ class Engine:
 
     def start_worker(self, slot: Slot) -> None:
         """Start a new worker process in ``slot`` (its pipes are clean)."""
-        tasks_r, tasks_w = _wire.make_pipe()
+        tasks_r, tasks_w = _wire.make_pipe(big=True)
         p0 = slot.index * PROGRESS_FIELDS
         for f in range(PROGRESS_FIELDS):
             self.progress[p0 + f] = -1 if f == 0 else 0

@@ -1,0 +1,323 @@
+"""Side-by-side benchmarks: parallel_queue against the ordered maps people use.
+
+Usage::
+
+    python -m benchmarks            # the full suite (a few minutes on 2 cores)
+    python -m benchmarks --quick    # smaller workloads, fewer rounds
+    python -m benchmarks --only trivial,latency
+
+Every workload runs for every peer in the same run, several rounds each; the
+table shows medians and parallel_queue's ratio to each peer, then checks the
+targets of the performance issue.  Results go to ``benchmarks/results/``
+(JSON, and a PNG chart when matplotlib is installed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import platform
+import statistics
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from parallel_queue import ParallelQueue
+
+from . import peers, workloads
+
+Result = dict[str, Any]
+
+
+def _throughput(peer_factory: Callable[[], peers.Peer], fn: Callable[[Any], Any], items: list[Any], rounds: int) -> list[float]:
+    rates = []
+    with peer_factory() as peer:
+        for _ in range(rounds):
+            t0 = time.perf_counter()
+            n = 0
+            for _ in peer.map(fn, items):
+                n += 1
+            dt = time.perf_counter() - t0
+            assert n == len(items)
+            rates.append(len(items) / dt)
+    return rates
+
+
+def throughput_workloads(quick: bool) -> dict[str, tuple[Callable[[Any], Any], list[Any], str]]:
+    return {
+        "trivial": (abs, list(range(-20000, 0)), "20,000 calls of abs()"),
+        "cpu_3ms": (workloads.cpu_3ms, list(range(300 if quick else 1000)), "CPU-bound tasks of 3 ms"),
+        "heavy_tail": (workloads.heavy_tail, list(range(300 if quick else 1000)), "1 ms tasks, every 50th takes 50 ms"),
+        # Distinct objects: one object repeated would be pickled once per batch.
+        "payload_1mb": (workloads.payload, [bytes([i % 256]) * (1 << 20) for i in range(50 if quick else 200)], "1 MB of bytes per task"),
+    }
+
+
+def run_throughput(name: str, quick: bool, rounds: int) -> Result:
+    fn, items, what = throughput_workloads(quick)[name]
+    factories: list[Callable[[], peers.Peer]] = [peers.PQPutGet]
+    m = peers.pq_map_peer()
+    if m is not None:
+        factories.append(m)
+    factories += [
+        lambda: peers.PoolImap(1),
+        lambda: peers.PoolImap(100),
+        lambda: peers.ExecutorMap(1),
+        lambda: peers.ExecutorMap(100),
+    ]
+    if name in ("cpu_3ms", "heavy_tail", "payload_1mb") and quick:
+        factories = [f for f in factories if "100" not in f().name]  # coarse chunks add nothing here
+    factories += peers.optional_peers()
+    out: Result = {"workload": name, "what": what, "tasks": len(items), "unit": "tasks/s", "peers": {}}
+    for f in factories:
+        rates = _throughput(f, fn, items, rounds)
+        out["peers"][f().name] = {"median": statistics.median(rates), "rounds": rates}
+        print(f"  {name:12s} {f().name:42s} {statistics.median(rates):12,.0f} tasks/s", flush=True)
+    if name == "cpu_3ms":
+        sequential = len(items) * 0.003
+        for p in out["peers"].values():
+            wall = len(items) / p["median"]
+            p["efficiency"] = sequential / (peers.WORKERS * wall)
+    return out
+
+
+def run_latency(rounds: int) -> Result:
+    """Median idle round trip: one task in, its result out, nothing else queued."""
+    reps = 300
+    out: Result = {"workload": "latency", "what": "idle round trip of one trivial task", "unit": "µs", "peers": {}}
+
+    def measure(call: Callable[[], Any]) -> float:
+        call()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            call()
+            times.append(time.perf_counter() - t0)
+        return statistics.median(times) * 1e6
+
+    q = ParallelQueue(num_workers=peers.WORKERS)
+    try:
+
+        def pq_call() -> Any:
+            q.put(abs, -1)
+            return q.get()
+
+        out["peers"]["parallel_queue put+get"] = {"median": statistics.median(measure(pq_call) for _ in range(rounds))}
+    finally:
+        q.terminate()
+    with multiprocessing.Pool(peers.WORKERS) as pool:
+        out["peers"]["Pool.apply_async().get()"] = {
+            "median": statistics.median(measure(lambda: pool.apply_async(abs, (-1,)).get()) for _ in range(rounds))
+        }
+    with concurrent.futures.ProcessPoolExecutor(peers.WORKERS) as ex:
+        out["peers"]["ProcessPoolExecutor.submit().result()"] = {
+            "median": statistics.median(measure(lambda: ex.submit(abs, -1).result()) for _ in range(rounds))
+        }
+    for name, p in out["peers"].items():
+        print(f"  {'latency':12s} {name:42s} {p['median']:12,.0f} µs", flush=True)
+    return out
+
+
+def run_lifecycle(rounds: int) -> Result:
+    """Startup to first result, and stop + join, for a fresh pool each round."""
+    out: Result = {"workload": "lifecycle", "what": "start to first result; stop and join", "unit": "ms", "peers": {}}
+    pq_start, pq_stop, pool_start, pool_stop, ex_start, ex_stop = [], [], [], [], [], []
+    for _ in range(rounds):
+        t0 = time.perf_counter()
+        q = ParallelQueue(num_workers=peers.WORKERS)
+        q.put(abs, -1)
+        q.get()
+        t1 = time.perf_counter()
+        q.stop()
+        q.join()
+        t2 = time.perf_counter()
+        pq_start.append(t1 - t0)
+        pq_stop.append(t2 - t1)
+        t0 = time.perf_counter()
+        pool = multiprocessing.Pool(peers.WORKERS)
+        pool.apply(abs, (-1,))
+        t1 = time.perf_counter()
+        pool.close()
+        pool.join()
+        t2 = time.perf_counter()
+        pool_start.append(t1 - t0)
+        pool_stop.append(t2 - t1)
+        t0 = time.perf_counter()
+        ex = concurrent.futures.ProcessPoolExecutor(peers.WORKERS)
+        ex.submit(abs, -1).result()
+        t1 = time.perf_counter()
+        ex.shutdown()
+        t2 = time.perf_counter()
+        ex_start.append(t1 - t0)
+        ex_stop.append(t2 - t1)
+    for name, start, stop in (
+        ("parallel_queue", pq_start, pq_stop),
+        ("multiprocessing.Pool", pool_start, pool_stop),
+        ("ProcessPoolExecutor", ex_start, ex_stop),
+    ):
+        out["peers"][name] = {"start": statistics.median(start) * 1e3, "stop": statistics.median(stop) * 1e3}
+        print(
+            f"  {'lifecycle':12s} {name:42s} start {statistics.median(start) * 1e3:7.1f} ms"
+            f"   stop+join {statistics.median(stop) * 1e3:7.1f} ms",
+            flush=True,
+        )
+    return out
+
+
+# ------------------------------------------------------------------ targets
+
+
+def check_targets(results: dict[str, Result]) -> list[tuple[str, float, float, bool]]:
+    """(target, measured ratio, required, met) for each target of the performance issue."""
+    checks = []
+
+    def med(w: str, p: str) -> float:
+        return float(results[w]["peers"][p]["median"])
+
+    if "trivial" in results:
+        checks.append(
+            (
+                "trivial put/get >= 0.5x Pool.imap(chunksize=100)",
+                med("trivial", "parallel_queue put/get") / med("trivial", "Pool.imap(chunksize=100)"),
+                0.5,
+            )
+        )
+        if "parallel_queue.imap" in results["trivial"]["peers"]:
+            checks.append(
+                (
+                    "trivial imap >= 1.0x Pool.imap(chunksize=100)",
+                    med("trivial", "parallel_queue.imap") / med("trivial", "Pool.imap(chunksize=100)"),
+                    1.0,
+                )
+            )
+    if "cpu_3ms" in results:
+        checks.append(
+            (
+                "cpu_3ms parallel efficiency >= 90%",
+                results["cpu_3ms"]["peers"]["parallel_queue put/get"]["efficiency"],
+                0.9,
+            )
+        )
+        checks.append(
+            (
+                "cpu_3ms >= 1.0x Pool.imap(chunksize=1)",
+                med("cpu_3ms", "parallel_queue put/get") / med("cpu_3ms", "Pool.imap(chunksize=1)"),
+                1.0,
+            )
+        )
+    if "heavy_tail" in results:
+        checks.append(
+            (
+                "heavy_tail >= 0.9x Pool.imap(chunksize=1)",
+                med("heavy_tail", "parallel_queue put/get") / med("heavy_tail", "Pool.imap(chunksize=1)"),
+                0.9,
+            )
+        )
+    if "latency" in results:
+        checks.append(
+            (
+                "idle round trip <= 1.5x Pool.apply_async().get()",
+                med("latency", "parallel_queue put+get") / med("latency", "Pool.apply_async().get()"),
+                1.5,
+            )
+        )
+    if "lifecycle" in results:
+        p = results["lifecycle"]["peers"]
+        checks.append(
+            ("start to first result <= Pool's", p["parallel_queue"]["start"] / p["multiprocessing.Pool"]["start"], 1.0)
+        )
+        checks.append(("stop+join <= Pool's", p["parallel_queue"]["stop"] / p["multiprocessing.Pool"]["stop"], 1.0))
+    out = []
+    for name, ratio, need in checks:
+        lower_is_better = "<=" in name
+        out.append((name, ratio, need, ratio <= need if lower_is_better else ratio >= need))
+    return out
+
+
+def print_report(results: dict[str, Result], checks: list[tuple[str, float, float, bool]]) -> None:
+    print()
+    print("Ratios: parallel_queue's speed / the peer's (above 1: parallel_queue is faster)")
+    for name, r in results.items():
+        if r["unit"] != "tasks/s":
+            continue
+        mine = r["peers"]["parallel_queue put/get"]["median"]
+        print(f"  {name}:")
+        for peer, p in r["peers"].items():
+            extra = f"  efficiency {p['efficiency']:.0%}" if "efficiency" in p else ""
+            print(f"    {peer:42s} {p['median']:12,.0f} tasks/s   put/get ratio {mine / p['median']:6.2f}{extra}")
+    print()
+    print("Targets:")
+    for name, ratio, need, ok in checks:
+        print(f"  [{'met' if ok else 'MISSED'}] {name}: {ratio:.2f} (needs {need})")
+
+
+def chart(results: dict[str, Result], path: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    tp = [r for r in results.values() if r["unit"] == "tasks/s"]
+    if not tp:
+        return False
+    fig, axes = plt.subplots(1, len(tp), figsize=(4.2 * len(tp), 4.5))
+    if len(tp) == 1:
+        axes = [axes]
+    for ax, r in zip(axes, tp):
+        names = list(r["peers"])
+        vals = [r["peers"][n]["median"] for n in names]
+        colors = ["tab:green" if n.startswith("parallel_queue") else "tab:gray" for n in names]
+        ax.barh(range(len(names)), vals, color=colors)
+        ax.set_yticks(range(len(names)))
+        ax.set_yticklabels([n.replace("ProcessPoolExecutor", "PPE") for n in names], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_title(f"{r['workload']}\n{r['what']}", fontsize=9)
+        ax.set_xlabel("tasks/s (median)")
+    fig.suptitle(f"2 workers, {platform.processor() or platform.machine()}, Python {platform.python_version()}", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smaller workloads and 3 rounds (for CI)")
+    parser.add_argument("--rounds", type=int, default=None)
+    parser.add_argument("--only", default="", help="comma-separated workloads")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
+    args = parser.parse_args(argv)
+    rounds = args.rounds or (3 if args.quick else 5)
+    names = ["trivial", "cpu_3ms", "heavy_tail", "payload_1mb", "latency", "lifecycle"]
+    if args.only:
+        names = [n for n in names if n in args.only.split(",")]
+    print(
+        f"parallel_queue benchmarks: {os.cpu_count()} CPUs, {peers.WORKERS} workers, Python {platform.python_version()},"
+        f" start method {multiprocessing.get_start_method()}, {rounds} rounds",
+        flush=True,
+    )
+    results: dict[str, Result] = {}
+    for name in names:
+        if name == "latency":
+            results[name] = run_latency(rounds)
+        elif name == "lifecycle":
+            results[name] = run_lifecycle(rounds)
+        else:
+            results[name] = run_throughput(name, args.quick, rounds)
+    checks = check_targets(results)
+    print_report(results, checks)
+    os.makedirs(args.out, exist_ok=True)
+    with open(os.path.join(args.out, "latest.json"), "w") as f:
+        json.dump({"machine": platform.platform(), "cpus": os.cpu_count(), "results": results, "targets": checks}, f, indent=1)
+    if chart(results, os.path.join(args.out, "latest.png")):
+        print(f"chart: {os.path.join(args.out, 'latest.png')}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
