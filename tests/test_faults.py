@@ -223,3 +223,68 @@ def test_stop_waits_for_work_lost_in_a_crash_after_stop():
             except Exception:
                 break
     assert got == list(range(10)) + ["lost"] + list(range(10))
+
+
+MAIN_PID = os.getpid()
+
+
+class LoadsOnlyHere:
+    """Pickles anywhere, but refuses to unpickle outside the test process."""
+
+    def __init__(self, v):
+        self.v = v
+
+    def __getstate__(self):
+        return self.v
+
+    def __setstate__(self, v):
+        if os.getpid() != MAIN_PID:
+            raise RuntimeError("cannot be rebuilt in a worker")
+        self.v = v
+
+
+def identity(x):
+    return x
+
+
+def test_batch_that_will_not_unpickle_in_the_worker_fails_one_slot():
+    """The batch pickles in the main process but not in the worker: it is sent
+    again one pickle per task, and only the guilty task fails.  With one
+    worker and forty tasks put at once, the bad one shares its packet with
+    good ones, and later packets wait in the worker's pipe behind it."""
+    with ParallelQueue(num_workers=1, max_batch=8) as q:
+        q.put(time.sleep, 0.2)  # holds the worker while the rest queue up
+        for i in range(40):
+            q.put(identity, LoadsOnlyHere(i) if i == 13 else i)
+        assert q.get(timeout=60) is None
+        got = []
+        for i in range(40):
+            try:
+                got.append(q.get(timeout=60))
+            except Exception as e:
+                got.append(type(e).__name__)
+    assert got == list(range(13)) + ["UnpicklingError"] + list(range(14, 40))
+
+
+def test_join_and_is_alive_from_other_threads_never_fake_a_crash():
+    """Regression: a thread polling is_alive() while the queue ends used to reap
+    a process the dispatcher then saw with exit code None, as a crash."""
+    for _ in range(15):
+        q = ParallelQueue(num_workers=2)
+        for i in range(50):
+            q.put(abs, -i)
+        stop = threading.Event()
+
+        def poll():
+            while not stop.is_set():
+                q.is_alive()
+
+        t = threading.Thread(target=poll)
+        t.start()
+        q.stop()
+        out = list(q)
+        q.join(60)
+        stop.set()
+        t.join()
+        assert out == list(range(50))
+        assert not q.is_alive()

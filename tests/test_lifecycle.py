@@ -230,3 +230,11 @@ def test_no_descriptor_leak_across_many_queues():
         q2.terminate()
     assert fds() == before
     assert descendants(os.getpid()) == []
+    # Shared memory comes from multiprocessing's heap and goes back to it:
+    # twenty more queues must not have added arenas.
+    from multiprocessing import heap
+
+    arenas = len(heap.BufferWrapper._heap._arenas)
+    for _ in range(20):
+        ParallelQueue(num_workers=2).terminate()
+    assert len(heap.BufferWrapper._heap._arenas) == arenas
