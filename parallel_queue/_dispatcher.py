@@ -179,10 +179,12 @@ class Dispatcher:
             limit = 1  # nothing measured yet: do not give one worker everything
         if self.item_bytes > 0:
             limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
-        # Spread what is waiting over the free credits, so idle workers all
-        # get a share instead of the first one taking the lot.
-        share = -(-waiting // max(1, self.free_credits()))
-        n = min(limit, share, waiting)
+        n = min(limit, waiting)
+        if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
+            # Enough work waiting to matter: spread it over the free credits,
+            # so idle workers all get a share instead of the first one taking
+            # the lot.  (Tiny tasks go in one packet: fewer wake-ups.)
+            n = min(n, -(-waiting // max(1, self.free_credits())))
         quota = self.e.opts.max_tasks_per_worker
         if quota:
             n = min(n, quota - slot.sent_items)

@@ -216,12 +216,16 @@ class ParallelQueue(_QueueBase[Any]):
         """
         if callable(task):
             e = self._engine
-            # Fast path: room, running, nobody to wake.  Same lock as put_task.
-            with e.lock:
+            # Fast path: room, running, nobody to wake.  Same lock as
+            # put_task; acquire/release is cheaper than ``with`` here.
+            e.lock.acquire()
+            try:
                 if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
                     e.pending.append((task, args, kwargs or None))
                     e.tasks_put += 1
                     return
+            finally:
+                e.lock.release()
             e.put_task((task, args, kwargs or None), timeout)
         elif args or kwargs:
             raise ValueError(
@@ -284,9 +288,12 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""
         e = self._engine
-        with e.lock:
+        e.lock.acquire()
+        try:
             if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
                 e.pending.append((args, kwargs or None))
                 e.tasks_put += 1
                 return
+        finally:
+            e.lock.release()
         e.put_task((args, kwargs or None), timeout)
