@@ -22,7 +22,6 @@ import os
 import platform
 import statistics
 import sys
-import threading
 import time
 from typing import Any, Callable
 
@@ -33,7 +32,9 @@ from . import peers, workloads
 Result = dict[str, Any]
 
 
-def _throughput(peer_factory: Callable[[], peers.Peer], fn: Callable[[Any], Any], items: list[Any], rounds: int) -> list[float]:
+def _throughput(
+    peer_factory: Callable[[], peers.Peer], fn: Callable[[Any], Any], items: list[Any], rounds: int
+) -> list[float]:
     rates = []
     with peer_factory() as peer:
         for _ in range(rounds):
@@ -53,7 +54,11 @@ def throughput_workloads(quick: bool) -> dict[str, tuple[Callable[[Any], Any], l
         "cpu_3ms": (workloads.cpu_3ms, list(range(300 if quick else 1000)), "CPU-bound tasks of 3 ms"),
         "heavy_tail": (workloads.heavy_tail, list(range(300 if quick else 1000)), "1 ms tasks, every 50th takes 50 ms"),
         # Distinct objects: one object repeated would be pickled once per batch.
-        "payload_1mb": (workloads.payload, [bytes([i % 256]) * (1 << 20) for i in range(50 if quick else 200)], "1 MB of bytes per task"),
+        "payload_1mb": (
+            workloads.payload,
+            [bytes([i % 256]) * (1 << 20) for i in range(50 if quick else 200)],
+            "1 MB of bytes per task",
+        ),
     }
 
 
@@ -279,7 +284,9 @@ def chart(results: dict[str, Result], path: str) -> bool:
         ax.invert_yaxis()
         ax.set_title(f"{r['workload']}\n{r['what']}", fontsize=9)
         ax.set_xlabel("tasks/s (median)")
-    fig.suptitle(f"2 workers, {platform.processor() or platform.machine()}, Python {platform.python_version()}", fontsize=9)
+    fig.suptitle(
+        f"2 workers, {platform.processor() or platform.machine()}, Python {platform.python_version()}", fontsize=9
+    )
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     return True
@@ -297,8 +304,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     print(
-        f"parallel_queue benchmarks: {os.cpu_count()} CPUs, {peers.WORKERS} workers, Python {platform.python_version()},"
-        f" start method {multiprocessing.get_start_method()}, {rounds} rounds",
+        f"parallel_queue benchmarks: {os.cpu_count()} CPUs, {peers.WORKERS} workers,"
+        f" Python {platform.python_version()}, start method {multiprocessing.get_start_method()}, {rounds} rounds",
         flush=True,
     )
     results: dict[str, Result] = {}
@@ -313,7 +320,9 @@ def main(argv: list[str] | None = None) -> int:
     print_report(results, checks)
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "latest.json"), "w") as f:
-        json.dump({"machine": platform.platform(), "cpus": os.cpu_count(), "results": results, "targets": checks}, f, indent=1)
+        json.dump(
+            {"machine": platform.platform(), "cpus": os.cpu_count(), "results": results, "targets": checks}, f, indent=1
+        )
     if chart(results, os.path.join(args.out, "latest.png")):
         print(f"chart: {os.path.join(args.out, 'latest.png')}")
     return 0

@@ -118,7 +118,7 @@ class _Consumer:
         if kind == Kind.RESULT:
             h = _wire.decode_result(body)
             heapq.heappush(self.heap, (PacketID(self.spec.window, h.packet_id), body))
-            self.credit(Credit(slot, h.packet_id, h.count, h.compute_ns, False))
+            self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False))
         elif kind == Kind.WAIT:
             pid = _wire.decode_id(body)
             if ahead(pid, self.spec.max_packet_id.value, self.next._base, self.spec.window):

@@ -122,12 +122,15 @@ class Delivery:
     def decode(self, body: bytes) -> None:
         from ._wire import RESULT, decode_result
 
-        count = decode_result(body).count
+        count = decode_result(body).n_items
         try:
             values, errors = loads_results(memoryview(body)[RESULT.size :])
         except Exception as exc:
             values = [None] * count
-            errors = {k: TaskError.for_failure(exc, "could not unpickle the result", pickle.UnpicklingError) for k in range(count)}
+            errors = {
+                k: TaskError.for_failure(exc, "could not unpickle the result", pickle.UnpicklingError)
+                for k in range(count)
+            }
         self.values, self.errors, self.pos = values, errors, 0
 
     # --------------------------------------------------------------- reading

@@ -23,8 +23,8 @@ from . import _wire
 from ._engine import CREDITS_PER_WORKER, Slot
 from ._errors import QueueBrokenError, TaskTimeoutError, WorkerInitError, WorkerLostError
 from ._payload import TaskError, describe_task, dumps_individually, dumps_tasks
-from ._worker import P_ITEM, P_PACKET, P_SEQ, P_START_NS, PROGRESS_FIELDS
 from ._wire import Kind
+from ._worker import P_ITEM, P_PACKET, P_SEQ, P_START_NS, PROGRESS_FIELDS
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -142,11 +142,7 @@ class Dispatcher:
                     self.on_worker_end(tag[1])
 
     def all_done(self) -> bool:
-        return (
-            self.last_sent
-            and self.consumer_done
-            and all(s.state == "ended" for s in self.e.slots)
-        )
+        return self.last_sent and self.consumer_done and all(s.state == "ended" for s in self.e.slots)
 
     # ------------------------------------------------------------- hot path
 
@@ -270,8 +266,8 @@ class Dispatcher:
         rec = slot.outstanding.popleft()
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
         self.startup_deaths[c.slot] = 0
-        if c.count:
-            sample = c.compute_ns / c.count / 1e9
+        if c.n_items:
+            sample = c.compute_ns / c.n_items / 1e9
             m = self.item_seconds
             self.item_seconds = sample if m == 0 else m + EWMA_WEIGHT * (sample - m)
 
@@ -349,13 +345,18 @@ class Dispatcher:
         index = rec.first_task + k
         what = f"task #{index} ({describe_task(rec.items[k])})"
         code = proc.exitcode
-        how = f"was killed by signal {_signal_name(-code)}" if code is not None and code < 0 else f"exited with code {code}"
+        how = (
+            f"was killed by signal {_signal_name(-code)}"
+            if code is not None and code < 0
+            else f"exited with code {code}"
+        )
         err: Exception
         if slot.kill_reason == "timeout":
             if slot.kill_seq != prog[p0 + P_SEQ]:
                 return  # the slow task finished in time; the one we killed runs again
             err = TaskTimeoutError(
-                f"{what} ran longer than task_timeout={self.e.opts.task_timeout}s and was killed with its worker (pid {proc.pid})",
+                f"{what} ran longer than task_timeout={self.e.opts.task_timeout}s"
+                f" and was killed with its worker (pid {proc.pid})",
                 index,
                 proc.pid,
                 code,

@@ -56,8 +56,8 @@ from typing import Any, Callable, Optional, Union
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
 from ._errors import QueueStopped, fresh_copy
-from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 from ._wire import Fd
+from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 
 # Packets a worker may hold at once (running + queued in its pipe).  One
 # would leave it idle while the next packet travels; more would let one
@@ -99,10 +99,10 @@ class Options:
         self.consumer_buffer_max = consumer_buffer_max if consumer_buffer_max is not None else 10 * self.num_workers
         if self.consumer_buffer_max < 1:
             raise ValueError(f"consumer_buffer_max must be at least 1, got {self.consumer_buffer_max}")
-        if mp_context is None or isinstance(mp_context, str):
-            self.ctx = multiprocessing.get_context(mp_context)
-        else:
-            self.ctx = mp_context
+        # Any: typeshed's BaseContext lacks Process, which every real context has.
+        self.ctx: Any = (
+            multiprocessing.get_context(mp_context) if mp_context is None or isinstance(mp_context, str) else mp_context
+        )
         if task_timeout is not None and not task_timeout > 0:
             raise ValueError(f"task_timeout must be a positive number of seconds, got {task_timeout}")
         self.task_timeout = task_timeout
@@ -144,7 +144,7 @@ os.register_at_fork(after_in_child=_forget_parent_alive)
 
 # ------------------------------------------------------------------ at exit
 
-_live_engines: "weakref.WeakSet[Engine]" = weakref.WeakSet()
+_live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _terminate_all_at_exit() -> None:

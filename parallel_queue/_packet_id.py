@@ -77,9 +77,7 @@ class PacketID:
 
     def _check(self, other: PacketID) -> None:
         if other._base != self._base:
-            raise ValueError(
-                f"cannot compare packet ids of different windows ({self._window} and {other._window})"
-            )
+            raise ValueError(f"cannot compare packet ids of different windows ({self._window} and {other._window})")
 
     def _cmp(self, other: object) -> int | None:
         if not isinstance(other, PacketID):

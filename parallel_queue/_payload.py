@@ -103,7 +103,9 @@ class TaskError:
     @classmethod
     def from_message(cls, exc: BaseException) -> TaskError:
         """An error made in the main process for a task (worker lost, timeout)."""
-        return cls(_dumps_or_none(exc), _qualified_name(type(exc)), _safe_str(exc), f"{_qualified_name(type(exc))}: {exc}\n")
+        return cls(
+            _dumps_or_none(exc), _qualified_name(type(exc)), _safe_str(exc), f"{_qualified_name(type(exc))}: {exc}\n"
+        )
 
     def to_exception(self) -> BaseException:
         """The exception to raise in ``get()``, with the worker's traceback."""
@@ -205,7 +207,7 @@ def dumps_tasks(items: list[Any]) -> tuple[bytes, bool]:
     unpicklable argument costs only its own slot.
     """
     try:
-        return cloudpickle.dumps(items, PROTOCOL), False
+        return bytes(cloudpickle.dumps(items, PROTOCOL)), False
     except Exception:
         return dumps_individually(items), True
 
@@ -263,7 +265,7 @@ def dumps_results(values: list[Any], errors: dict[int, TaskError], describe: Cal
     except Exception:
         pass
     try:
-        return cloudpickle.dumps((values, errors), PROTOCOL)
+        return bytes(cloudpickle.dumps((values, errors), PROTOCOL))
     except Exception:
         pass
     for k, v in enumerate(values):
@@ -277,7 +279,7 @@ def dumps_results(values: list[Any], errors: dict[int, TaskError], describe: Cal
             except Exception as e:
                 errors[k] = TaskError.for_failure(e, f"could not pickle the result of {describe(k)}")
                 values[k] = None
-    return cloudpickle.dumps((values, errors), PROTOCOL)
+    return cloudpickle.dumps((values, errors), PROTOCOL)  # type: ignore[no-any-return]
 
 
 def loads_results(payload: bytes | memoryview) -> tuple[list[Any], dict[int, TaskError]]:

@@ -297,14 +297,14 @@ class Kind:
 
 
 class TaskPacket(NamedTuple):
-    """Dispatcher -> worker: ``count`` tasks under one packet id.
+    """Dispatcher -> worker: ``n_items`` tasks under one packet id.
 
     ``individually`` packets carry a list of per-item pickles, so one item
     that cannot be unpickled in the worker fails alone.
     """
 
     packet_id: int
-    count: int
+    n_items: int
     individually: bool
     payload: bytes | memoryview
 
@@ -329,7 +329,7 @@ class ResultHeader(NamedTuple):
     """
 
     packet_id: int
-    count: int
+    n_items: int
     compute_ns: int
 
 
@@ -368,7 +368,7 @@ class Credit(NamedTuple):
 
     slot: int
     packet_id: int
-    count: int
+    n_items: int
     compute_ns: int
     rejected: bool
 
@@ -377,7 +377,7 @@ _CREDIT = struct.Struct("<BHqIQB")
 
 
 def encode_credit(c: Credit) -> bytes:
-    return _CREDIT.pack(Kind.CREDIT, c.slot, c.packet_id, c.count, c.compute_ns, c.rejected)
+    return _CREDIT.pack(Kind.CREDIT, c.slot, c.packet_id, c.n_items, c.compute_ns, c.rejected)
 
 
 def decode_credit(body: bytes | bytearray) -> Credit:

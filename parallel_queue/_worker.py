@@ -67,7 +67,7 @@ class _InheritancePickler(cloudpickle.Pickler):  # type: ignore[misc]
     multiprocessing registers types as they are created.
     """
 
-    dispatch_table = ChainMap(cloudpickle.Pickler.dispatch_table, ForkingPickler._extra_reducers)
+    dispatch_table = ChainMap(cloudpickle.Pickler.dispatch_table, ForkingPickler._extra_reducers)  # type: ignore[attr-defined]
 
 
 def _load_inherited(data: bytes) -> Inherited:

@@ -66,8 +66,7 @@ def no_processes_left_behind() -> Iterator[None]:
     process that is still running: those fail the test.
     """
     yield
-    for child in multiprocessing.active_children():
-        pass  # reaps finished multiprocessing children
+    multiprocessing.active_children()  # reaps finished multiprocessing children
     left = descendants(os.getpid())
     deadline = time.monotonic() + 5
     while left and time.monotonic() < deadline:
@@ -81,5 +80,10 @@ def run_python(code: str, timeout: float = 60, **kwargs: object) -> subprocess.C
     env = dict(os.environ)
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     return subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=timeout, env=env, **kwargs  # type: ignore[call-overload]
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+        **kwargs,  # type: ignore[call-overload]
     )

@@ -85,7 +85,7 @@ def test_batched_neighbours_of_a_crash_run_again_and_are_not_lost():
         for i in range(20, 40):
             q.put(abs, -i)
         got = []
-        for k in range(41):
+        for _ in range(41):
             try:
                 got.append(q.get(timeout=60))
             except WorkerLostError as e:
@@ -258,7 +258,7 @@ def test_batch_that_will_not_unpickle_in_the_worker_fails_one_slot():
             q.put(identity, LoadsOnlyHere(i) if i == 13 else i)
         assert q.get(timeout=60) is None
         got = []
-        for i in range(40):
+        for _ in range(40):
             try:
                 got.append(q.get(timeout=60))
             except Exception as e:
@@ -275,7 +275,7 @@ def test_join_and_is_alive_from_other_threads_never_fake_a_crash():
             q.put(abs, -i)
         stop = threading.Event()
 
-        def poll():
+        def poll(q=q, stop=stop):
             while not stop.is_set():
                 q.is_alive()
 

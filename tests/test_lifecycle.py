@@ -199,7 +199,7 @@ def test_0_5_batch_indexing_example_runs_unchanged():
     assert r.returncode == 0, r.stderr
     expected = []
     for b in range(3):
-        expected += ["DOC%d-%d" % (b, i) for i in range(5)] + [("batch", 5)]
+        expected += [f"DOC{b}-{i}" for i in range(5)] + [("batch", 5)]
     assert r.stdout.strip() == repr(expected)
     assert r.stderr == ""
 

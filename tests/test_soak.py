@@ -40,7 +40,7 @@ def test_soak_with_chaos():
     n = int(os.environ.get("PQ_SOAK_TASKS", "20000"))
     rng = random.Random(20261123)
     plan = []
-    for i in range(n):
+    for _ in range(n):
         r = rng.random()
         if r < 0.001:
             plan.append(("victim", 0.0))
