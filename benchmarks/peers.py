@@ -157,9 +157,21 @@ def pq_map_peer() -> Optional[Callable[[], Peer]]:
 
 
 class PQImap(Peer):
-    name = "parallel_queue.imap"
+    """parallel_queue.imap: each call starts (and ends) its own workers."""
+
+    name = "parallel_queue.imap (incl. start-up)"
 
     def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
         from parallel_queue import imap
 
         return imap(fn, items, num_workers=WORKERS)  # type: ignore[no-any-return]
+
+
+class PoolImapOneShot(Peer):
+    """``with Pool() as p: p.imap(...)``: a pool per call, like imap."""
+
+    name = "Pool.imap(chunksize=100) (incl. start-up)"
+
+    def map(self, fn: Callable[[Any], Any], items: Iterable[Any]) -> Iterator[Any]:
+        with multiprocessing.Pool(WORKERS) as pool:
+            yield from pool.imap(fn, items, chunksize=100)

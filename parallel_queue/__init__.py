@@ -16,6 +16,7 @@ from ._errors import (
     WorkerInitError,
     WorkerLostError,
 )
+from ._map import IMapIterator, imap
 from ._packet_id import PacketID
 from ._queue import ParallelQueue, ParallelSingleTaskQueue
 
@@ -25,6 +26,8 @@ __all__ = [
     "ParallelQueue",
     "ParallelSingleTaskQueue",
     "PacketID",
+    "imap",
+    "IMapIterator",
     "ParallelQueueError",
     "QueueStopped",
     "QueueBrokenError",

@@ -44,24 +44,58 @@ class Delivery:
     # ----------------------------------------------------------------- get
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
+        deadline = self.acquire(block, timeout)
+        try:
+            if self.next_in_hand(block, deadline):
+                return self.take_marker()
+            return self.take_value()
+        finally:
+            self.lock.release()
+
+    def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
+        """Every task result in hand (at least one): ``(values, errors)``.
+
+        ``errors`` maps an index of ``values`` to its error; those values are
+        None.  For queues without markers (``imap``): it hands out whole
+        packets, so a caller pays per packet what ``get()`` pays per result.
+        """
+        deadline = self.acquire(block, timeout)
+        try:
+            if self.next_in_hand(block, deadline):
+                raise TypeError("get_batch() on a queue with markers")
+            start, end = self.pos, len(self.values)
+            values = self.values[start:end] if start else self.values
+            errors = self.errors
+            if start and errors:
+                errors = {k - start: v for k, v in errors.items() if k >= start}
+            self.values, self.errors, self.pos = [], {}, 0
+            self.delivered += end - start
+            return values, errors
+        finally:
+            self.lock.release()
+
+    def acquire(self, block: bool, timeout: Optional[float]) -> Optional[float]:
+        """Take the get() lock (``queue.Empty`` if not in time); returns the deadline."""
         if timeout is not None and timeout < 0:
             raise ValueError("'timeout' must be a non-negative number")
         deadline = None if not block or timeout is None else time.monotonic() + timeout
         if not self.lock.acquire(block, -1 if deadline is None else max(0.0, timeout or 0.0)):
             raise queue.Empty
-        try:
-            return self._get(block, deadline)
-        finally:
-            self.lock.release()
+        return deadline
 
-    def _get(self, block: bool, deadline: Optional[float]) -> Any:
+    def next_in_hand(self, block: bool, deadline: Optional[float]) -> bool:
+        """Wait (lock held) until a marker is due (True) or a result is in hand (False).
+
+        Raises ``queue.Empty`` when ``deadline`` passes, ``QueueStopped`` or
+        ``QueueBrokenError`` when nothing will ever come.
+        """
         e = self.e
         markers = e.markers
         while True:
             if markers and markers[0][0] == self.delivered:
-                return self.take_marker()
+                return True
             if self.pos < len(self.values):
-                return self.take_value()
+                return False
             if self.bodies:
                 self.decode(self.bodies.popleft())
                 continue

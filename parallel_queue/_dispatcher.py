@@ -168,7 +168,10 @@ class Dispatcher:
         )
 
     def batch_size(self, slot: Slot, waiting: int) -> int:
-        limit = self.e.opts.max_batch or MAX_BATCH
+        opts = self.e.opts
+        if opts.exact_batch and opts.max_batch:
+            return min(opts.max_batch, waiting)
+        limit = opts.max_batch or MAX_BATCH
         if self.item_seconds > 0:
             limit = min(limit, max(1, int(TARGET_PACKET_SECONDS / self.item_seconds)))
         else:

@@ -45,13 +45,14 @@ its own unfinished work, and that is detected from its process sentinel.
 from __future__ import annotations
 
 import atexit
+import itertools
 import multiprocessing
 import os
 import threading
 import weakref
 from collections import deque
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
@@ -112,6 +113,9 @@ class Options:
         if max_batch is not None and max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self.max_batch = max_batch
+        # imap's chunksize: packets of exactly this many tasks (when that many
+        # wait), instead of sizes derived from measured task times.
+        self.exact_batch = False
         # Every id alive at once lies within [next, next + window): the
         # reorder buffer plus what workers hold, plus one for the packet
         # being re-sent after a crash.
@@ -336,6 +340,31 @@ class Engine:
             if self.dispatcher_idle:
                 self.dispatcher_idle = False
                 self.wake_dispatcher()
+
+    def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> int:
+        """Append up to ``count`` tasks from ``items``, as many as fit.
+
+        Blocks (``queue.Full`` after ``timeout``) only while nothing fits.
+        Returns how many were appended: fewer than asked when the queue is
+        full or ``items`` ran out.  The bulk path of ``imap``: one lock
+        round per call instead of one per task.
+        """
+        with self.put_cond:
+            if not self.accepting:
+                self.check_usable()
+            if len(self.pending) >= self.opts.in_q_max:
+                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+            before = len(self.pending)
+            try:
+                self.pending.extend(itertools.islice(items, min(count, self.opts.in_q_max - before)))
+            finally:
+                # Count what went in even if ``items`` raised half-way.
+                n = len(self.pending) - before
+                self.tasks_put += n
+                if n and self.dispatcher_idle:
+                    self.dispatcher_idle = False
+                    self.wake_dispatcher()
+            return n
 
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
         with self.put_cond:

@@ -1,0 +1,170 @@
+"""``imap``: the builtin ``map``, in parallel processes, in order, lazily.
+
+A feeder thread reads the input only as fast as the queue takes it
+(``put`` blocks when ``in_q_max`` tasks wait), so an endless generator runs
+in flat memory; results are taken a whole packet at a time, so the cost per
+item is a list index, not a ``get()`` call.  Each task's exception is raised
+in its place; the iterator goes on after it, as ``Pool.imap``'s does.
+"""
+
+from __future__ import annotations
+
+import threading
+import weakref
+from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
+
+from ._errors import QueueStopped
+from ._payload import TaskError
+from ._queue import ParallelSingleTaskQueue
+
+R = TypeVar("R")
+
+# Tasks the feeder appends per lock round.  Larger means fewer rounds; the
+# queue's in_q_max still bounds what is read ahead of the workers.
+FEED_CHUNK = 256
+
+
+class IMapIterator(Iterator[R]):
+    """The iterator ``imap`` returns: results in input order.
+
+    ``close()`` (or leaving a ``with`` block, or dropping the iterator)
+    stops the workers; the input is not read any further.
+    """
+
+    def __init__(
+        self,
+        fn: Callable[..., R],
+        iterables: tuple[Iterable[Any], ...],
+        num_workers: Optional[int],
+        chunksize: Optional[int],
+        options: dict[str, Any],
+    ) -> None:
+        if not iterables:
+            raise TypeError("imap() must have at least two arguments.")
+        if chunksize is not None:
+            if chunksize < 1:
+                raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+            options["max_batch"] = chunksize
+        source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+        self._q: ParallelSingleTaskQueue[R] = ParallelSingleTaskQueue(fn, num_workers=num_workers, **options)
+        engine = self._q._engine
+        engine.opts.exact_batch = chunksize is not None
+        self._delivery = engine.delivery
+        self._values: list[Any] = []
+        self._errors: dict[int, TaskError] = {}
+        self._pos = 0
+        self._input_error: list[BaseException] = []
+        self._done = False
+        feeder = threading.Thread(
+            target=_feed,
+            args=(engine, source, len(iterables) == 1, self._input_error),
+            name="parallel_queue-imap-feeder",
+            daemon=True,
+        )
+        feeder.start()
+        self._feeder = feeder
+        # Dropped without close(): end the workers; the feeder then stops on
+        # its next put.  The finalizer holds the queue, not this iterator.
+        self._finalizer = weakref.finalize(self, self._q.terminate)
+
+    def __iter__(self) -> IMapIterator[R]:
+        return self
+
+    def __next__(self) -> R:
+        pos = self._pos
+        if pos < len(self._values):
+            self._pos = pos + 1
+            if self._errors:
+                err = self._errors.pop(pos, None)
+                if err is not None:
+                    raise err.to_exception()
+            return self._values[pos]  # type: ignore[no-any-return]
+        return self._next_packet()
+
+    def _next_packet(self) -> R:
+        if self._done:
+            raise StopIteration
+        try:
+            self._values, self._errors = self._delivery.get_batch(True, None)
+        except QueueStopped:
+            self._finish()
+            if self._input_error:
+                raise self._input_error.pop() from None
+            raise StopIteration from None
+        except BaseException:
+            self.close()
+            raise
+        self._pos = 0
+        return self.__next__()
+
+    def _finish(self) -> None:
+        self._done = True
+        self._feeder.join()
+        self._q.join()
+
+    def close(self) -> None:
+        """Stop the workers now; results not yet taken are dropped."""
+        self._done = True
+        self._values, self._errors = [], {}
+        self._q.terminate()
+        self._feeder.join()
+
+    def __enter__(self) -> IMapIterator[R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _feed(engine: Any, source: Iterator[Any], single: bool, input_error: list[BaseException]) -> None:
+    """Feeder thread: read the input, as fast as the queue takes it."""
+    exhausted = False
+
+    def tasks() -> Iterator[Any]:
+        nonlocal exhausted
+        if single:
+            for x in source:
+                yield (x,), None
+        else:
+            for args in source:
+                yield args, None
+        exhausted = True
+
+    items = tasks()
+    try:
+        while not exhausted:
+            engine.put_many(items, FEED_CHUNK, None)
+    except QueueStopped:
+        return  # closed: stop reading
+    except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
+        from ._errors import QueueBrokenError
+
+        if isinstance(e, QueueBrokenError):
+            return  # the consumer side reports it
+        input_error.append(e)
+    engine.stop()
+
+
+def imap(
+    fn: Callable[..., R],
+    *iterables: Iterable[Any],
+    num_workers: Optional[int] = None,
+    chunksize: Optional[int] = None,
+    **options: Any,
+) -> IMapIterator[R]:
+    """``map(fn, *iterables)`` in worker processes: lazy, results in input order.
+
+    Several iterables are zipped, as ``map`` does.  The input is read only as
+    far ahead as the queue allows (``in_q_max`` tasks waiting), so an endless
+    generator runs in flat memory.  A task's exception is raised at its
+    place, after the results before it; iteration may go on after it.
+    Tasks are batched automatically (``chunksize`` fixes the batch size).
+    Other keyword arguments are ``ParallelQueue`` options (``task_timeout``,
+    ``mp_context``, ``in_q_max``, ...).  ``fn`` reaches the workers once, at
+    process start, so it may be a closure.
+
+    >>> from parallel_queue import imap
+    >>> list(imap(pow, range(5), [2] * 5, num_workers=2))
+    [0, 1, 4, 9, 16]
+    """
+    return IMapIterator(fn, iterables, num_workers, chunksize, options)

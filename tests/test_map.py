@@ -1,0 +1,130 @@
+"""imap: the builtin map, in parallel, in order, lazily."""
+
+from __future__ import annotations
+
+import gc
+import itertools
+import os
+import threading
+
+import pytest
+from conftest import descendants
+
+from parallel_queue import WorkerLostError, imap
+
+
+def square(x):
+    return x * x
+
+
+def fail_on_3(x):
+    if x == 3:
+        raise ValueError(f"three: {x}")
+    return x
+
+
+def test_same_results_as_builtin_map():
+    data = list(range(-500, 500))
+    assert list(imap(square, data, num_workers=2)) == list(map(square, data))
+    assert list(imap(pow, range(10), itertools.repeat(3), num_workers=2)) == list(
+        map(pow, range(10), itertools.repeat(3))
+    )
+    assert list(imap(pow, [1, 2, 3], [2, 2], num_workers=2)) == [1, 4]  # zipped, shortest wins
+    assert list(imap(square, [], num_workers=2)) == []
+
+
+def test_closure_and_lambda():
+    k = 7
+    assert list(imap(lambda x: x + k, range(5), num_workers=2)) == [7, 8, 9, 10, 11]
+
+
+def test_endless_input_is_read_lazily():
+    read = []
+
+    def numbers():
+        for i in itertools.count():
+            read.append(i)
+            yield i
+
+    it = imap(square, numbers(), num_workers=2, in_q_max=50)
+    first = [next(it) for _ in range(1000)]
+    assert first == [i * i for i in range(1000)]
+    # Read ahead is bounded by the queue (pending, packets at workers, the
+    # reorder window), never the whole input.
+    assert len(read) < 1000 + 50 + 2 * 2 * 1024 + 40 * 1024
+    it.close()
+    assert descendants(os.getpid()) == []
+
+
+def test_exception_in_place_and_iteration_goes_on():
+    it = imap(fail_on_3, range(6), num_workers=2)
+    out = []
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+        except ValueError as e:
+            out.append(str(e))
+    assert out == [0, 1, 2, "three: 3", 4, 5]
+
+
+def test_input_error_raised_after_earlier_results():
+    def broken():
+        yield 1
+        yield 2
+        raise KeyError("input broke")
+
+    it = imap(abs, broken(), num_workers=2)
+    assert [next(it), next(it)] == [1, 2]
+    with pytest.raises(KeyError, match="input broke"):
+        next(it)
+    with pytest.raises(StopIteration):
+        next(it)
+
+
+def test_break_close_and_garbage_collection_stop_workers():
+    for _ in imap(square, itertools.count(), num_workers=2):
+        break
+    gc.collect()
+    with imap(square, itertools.count(), num_workers=2) as it:
+        assert next(it) == 0
+    it = imap(square, itertools.count(), num_workers=2)
+    next(it)
+    del it
+    gc.collect()
+    # the fixture checks no process is left; the feeder threads end too
+    for t in threading.enumerate():
+        if t.name == "parallel_queue-imap-feeder":
+            t.join(30)
+            assert not t.is_alive()
+
+
+def test_chunksize_is_honoured_and_order_kept():
+    assert list(imap(square, range(1000), num_workers=2, chunksize=7)) == [i * i for i in range(1000)]
+    with pytest.raises(ValueError):
+        imap(square, range(3), chunksize=0)
+
+
+def die_on_5(x):
+    if x == 5:
+        os._exit(1)
+    return x
+
+
+def test_dead_worker_is_an_error_in_place():
+    it = imap(die_on_5, range(10), num_workers=2)
+    out = []
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            break
+        except WorkerLostError:
+            out.append("lost")
+    assert out == [0, 1, 2, 3, 4, "lost", 6, 7, 8, 9]
+
+
+def test_options_reach_the_queue():
+    with pytest.raises(ValueError):
+        imap(square, range(3), in_q_max=0)
