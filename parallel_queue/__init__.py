@@ -19,6 +19,7 @@ from ._errors import (
 from ._map import IMapIterator, imap
 from ._packet_id import PacketID
 from ._queue import ParallelQueue, ParallelSingleTaskQueue
+from ._stats import QueueStats
 
 __version__ = "1.0.0.dev0"
 
@@ -28,6 +29,7 @@ __all__ = [
     "PacketID",
     "imap",
     "IMapIterator",
+    "QueueStats",
     "ParallelQueueError",
     "QueueStopped",
     "QueueBrokenError",

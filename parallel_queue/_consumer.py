@@ -41,6 +41,7 @@ class ConsumerSpec(NamedTuple):
     output_out: Fd  # consumer -> get()
     parent_alive: Fd
     max_packet_id: Any  # RawValue('q')
+    reorder: Any  # RawArray('q', 2): [packets, tasks] in the buffer, for stats()
     window: int
     buffer_max: int
 
@@ -118,6 +119,8 @@ class _Consumer:
         if kind == Kind.RESULT:
             h = _wire.decode_result(body)
             heapq.heappush(self.heap, (PacketID(self.spec.window, h.packet_id), body))
+            self.spec.reorder[0] += 1
+            self.spec.reorder[1] += h.n_items
             self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False))
         elif kind == Kind.WAIT:
             pid = _wire.decode_id(body)
@@ -146,6 +149,8 @@ class _Consumer:
         # one: the window only advances as fast as get() reads.
         while heap and heap[0][0] == self.next and not self.output.pending_bytes:
             _, body = heapq.heappop(heap)
+            self.spec.reorder[0] -= 1
+            self.spec.reorder[1] -= _wire.decode_result(body).n_items
             self.output.send(body)
             self.next = self.next.next()
             self.delivered += 1

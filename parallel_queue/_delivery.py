@@ -38,6 +38,9 @@ class Delivery:
         self.errors: dict[int, TaskError] = {}
         self.pos = 0
         self.delivered = 0  # tasks handed out by get()
+        self.errors_raised = 0
+        self.markers_delivered = 0
+        self.latency = engine.latency
         self.lock = threading.Lock()  # one get() at a time
         self.closed = False
 
@@ -69,6 +72,8 @@ class Delivery:
             if start and errors:
                 errors = {k - start: v for k, v in errors.items() if k >= start}
             self.values, self.errors, self.pos = [], {}, 0
+            with self.e.lock:
+                self.latency.got_range(self.delivered, end - start)
             self.delivered += end - start
             return values, errors
         finally:
@@ -121,6 +126,7 @@ class Delivery:
         e = self.e
         with e.lock:
             marker = e.markers.popleft()[1]
+            self.markers_delivered += 1
             if len(e.markers) + 1 >= e.opts.in_q_max:
                 e.put_cond.notify_all()
         return marker
@@ -128,12 +134,15 @@ class Delivery:
     def take_value(self) -> Any:
         k = self.pos
         self.pos += 1
+        with self.e.lock:
+            self.latency.got_range(self.delivered, 1)
         self.delivered += 1
         value = self.values[k]
         self.values[k] = None  # do not keep results alive after handing them out
         if self.errors:
             err = self.errors.pop(k, None)
             if err is not None:
+                self.errors_raised += 1
                 raise err.to_exception()
         return value
 

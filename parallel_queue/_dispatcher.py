@@ -76,7 +76,7 @@ class Dispatcher:
         self.item_seconds = 0.0  # running mean of task time; 0 until measured
         self.item_bytes = 0.0  # running mean of a task's pickled size
         self.credits = _wire.FrameReader(engine.credits_r)
-        self.sel = selectors.DefaultSelector()
+        self.sel: selectors.BaseSelector  # made by run(): a queue that fails to start has none to close
         self.last_sent = False
         self.consumer_done = False
         self.startup_deaths = [0] * len(engine.slots)
@@ -85,6 +85,7 @@ class Dispatcher:
     # ------------------------------------------------------------ main loop
 
     def run(self) -> None:
+        self.sel = selectors.DefaultSelector()
         try:
             self.loop()
         except BaseException as exc:  # noqa: BLE001 - a dead dispatcher must not hang get()

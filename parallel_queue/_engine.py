@@ -47,6 +47,7 @@ from __future__ import annotations
 import atexit
 import itertools
 import multiprocessing
+import multiprocessing.util  # before our atexit handler: see _terminate_all_at_exit
 import os
 import threading
 import weakref
@@ -57,6 +58,7 @@ from typing import Any, Callable, Iterator, Optional, Union
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
 from ._errors import QueueStopped, fresh_copy
+from ._stats import LatencySampler, QueueStats
 from ._wire import Fd
 from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 
@@ -83,7 +85,9 @@ class Options:
         task_timeout: Optional[float],
         max_tasks_per_worker: Optional[int],
         max_batch: Optional[int],
+        progress: bool = False,
     ) -> None:
+        self.progress = progress
         self.num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
@@ -152,9 +156,11 @@ _live_engines: weakref.WeakSet[Engine] = weakref.WeakSet()
 
 
 def _terminate_all_at_exit() -> None:
-    # Runs before multiprocessing's own exit handler (registered earlier, so
-    # run later), which would otherwise wait forever for non-daemonic workers
-    # of a queue nobody stopped.
+    # Must run before multiprocessing's own exit handler, which joins every
+    # non-daemonic child and would wait forever for the workers of a queue
+    # nobody stopped.  Exit handlers run last-registered first, and
+    # multiprocessing.util registers its handler when first imported, which
+    # can be lazily, after us: hence the explicit import above.
     for engine in list(_live_engines):
         engine.terminate()
 
@@ -209,6 +215,10 @@ class Engine:
         from ._delivery import Delivery
         from ._dispatcher import Dispatcher
 
+        if opts.progress:
+            from ._progress import require_tqdm
+
+            require_tqdm()  # before any process starts
         self.opts = opts
         ctx = opts.ctx
         self.ctx = ctx
@@ -221,6 +231,10 @@ class Engine:
         self.pending: deque[Any] = deque()
         self.markers: deque[tuple[int, Any]] = deque()
         self.tasks_put = 0
+        self.markers_put = 0
+        self.latency = LatencySampler()
+        # [packets, tasks] in the consumer's reorder buffer, written by it.
+        self.reorder = ctx.RawArray("q", 2)
         self.tasks_at_stop: Optional[int] = None
         self.terminated = False
         self.broken: Optional[BaseException] = None
@@ -252,23 +266,41 @@ class Engine:
             output_w,
             self.alive_r,
             self.max_packet_id,
+            self.reorder,
             opts.window,
             opts.consumer_buffer_max,
         )
         self.consumer = ctx.Process(
             target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon
         )
-        self.consumer.start()
-        for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
-            _wire.close_fd(fd)
-
-        self.dispatcher = Dispatcher(self)
-        for slot in self.slots:
-            self.start_worker(slot)
+        self.progress_bar: Any = None
         self.delivery = Delivery(self)
-        _live_engines.add(self)
+        self.dispatcher = Dispatcher(self)
         self.thread = threading.Thread(target=self.dispatcher.run, name="parallel_queue-dispatcher", daemon=True)
+        try:
+            self.consumer.start()
+            for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
+                _wire.close_fd(fd)
+            for slot in self.slots:
+                self.start_worker(slot)
+        except BaseException:
+            # A worker that cannot start (its function will not pickle under
+            # spawn, fork failed): leave nothing behind, then say why.
+            for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
+                _wire.close_fd(fd)
+            self.kill_processes()
+            self.close()
+            raise
+        _live_engines.add(self)
         self.thread.start()
+        if opts.progress:
+            self.show_progress()
+
+    def show_progress(self, total: Optional[int] = None) -> None:
+        """Start the progress bar (``total``: the number of results, if known)."""
+        from ._progress import ProgressBar
+
+        self.progress_bar = ProgressBar(self, total)
 
     # -------------------------------------------------------------- workers
 
@@ -298,8 +330,12 @@ class Engine:
             name=f"parallel_queue-worker-{slot.index}.{slot.incarnation}",
             daemon=self.opts.daemon,
         )
-        proc.start()
-        _wire.close_fd(tasks_r)
+        try:
+            proc.start()
+        finally:
+            _wire.close_fd(tasks_r)
+            if proc.pid is None:
+                _wire.close_fd(tasks_w)
         _wire.set_nonblocking(tasks_w)
         slot.proc = proc
         slot.tasks_w = tasks_w
@@ -336,6 +372,7 @@ class Engine:
             if len(self.pending) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
             self.pending.append(item)
+            self.latency.put_range(self.tasks_put, 1)
             self.tasks_put += 1
             if self.dispatcher_idle:
                 self.dispatcher_idle = False
@@ -360,6 +397,7 @@ class Engine:
             finally:
                 # Count what went in even if ``items`` raised half-way.
                 n = len(self.pending) - before
+                self.latency.put_range(self.tasks_put, n)
                 self.tasks_put += n
                 if n and self.dispatcher_idle:
                     self.dispatcher_idle = False
@@ -372,6 +410,7 @@ class Engine:
             if len(self.markers) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
             self.markers.append((self.tasks_put, marker))
+            self.markers_put += 1
             if self.getter_waiting:
                 self.wake_getter()
 
@@ -439,6 +478,8 @@ class Engine:
 
     def close(self) -> None:
         """Release every descriptor and process handle (all processes have ended)."""
+        if self.progress_bar is not None:
+            self.progress_bar.close()
         self.delivery.close()  # waits for a get() in progress to leave
         with self.lock:
             if self.closed:
@@ -460,7 +501,32 @@ class Engine:
         _live_engines.discard(self)
 
     def processes(self) -> list[Any]:
-        return [s.proc for s in self.slots if s.proc is not None] + [self.consumer]
+        """Every process started (a failed start leaves some never started)."""
+        procs = [s.proc for s in self.slots if s.proc is not None] + [self.consumer]
+        return [p for p in procs if _started(p)]
+
+    def stats(self) -> QueueStats:
+        d = self.delivery
+        with self.lock:
+            tasks_put, markers_put, pending = self.tasks_put, self.markers_put, len(self.pending)
+            mean, p50, p99 = self.latency.summary()
+        alive = sum(1 for s in self.slots if s.state == "running" and s.proc is not None and not _ended(s.proc))
+        return QueueStats(
+            tasks_put=tasks_put,
+            results_delivered=d.delivered,
+            errors=d.errors_raised,
+            markers_put=markers_put,
+            markers_delivered=d.markers_delivered,
+            in_flight=tasks_put - d.delivered,
+            pending=pending,
+            reorder_buffer_packets=self.reorder[0],
+            reorder_buffer_items=self.reorder[1],
+            workers_alive=alive,
+            workers_replaced=self.dispatcher.replaced,
+            latency_mean=mean,
+            latency_p50=p50,
+            latency_p99=p99,
+        )
 
     def is_alive(self) -> bool:
         return not all(_ended(p) for p in self.processes())
@@ -520,6 +586,13 @@ def _ended(p: Any) -> bool:
     except ValueError:  # closed: it ended long ago
         return True
     return _wire.readable(sentinel, 0)
+
+
+def _started(p: Any) -> bool:
+    try:
+        return p.pid is not None
+    except ValueError:  # closed
+        return True
 
 
 def _usable(p: Any) -> bool:

@@ -45,10 +45,13 @@ class IMapIterator(Iterator[R]):
             if chunksize < 1:
                 raise ValueError(f"chunksize must be at least 1, got {chunksize}")
             options["max_batch"] = chunksize
+        progress = bool(options.pop("progress", False))
         source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
         self._q: ParallelSingleTaskQueue[R] = ParallelSingleTaskQueue(fn, num_workers=num_workers, **options)
         engine = self._q._engine
         engine.opts.exact_batch = chunksize is not None
+        if progress:
+            engine.show_progress(_length(iterables))
         self._delivery = engine.delivery
         self._values: list[Any] = []
         self._errors: dict[int, TaskError] = {}
@@ -77,6 +80,7 @@ class IMapIterator(Iterator[R]):
             if self._errors:
                 err = self._errors.pop(pos, None)
                 if err is not None:
+                    self._delivery.errors_raised += 1
                     raise err.to_exception()
             return self._values[pos]  # type: ignore[no-any-return]
         return self._next_packet()
@@ -114,6 +118,14 @@ class IMapIterator(Iterator[R]):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
+    """How many results map() will give, if the inputs know their length."""
+    try:
+        return min(len(x) for x in iterables)  # type: ignore[arg-type]
+    except TypeError:
+        return None
 
 
 def _feed(engine: Any, source: Iterator[Any], single: bool, input_error: list[BaseException]) -> None:

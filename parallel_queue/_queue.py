@@ -7,8 +7,13 @@ from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
 
+from time import monotonic as _monotonic
+
 from ._engine import Engine, Options
 from ._errors import QueueStopped
+from ._stats import SAMPLE_EVERY, QueueStats
+
+_SAMPLE_MASK = SAMPLE_EVERY - 1
 
 R = TypeVar("R")
 
@@ -35,6 +40,8 @@ _DOC_OPTIONS = """
     - ``max_tasks_per_worker``: replace each worker after this many tasks.
     - ``max_batch``: the most tasks sent to a worker in one packet (default:
       sized automatically, at most 1024).
+    - ``progress``: show a tqdm progress bar of delivered results on stderr
+      (needs ``pip install 'parallel-queue[progress]'``).
 """
 
 
@@ -54,6 +61,7 @@ class _QueueBase(Generic[R]):
         task_timeout: Optional[float] = None,
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
+        progress: bool = False,
     ) -> None:
         opts = Options(
             num_workers,
@@ -67,6 +75,7 @@ class _QueueBase(Generic[R]):
             task_timeout,
             max_tasks_per_worker,
             max_batch,
+            progress,
         )
         self._engine = Engine(opts, task_fn)
         self._delivery = self._engine.delivery
@@ -96,15 +105,22 @@ class _QueueBase(Generic[R]):
                 k = d.pos
                 if k < len(d.values) and not d.errors:
                     markers = d.markers
-                    if not markers or markers[0][0] != d.delivered:
+                    n = d.delivered
+                    if not markers or markers[0][0] != n:
                         d.pos = k + 1
-                        d.delivered += 1
+                        d.delivered = n + 1
+                        if not n & _SAMPLE_MASK:
+                            d.latency.got_range(n, 1)
                         value = d.values[k]
                         d.values[k] = None
                         return value  # type: ignore[no-any-return]
             finally:
                 d.lock.release()
         return d.get(block, timeout)  # type: ignore[no-any-return]
+
+    def stats(self) -> QueueStats:
+        """A snapshot of the queue's counters and put-to-get latency (see ``QueueStats``)."""
+        return self._engine.stats()
 
     def stop(self) -> None:
         """Accept no more tasks; finish the ones put so far, then end the processes.
@@ -189,6 +205,7 @@ class ParallelQueue(_QueueBase[Any]):
         task_timeout: Optional[float] = None,
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
+        progress: bool = False,
     ) -> None:
         super().__init__(
             None,
@@ -203,6 +220,7 @@ class ParallelQueue(_QueueBase[Any]):
             task_timeout=task_timeout,
             max_tasks_per_worker=max_tasks_per_worker,
             max_batch=max_batch,
+            progress=progress,
         )
 
     def put(self, task: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
@@ -222,7 +240,10 @@ class ParallelQueue(_QueueBase[Any]):
             try:
                 if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
                     e.pending.append((task, args, kwargs or None))
-                    e.tasks_put += 1
+                    n = e.tasks_put
+                    e.tasks_put = n + 1
+                    if not n & _SAMPLE_MASK:
+                        e.latency.put_times[n] = _monotonic()
                     return
             finally:
                 e.lock.release()
@@ -267,6 +288,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
         task_timeout: Optional[float] = None,
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
+        progress: bool = False,
     ) -> None:
         if not callable(task_fn):
             raise TypeError(f"task_fn must be callable, got {type(task_fn).__name__}")
@@ -283,6 +305,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
             task_timeout=task_timeout,
             max_tasks_per_worker=max_tasks_per_worker,
             max_batch=max_batch,
+            progress=progress,
         )
 
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
@@ -292,7 +315,10 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
         try:
             if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
                 e.pending.append((args, kwargs or None))
-                e.tasks_put += 1
+                n = e.tasks_put
+                e.tasks_put = n + 1
+                if not n & _SAMPLE_MASK:
+                    e.latency.put_times[n] = _monotonic()
                 return
         finally:
             e.lock.release()

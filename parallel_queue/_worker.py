@@ -54,7 +54,13 @@ class Inherited:
 
     def __reduce__(self) -> tuple[Any, tuple[bytes]]:
         buf = io.BytesIO()
-        _InheritancePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(self.obj)
+        try:
+            _InheritancePickler(buf, protocol=pickle.HIGHEST_PROTOCOL).dump(self.obj)
+        except Exception as e:
+            raise pickle.PicklingError(
+                "cannot hand the task function or worker_init_f to a worker process started with"
+                f" 'spawn' or 'forkserver' (they are pickled at process start): {type(e).__name__}: {e}"
+            ) from e
         return _load_inherited, (buf.getvalue(),)
 
 

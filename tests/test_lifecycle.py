@@ -238,3 +238,23 @@ def test_no_descriptor_leak_across_many_queues():
     for _ in range(20):
         ParallelQueue(num_workers=2).terminate()
     assert len(heap.BufferWrapper._heap._arenas) == arenas
+
+
+def test_failed_start_leaves_nothing_behind():
+    """A task function that cannot reach spawned workers: a clear error, no processes, no fds."""
+    import pickle
+
+    lock = threading.Lock()
+
+    def uses_lock(x):
+        with lock:
+            return x
+
+    for attempt in range(2):
+        # The first attempt may start multiprocessing's own long-lived helpers
+        # (its resource tracker); the second must leave no descriptor behind.
+        before = len(os.listdir("/proc/self/fd"))
+        with pytest.raises(pickle.PicklingError, match="task function or worker_init_f"):
+            ParallelSingleTaskQueue(uses_lock, num_workers=2, mp_context="spawn")
+        assert descendants(os.getpid()) == []
+    assert len(os.listdir("/proc/self/fd")) == before

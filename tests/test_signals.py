@@ -12,7 +12,13 @@ import pytest
 from conftest import ROOT
 
 PRELUDE = """
-import multiprocessing, os, sys, threading
+import multiprocessing, os, signal, sys, threading
+
+# An interactive session handles Ctrl-C; a child of a background job may
+# have inherited SIGINT ignored (bash does that without job control), and
+# Python keeps an inherited SIG_IGN.  Behave like the terminal session.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue
 
 ctx = multiprocessing.get_context({method!r})
