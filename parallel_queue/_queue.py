@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import weakref
 from multiprocessing.context import BaseContext
+from time import monotonic as _monotonic
 from types import TracebackType
 from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
-
-from time import monotonic as _monotonic
 
 from ._engine import Engine, Options
 from ._errors import QueueStopped

@@ -250,7 +250,7 @@ def test_failed_start_leaves_nothing_behind():
         with lock:
             return x
 
-    for attempt in range(2):
+    for _ in range(2):
         # The first attempt may start multiprocessing's own long-lived helpers
         # (its resource tracker); the second must leave no descriptor behind.
         before = len(os.listdir("/proc/self/fd"))
