@@ -1,0 +1,139 @@
+"""``python -m parallel_queue MODULE:FUNCTION [FILE ...]``: GNU ``parallel -k`` for a Python function.
+
+Reads lines from the files (or stdin), calls the function on each line
+(without its line ending) in worker processes, and writes each result's
+``str()`` on its own line, in input order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import json
+import os
+import signal
+import sys
+from collections import deque
+from typing import Any, Callable, Iterator, Optional, TextIO
+
+from ._map import imap
+
+
+class CommandLineError(Exception):
+    """A mistake in the command line itself: reported in one line, exit status 2."""
+
+
+def load_function(spec: str) -> Callable[..., Any]:
+    """``module:function`` (``function`` may be dotted: ``module:Class.method``)."""
+    module_name, sep, attr = spec.partition(":")
+    if not sep or not module_name or not attr:
+        raise CommandLineError(f"expected MODULE:FUNCTION, got {spec!r}")
+    # Like ``python -m``: modules in the current directory can be named.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    try:
+        obj: Any = importlib.import_module(module_name)
+    except Exception as e:  # ImportError, or the module raised while importing
+        raise CommandLineError(
+            f"cannot import module {module_name!r} (from {spec!r}): {type(e).__name__}: {e}"
+        ) from None
+    for part in attr.split("."):
+        try:
+            obj = getattr(obj, part)
+        except AttributeError:
+            raise CommandLineError(f"module {module_name!r} has no attribute {attr!r} (from {spec!r})") from None
+    if not callable(obj):
+        raise CommandLineError(f"{spec!r} is a {type(obj).__name__}, not a function")
+    return obj  # type: ignore[no-any-return]
+
+
+def _call(fn: Callable[[Any], Any], jsonl: bool, line: str) -> str:
+    """Run in the worker: parse, call, format, so each failure is the line's own."""
+    result = fn(json.loads(line)) if jsonl else fn(line)
+    return json.dumps(result) if jsonl else str(result)
+
+
+def _lines(files: list[str], where: deque[tuple[str, int]]) -> Iterator[str]:
+    """Every input line without its line ending; ``where`` gets (file, number) of each."""
+    for name in files or ["-"]:
+        stream: TextIO = sys.stdin if name == "-" else open(name, encoding="utf-8")  # noqa: SIM115
+        try:
+            for number, line in enumerate(stream, 1):
+                where.append(("<stdin>" if name == "-" else name, number))
+                yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
+        finally:
+            if stream is not sys.stdin:
+                stream.close()
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="parallel-queue",
+        description="Call a Python function on every input line in parallel processes; print results in input order.",
+        epilog="Example: seq 1000 | parallel-queue -j 4 mymodule:process > out.txt",
+    )
+    parser.add_argument("function", metavar="MODULE:FUNCTION", help="the function to call on each line")
+    parser.add_argument("files", metavar="FILE", nargs="*", help="input files (default: standard input; - for stdin)")
+    parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr (needs tqdm)")
+    parser.add_argument(
+        "--jsonl", action="store_true", help="parse each line as JSON, write each result as one line of JSON"
+    )
+    parser.add_argument(
+        "--keep-going",
+        action="store_true",
+        help="report a failing line on stderr and go on (exit status 1 at the end if any failed)",
+    )
+    args = parser.parse_args(argv)
+    if args.jobs is not None and args.jobs < 1:
+        parser.error("--jobs must be at least 1")
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        fn = load_function(args.function)
+        for name in args.files:
+            if name != "-" and not os.path.isfile(name):
+                raise CommandLineError(f"no such file: {name}")
+    except CommandLineError as e:
+        print(f"parallel-queue: error: {e}", file=sys.stderr)
+        return 2
+    where: deque[tuple[str, int]] = deque()
+    failed = 0
+    out = sys.stdout
+    results = imap(
+        functools.partial(_call, fn, args.jsonl),
+        _lines(args.files, where),
+        num_workers=args.jobs,
+        progress=args.progress,
+    )
+    try:
+        with results:
+            while True:
+                try:
+                    text = next(results)
+                except StopIteration:
+                    break
+                except Exception as e:  # the line's own failure
+                    name, number = where.popleft()
+                    failed += 1
+                    out.flush()
+                    print(f"parallel-queue: {name}:{number}: {type(e).__name__}: {e}", file=sys.stderr)
+                    if not args.keep_going:
+                        return 1
+                    continue
+                where.popleft()
+                out.write(text)
+                out.write("\n")
+            out.flush()
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
+    except BrokenPipeError:
+        # The reader went away (``| head``): stop quietly, as cat does.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
+    return 1 if failed else 0
