@@ -7,6 +7,7 @@
 3
 """
 
+from ._aio import AsyncIMapIterator, aimap
 from ._errors import (
     ParallelQueueError,
     QueueBrokenError,
@@ -29,6 +30,8 @@ __all__ = [
     "PacketID",
     "imap",
     "IMapIterator",
+    "aimap",
+    "AsyncIMapIterator",
     "QueueStats",
     "ParallelQueueError",
     "QueueStopped",

@@ -128,7 +128,7 @@ class Delivery:
             marker = e.markers.popleft()[1]
             self.markers_delivered += 1
             if len(e.markers) + 1 >= e.opts.in_q_max:
-                e.put_cond.notify_all()
+                e.room_freed()
         return marker
 
     def take_value(self) -> Any:

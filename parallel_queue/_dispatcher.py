@@ -208,7 +208,7 @@ class Dispatcher:
                     take = e.pending.popleft
                     items = [take() for _ in range(n)]
                 if waiting >= e.opts.in_q_max:
-                    e.put_cond.notify_all()
+                    e.room_freed()
             rec = PacketRecord(self.next_id, self.dispatched_tasks, items)
             self.next_id = (self.next_id + 1) % self.base
             self.packets_total += 1

@@ -240,6 +240,10 @@ class Engine:
         self.broken: Optional[BaseException] = None
         self.dispatcher_idle = False  # waiting for tasks, with credit to send them
         self.getter_waiting = False
+        # Coroutines waiting in aget() / aput(): they sleep on the get wake-up
+        # pipe and on the room pipe through the event loop.
+        self.async_getters = 0
+        self.async_putters = 0
         self.closed = False  # every process ended and every descriptor released
         # put()'s fast path reads these two instead of four conditions.
         self.accepting = True  # not stopped, broken or terminated
@@ -255,6 +259,7 @@ class Engine:
         self.credits_r, credits_w = _wire.make_pipe()
         self.output_r, output_w = _wire.make_pipe(big=True)
         self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
+        self.room_r, self.room_w = _wire.make_pipe()  # wakes aput(): there is room again
         self.get_wake_r, self.get_wake_w = _wire.make_pipe()  # wakes a waiting get()
         self.slots = [Slot(i, results[i][1], gos[i][0]) for i in range(n)]
 
@@ -357,6 +362,15 @@ class Engine:
         except OSError:
             pass
 
+    def room_freed(self) -> None:
+        """Tasks or markers left a full queue: wake put() and aput() (lock held)."""
+        self.put_cond.notify_all()
+        if self.async_putters:
+            try:
+                os.write(self.room_w.fd, b"\0")
+            except OSError:
+                pass
+
     def wake_getter(self) -> None:
         try:
             os.write(self.get_wake_w.fd, b"\0")
@@ -411,7 +425,7 @@ class Engine:
                 self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
             self.markers.append((self.tasks_put, marker))
             self.markers_put += 1
-            if self.getter_waiting:
+            if self.getter_waiting or self.async_getters:
                 self.wake_getter()
 
     def wait_for_room(self, room: Callable[[], bool], timeout: Optional[float]) -> None:
@@ -434,7 +448,7 @@ class Engine:
             if self.tasks_at_stop is None:
                 self.tasks_at_stop = self.tasks_put
             self.accepting = False
-            self.put_cond.notify_all()
+            self.room_freed()
             self.wake_getter()
             self.wake_dispatcher()
 
@@ -444,7 +458,7 @@ class Engine:
             if self.broken is None and not self.terminated:
                 self.broken = error
             self.accepting = False
-            self.put_cond.notify_all()
+            self.room_freed()
             self.wake_getter()
         self.kill_processes()
 
@@ -457,7 +471,7 @@ class Engine:
             if self.tasks_at_stop is None:
                 self.tasks_at_stop = self.tasks_put
             self.accepting = False
-            self.put_cond.notify_all()
+            self.room_freed()
             self.wake_getter()
             self.wake_dispatcher()
         # The dispatcher sees ``terminated`` and returns at its next wake-up
@@ -491,7 +505,16 @@ class Engine:
                 _wire.close_fd(slot.results_w)
                 _wire.close_fd(slot.go_r)
                 _wire.close_fd(slot.tasks_w)
-            for fd in (self.ctrl_w, self.credits_r, self.wake_r, self.wake_w, self.get_wake_r, self.get_wake_w):
+            for fd in (
+                self.ctrl_w,
+                self.credits_r,
+                self.wake_r,
+                self.wake_w,
+                self.get_wake_r,
+                self.get_wake_w,
+                self.room_r,
+                self.room_w,
+            ):
                 _wire.close_fd(fd)
         for p in self.processes():
             try:

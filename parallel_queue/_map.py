@@ -24,6 +24,10 @@ R = TypeVar("R")
 FEED_CHUNK = 256
 
 
+class NothingInHand(Exception):
+    """No result is in hand yet.  Its own type: a task may raise any builtin."""
+
+
 class IMapIterator(Iterator[R]):
     """The iterator ``imap`` returns: results in input order.
 
@@ -38,15 +42,15 @@ class IMapIterator(Iterator[R]):
         num_workers: Optional[int],
         chunksize: Optional[int],
         options: dict[str, Any],
+        feed: bool = True,
     ) -> None:
-        if not iterables:
+        if feed and not iterables:
             raise TypeError("imap() must have at least two arguments.")
         if chunksize is not None:
             if chunksize < 1:
                 raise ValueError(f"chunksize must be at least 1, got {chunksize}")
             options["max_batch"] = chunksize
         progress = bool(options.pop("progress", False))
-        source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
         self._q: ParallelSingleTaskQueue[R] = ParallelSingleTaskQueue(fn, num_workers=num_workers, **options)
         engine = self._q._engine
         engine.opts.exact_batch = chunksize is not None
@@ -58,14 +62,16 @@ class IMapIterator(Iterator[R]):
         self._pos = 0
         self._input_error: list[BaseException] = []
         self._done = False
-        feeder = threading.Thread(
-            target=_feed,
-            args=(engine, source, len(iterables) == 1, self._input_error),
-            name="parallel_queue-imap-feeder",
-            daemon=True,
-        )
-        feeder.start()
-        self._feeder = feeder
+        self._feeder: Optional[threading.Thread] = None
+        if feed:
+            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+            self._feeder = threading.Thread(
+                target=_feed,
+                args=(engine, source, len(iterables) == 1, self._input_error),
+                name="parallel_queue-imap-feeder",
+                daemon=True,
+            )
+            self._feeder.start()
         # Dropped without close(): end the workers; the feeder then stops on
         # its next put.  The finalizer holds the queue, not this iterator.
         self._finalizer = weakref.finalize(self, self._q.terminate)
@@ -85,11 +91,22 @@ class IMapIterator(Iterator[R]):
             return self._values[pos]  # type: ignore[no-any-return]
         return self._next_packet()
 
+    def _next_in_hand(self) -> R:
+        """The next result if one is in hand; ``NothingInHand`` if not (for aimap)."""
+        if self._pos < len(self._values):
+            return self.__next__()
+        if self._done:
+            raise StopAsyncIteration
+        raise NothingInHand
+
+    def _take(self, values: list[Any], errors: dict[int, TaskError]) -> None:
+        self._values, self._errors, self._pos = values, errors, 0
+
     def _next_packet(self) -> R:
         if self._done:
             raise StopIteration
         try:
-            self._values, self._errors = self._delivery.get_batch(True, None)
+            self._take(*self._delivery.get_batch(True, None))
         except QueueStopped:
             self._finish()
             if self._input_error:
@@ -98,12 +115,12 @@ class IMapIterator(Iterator[R]):
         except BaseException:
             self.close()
             raise
-        self._pos = 0
         return self.__next__()
 
     def _finish(self) -> None:
         self._done = True
-        self._feeder.join()
+        if self._feeder is not None:
+            self._feeder.join()
         self._q.join()
 
     def close(self) -> None:
@@ -111,7 +128,8 @@ class IMapIterator(Iterator[R]):
         self._done = True
         self._values, self._errors = [], {}
         self._q.terminate()
-        self._feeder.join()
+        if self._feeder is not None:
+            self._feeder.join()
 
     def __enter__(self) -> IMapIterator[R]:
         return self

@@ -6,8 +6,9 @@ import weakref
 from multiprocessing.context import BaseContext
 from time import monotonic as _monotonic
 from types import TracebackType
-from typing import Any, Callable, Generic, Iterator, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Generic, Iterator, Optional, TypeVar, Union
 
+from . import _aio
 from ._engine import Engine, Options
 from ._errors import QueueStopped
 from ._stats import SAMPLE_EVERY, QueueStats
@@ -170,6 +171,24 @@ class _QueueBase(Generic[R]):
             except QueueStopped:
                 return
 
+    async def aget(self) -> R:
+        """``get()`` for asyncio: waits without blocking the event loop.
+
+        Cancelling it takes nothing out of the queue.
+        """
+        return await _aio.aget(self._engine, lambda: self.get(block=False))  # type: ignore[no-any-return]
+
+    def __aiter__(self) -> AsyncIterator[R]:
+        """``async for result in q``: results in order until stopped and drained."""
+        return self._async_results()
+
+    async def _async_results(self) -> AsyncIterator[R]:
+        while True:
+            try:
+                yield await self.aget()
+            except QueueStopped:
+                return
+
 
 class ParallelQueue(_QueueBase[Any]):
     """A process pool that returns results in exactly the order tasks were put.
@@ -254,6 +273,18 @@ class ParallelQueue(_QueueBase[Any]):
         else:
             self._engine.put_marker(task, timeout)
 
+    async def aput(self, task: Any, *args: Any, **kwargs: Any) -> None:
+        """``put()`` for asyncio: waits for room without blocking the event loop."""
+        if callable(task):
+            item = (task, args, kwargs or None)
+            await _aio.aput(self._engine, lambda: self._engine.put_task(item, 0))
+        elif args or kwargs:
+            raise ValueError(
+                f"a non-callable put is a marker and takes no arguments; got {type(task).__name__} with arguments"
+            )
+        else:
+            await _aio.aput(self._engine, lambda: self._engine.put_marker(task, 0))
+
 
 class ParallelSingleTaskQueue(_QueueBase[R]):
     """An ordered process pool with one task function, handed over at process start.
@@ -306,6 +337,11 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
             max_batch=max_batch,
             progress=progress,
         )
+
+    async def aput(self, *args: Any, **kwargs: Any) -> None:
+        """``put()`` for asyncio: waits for room without blocking the event loop."""
+        item = (args, kwargs or None)
+        await _aio.aput(self._engine, lambda: self._engine.put_task(item, 0))
 
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""

@@ -1,0 +1,231 @@
+"""asyncio: ``aput``, ``aget``, ``async for``, and ``aimap``.
+
+Nothing here blocks the event loop and no thread is involved: a coroutine
+first tries the non-blocking call, and if it must wait, sleeps until one of
+the queue's pipes becomes readable (``loop.add_reader``): the output pipe or
+the get wake-up pipe for ``aget``, the room pipe for ``aput``.  A cancelled
+``aget`` has taken nothing, so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import queue
+import select
+import weakref
+from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Callable, Iterable, Optional, TypeVar, Union
+
+from ._errors import QueueStopped
+from ._map import NothingInHand
+from ._payload import TaskError
+
+if TYPE_CHECKING:
+    from ._engine import Engine
+
+R = TypeVar("R")
+
+# One reader callback per fd per event loop is all asyncio allows, so the
+# coroutines of one loop wait on a queue's pipes one at a time.
+_loop_locks: weakref.WeakKeyDictionary[Any, dict[int, asyncio.Lock]] = weakref.WeakKeyDictionary()
+
+
+def _lock_for(engine: Engine, kind: str) -> asyncio.Lock:
+    loop = asyncio.get_running_loop()
+    per_loop = _loop_locks.setdefault(loop, {})
+    key = id(engine) * 2 + (kind == "put")
+    lock = per_loop.get(key)
+    if lock is None:
+        lock = per_loop[key] = asyncio.Lock()
+    return lock
+
+
+async def wait_readable(*fds: int) -> None:
+    """Sleep until any of ``fds`` is readable (or at end-of-file)."""
+    loop = asyncio.get_running_loop()
+    fut = loop.create_future()
+
+    def ready() -> None:
+        if not fut.done():
+            fut.set_result(None)
+
+    for fd in fds:
+        loop.add_reader(fd, ready)
+    try:
+        await fut
+    finally:
+        for fd in fds:
+            loop.remove_reader(fd)
+
+
+def _drain(fd: int) -> None:
+    p = select.poll()
+    p.register(fd, select.POLLIN)
+    while p.poll(0):
+        try:
+            if not os.read(fd, 4096):
+                return
+        except OSError:
+            return
+
+
+async def aget(engine: Engine, get: Callable[[], Any]) -> Any:
+    """``get()`` for coroutines (``get`` must not block)."""
+    try:
+        return get()  # the common case: something is in hand
+    except QueueStopped:
+        raise
+    except queue.Empty:
+        pass
+    async with _lock_for(engine, "get"):
+        while True:
+            with engine.lock:
+                engine.async_getters += 1
+            try:
+                # Registered as waiting first, then one more try: a marker or
+                # stop() after this point writes to the wake-up pipe.
+                try:
+                    return get()
+                except QueueStopped:
+                    raise
+                except queue.Empty:
+                    pass
+                await wait_readable(engine.output_r.fd, engine.get_wake_r.fd)
+                _drain(engine.get_wake_r.fd)
+            finally:
+                with engine.lock:
+                    engine.async_getters -= 1
+
+
+async def aput(engine: Engine, put: Callable[[], None]) -> None:
+    """``put()`` for coroutines (``put`` raises ``queue.Full`` instead of waiting)."""
+    try:
+        return put()
+    except queue.Full:
+        pass
+    async with _lock_for(engine, "put"):
+        while True:
+            with engine.lock:
+                engine.async_putters += 1
+            try:
+                try:
+                    return put()
+                except queue.Full:
+                    pass
+                await wait_readable(engine.room_r.fd)
+                _drain(engine.room_r.fd)
+            finally:
+                with engine.lock:
+                    engine.async_putters -= 1
+
+
+class AsyncIMapIterator(AsyncIterator[R]):
+    """What ``aimap`` returns: results in input order, as an async iterator."""
+
+    def __init__(
+        self,
+        fn: Callable[..., R],
+        source: Union[Iterable[Any], AsyncIterable[Any]],
+        num_workers: Optional[int],
+        chunksize: Optional[int],
+        options: dict[str, Any],
+    ) -> None:
+        from ._map import IMapIterator
+
+        # A synchronous input is read by the feeder thread, as imap does; an
+        # async one by a task on the event loop (created on first use).
+        self._async_source = isinstance(source, AsyncIterable)
+        inputs: tuple[Iterable[Any], ...] = () if isinstance(source, AsyncIterable) else (source,)
+        self._it: IMapIterator[R] = IMapIterator(
+            fn, inputs, num_workers, chunksize, options, feed=not self._async_source
+        )
+        self._source = source
+        self._feeder: Optional[asyncio.Task[None]] = None
+
+    def __aiter__(self) -> AsyncIMapIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        it = self._it
+        if self._async_source and self._feeder is None:
+            self._feeder = asyncio.get_running_loop().create_task(self._feed())
+        while True:
+            try:
+                return it._next_in_hand()
+            except NothingInHand:
+                pass
+            engine = it._q._engine
+            try:
+                values, errors = await aget(engine, lambda: it._delivery.get_batch(False, None))
+            except QueueStopped:
+                await self._end_feeder()
+                it._finish()
+                if it._input_error:
+                    raise it._input_error.pop() from None
+                raise StopAsyncIteration from None
+            except BaseException:
+                await self.aclose()
+                raise
+            it._take(values, errors)
+
+    async def _feed(self) -> None:
+        engine = self._it._q._engine
+        try:
+            async for x in self._source:  # type: ignore[union-attr]
+                item = ((x,), None)
+                await aput(engine, lambda item=item: _put_nowait(engine, item))  # type: ignore[misc]
+        except QueueStopped:
+            return
+        except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
+            self._it._input_error.append(e)
+        engine.stop()
+
+    async def _end_feeder(self) -> None:
+        if self._feeder is not None and not self._feeder.done():
+            self._feeder.cancel()
+        if self._feeder is not None:
+            try:
+                await self._feeder
+            except BaseException:  # noqa: BLE001 - cancelled, or already reported
+                pass
+
+    async def aclose(self) -> None:
+        """Stop the workers; results not yet taken are dropped."""
+        await self._end_feeder()
+        self._it.close()
+
+    async def __aenter__(self) -> AsyncIMapIterator[R]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+def _put_nowait(engine: Engine, item: Any) -> None:
+    engine.put_task(item, 0)
+
+
+def aimap(
+    fn: Callable[..., R],
+    iterable: Union[Iterable[Any], AsyncIterable[Any]],
+    *,
+    num_workers: Optional[int] = None,
+    chunksize: Optional[int] = None,
+    **options: Any,
+) -> AsyncIMapIterator[R]:
+    """``imap`` for asyncio: ``async for result in aimap(fn, items)``.
+
+    ``iterable`` may be a plain or an async iterable.  The compute runs in
+    worker processes; the event loop never blocks.  Options as for ``imap``.
+
+    >>> import asyncio
+    >>> from parallel_queue import aimap
+    >>> async def main():
+    ...     return [r async for r in aimap(abs, [-1, -2, -3], num_workers=2)]
+    >>> asyncio.run(main())
+    [1, 2, 3]
+    """
+    return AsyncIMapIterator(fn, iterable, num_workers, chunksize, options)
+
+
+__all__ = ["aimap", "AsyncIMapIterator", "aget", "aput", "TaskError"]

@@ -1,0 +1,193 @@
+"""asyncio: aput/aget/async for and aimap, never blocking the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing
+import time
+
+import pytest
+
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap
+
+
+def slow(x, seconds=0.3):
+    time.sleep(seconds)
+    return x
+
+
+def fail_on_2(x):
+    if x == 2:
+        raise KeyError(x)
+    return x
+
+
+def run(coro):
+    return asyncio.run(asyncio.wait_for(coro, 120))
+
+
+def test_aput_aget_in_order_with_back_pressure_and_markers():
+    async def main():
+        with ParallelQueue(num_workers=2, in_q_max=3) as q:
+
+            async def produce():
+                for i in range(200):
+                    await q.aput(abs, -i)  # waits for room: in_q_max=3
+                    if i % 50 == 49:
+                        await q.aput(("batch", i))
+                q.stop()
+
+            p = asyncio.create_task(produce())
+            out = [x async for x in q]
+            await p
+        return out
+
+    out = run(main())
+    expected = []
+    for i in range(200):
+        expected.append(i)
+        if i % 50 == 49:
+            expected.append(("batch", i))
+    assert out == expected
+
+
+def test_event_loop_keeps_running_while_waiting():
+    async def main():
+        ticks = 0
+
+        async def ticker():
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        t = asyncio.create_task(ticker())
+        with ParallelQueue(num_workers=1) as q:
+            await q.aput(slow, 1, 0.5)
+            assert await q.aget() == 1
+        t.cancel()
+        return ticks
+
+    # The loop ran its ticker while aget() waited half a second.  (A lower
+    # bound on ticks would be a timing assertion; one tick proves the loop
+    # was not blocked, since a blocked loop runs none.)
+    assert run(main()) >= 1
+
+
+def test_cancelled_aget_takes_nothing():
+    async def main():
+        with ParallelQueue(num_workers=1) as q:
+            await q.aput(slow, "kept", 0.3)
+            waiter = asyncio.create_task(q.aget())
+            await asyncio.sleep(0.05)
+            waiter.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await waiter
+            return await q.aget()
+
+    assert run(main()) == "kept"
+
+
+def test_several_coroutines_get_each_result_once():
+    async def main():
+        with ParallelQueue(num_workers=2) as q:
+            for i in range(300):
+                await q.aput(abs, -i)
+            q.stop()
+
+            async def take():
+                got = []
+                while True:
+                    try:
+                        got.append(await q.aget())
+                    except QueueStopped:
+                        return got
+
+            parts = await asyncio.gather(take(), take(), take())
+        return parts
+
+    parts = run(main())
+    assert sorted(x for p in parts for x in p) == list(range(300))
+    assert all(p == sorted(p) for p in parts)
+
+
+def make_waiter(ev):
+    def task(i):
+        assert ev.wait(60)
+        return i
+
+    return task
+
+
+def test_aput_on_single_task_queue_waits_for_room():
+    ev = multiprocessing.get_context().Event()
+
+    async def main():
+        with ParallelSingleTaskQueue(make_waiter(ev), num_workers=1, in_q_max=1, max_batch=1) as q:
+            putter = asyncio.gather(*(q.aput(i) for i in range(6)))
+            await asyncio.sleep(0.2)
+            assert not putter.done()  # no room: it waits, the loop does not
+            ev.set()
+            await putter
+            return [await q.aget() for _ in range(6)]
+
+    assert run(main()) == list(range(6))
+
+
+def test_aimap_sync_and_async_inputs():
+    async def numbers():
+        for i in range(100):
+            if i % 10 == 0:
+                await asyncio.sleep(0)
+            yield i
+
+    async def main():
+        a = [r async for r in aimap(abs, range(-100, 0), num_workers=2)]
+        b = [r async for r in aimap(lambda x: x * 3, numbers(), num_workers=2)]
+        return a, b
+
+    a, b = run(main())
+    assert a == list(range(100, 0, -1))
+    assert b == [3 * i for i in range(100)]
+
+
+def test_aimap_error_in_place_and_input_error_last():
+    async def broken():
+        yield 0
+        yield 1
+        raise RuntimeError("input broke")
+
+    async def main():
+        out = []
+        it = aimap(fail_on_2, range(5), num_workers=2)
+        while True:
+            try:
+                out.append(await it.__anext__())
+            except StopAsyncIteration:
+                break
+            except KeyError:
+                out.append("error")
+        it2 = aimap(abs, broken(), num_workers=2)
+        got = [await it2.__anext__(), await it2.__anext__()]
+        with pytest.raises(RuntimeError, match="input broke"):
+            await it2.__anext__()
+        return out, got
+
+    out, got = run(main())
+    assert out == [0, 1, "error", 3, 4]
+    assert got == [0, 1]
+
+
+def test_aimap_aclose_stops_workers():
+    async def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    async def main():
+        async with aimap(abs, endless(), num_workers=2) as it:
+            first = [await it.__anext__() for _ in range(10)]
+        return first
+
+    assert run(main()) == list(range(10))
