@@ -276,6 +276,7 @@ def chart(results: dict[str, Result], path: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         return False
     tp = [r for r in results.values() if r["unit"] == "tasks/s"]
@@ -294,6 +295,9 @@ def chart(results: dict[str, Result], path: str) -> bool:
         ax.invert_yaxis()
         ax.set_title(f"{r['workload']}\n{r['what']}", fontsize=9)
         ax.set_xlabel("tasks/s (median)")
+        ax.xaxis.set_major_formatter(
+            matplotlib.ticker.FuncFormatter(lambda v, _: f"{v / 1000:.0f}k" if v >= 10000 else f"{v:.0f}")
+        )
     fig.suptitle(
         f"2 workers, {platform.processor() or platform.machine()}, Python {platform.python_version()}", fontsize=9
     )

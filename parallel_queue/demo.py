@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import sys
 import threading
 import time
 from typing import Optional
@@ -37,9 +38,22 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batches", type=int, default=8)
     parser.add_argument("--batch-size", type=int, default=250)
     parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
 
-    queue = ParallelQueue(num_workers=args.jobs)
+    progress = not args.no_progress
+    if progress:
+        try:
+            import tqdm  # noqa: F401
+        except ImportError:
+            print("(no progress bar: pip install 'parallel-queue[progress]' for one)", file=sys.stderr)
+            progress = False
+    queue = ParallelQueue(num_workers=args.jobs, progress=progress)
+    say = print
+    if progress:
+        import tqdm
+
+        say = tqdm.tqdm.write  # prints above the bar instead of through it
     start = time.perf_counter()
 
     def producer() -> None:
@@ -59,10 +73,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         for item in queue:  # results and markers, in put order, until stopped
             if isinstance(item, BatchDone):
                 batch += 1
-                print(
+                say(
                     f"batch {batch:3d}: {int(item)} documents, {words} words indexed"
-                    f"  ({time.perf_counter() - start:6.2f} s)",
-                    flush=True,
+                    f"  ({time.perf_counter() - start:6.2f} s)"
                 )
                 totals["docs"] += int(item)
                 totals["words"] += words
@@ -80,6 +93,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(
         f"indexed {totals['docs']} documents ({totals['words']} words) in {elapsed:.2f} s "
         f"with {queue.num_workers} worker processes"
+    )
+    s = queue.stats()
+    print(
+        f"stats: {s.tasks_put} tasks, {s.markers_delivered} batch markers, {s.errors} errors, "
+        f"{s.workers_replaced} workers replaced; put-to-get latency "
+        f"mean {1e3 * (s.latency_mean or 0):.1f} ms, p50 {1e3 * (s.latency_p50 or 0):.1f} ms, "
+        f"p99 {1e3 * (s.latency_p99 or 0):.1f} ms"
     )
     return 0
 

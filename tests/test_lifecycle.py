@@ -258,3 +258,16 @@ def test_failed_start_leaves_nothing_behind():
             ParallelSingleTaskQueue(uses_lock, num_workers=2, mp_context="spawn")
         assert descendants(os.getpid()) == []
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_demo_runs_and_logs_batches_in_order():
+    r = run_python(
+        "from parallel_queue.demo import main; raise SystemExit(main(['--batches', '3', '--batch-size', '40']))",
+        timeout=120,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert [ln.split(":")[0] for ln in lines[:3]] == ["batch   1", "batch   2", "batch   3"]
+    assert "indexed 120 documents" in lines[3]
+    assert lines[4].startswith("stats: 120 tasks, 3 batch markers, 0 errors")
+    assert "120/120" in r.stderr  # the progress bar
