@@ -142,7 +142,7 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
     """How many results map() will give, if the inputs know their length."""
     try:
         return min(len(x) for x in iterables)  # type: ignore[arg-type]
-    except TypeError:
+    except (TypeError, ValueError):  # no length, or no iterables (aimap's async input)
         return None
 
 

@@ -117,3 +117,23 @@ except ImportError as e:
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert "pip install 'parallel-queue[progress]'" in r.stdout
+
+
+def test_aimap_progress_with_an_async_input_has_no_total():
+    code = """
+import asyncio
+from parallel_queue import aimap
+
+async def numbers():
+    for i in range(50):
+        yield i
+
+async def main():
+    return [r async for r in aimap(abs, numbers(), num_workers=2, progress=True)]
+
+print(sum(asyncio.run(main())))
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == str(sum(range(50)))
+    assert "50/50" in r.stderr
