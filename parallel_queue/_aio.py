@@ -21,7 +21,7 @@ from ._map import NothingInHand
 from ._payload import TaskError
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from ._front import Front as Engine
 
 R = TypeVar("R")
 
@@ -90,7 +90,7 @@ async def aget(engine: Engine, get: Callable[[], Any]) -> Any:
                     raise
                 except queue.Empty:
                     pass
-                await wait_readable(engine.output_r.fd, engine.get_wake_r.fd)
+                await wait_readable(engine.delivery.reader.fd.fd, engine.get_wake_r.fd)
                 _drain(engine.get_wake_r.fd)
             finally:
                 with engine.lock:

@@ -23,16 +23,19 @@ from ._errors import QueueBrokenError, QueueStopped, fresh_copy
 from ._payload import TaskError, loads_results
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from ._front import Front as Engine
 
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class Delivery:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, reader: Any) -> None:
+        """``reader``: where packets come from, in order.  A ``FrameReader``
+        on the consumer's output pipe, or the executor engine's local
+        source; either has ``fd`` (to poll), ``read_ready()`` and ``eof``."""
         self.e = engine
         self.markers = engine.markers
-        self.reader = _wire.FrameReader(engine.output_r)
+        self.reader = reader
         self.bodies: deque[bytes] = deque()  # packets read but not yet unpickled
         self.values: list[Any] = []
         self.errors: dict[int, TaskError] = {}

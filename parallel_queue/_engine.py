@@ -45,7 +45,6 @@ its own unfinished work, and that is detected from its process sentinel.
 from __future__ import annotations
 
 import atexit
-import itertools
 import multiprocessing
 import multiprocessing.util  # before our atexit handler: see _terminate_all_at_exit
 import os
@@ -53,12 +52,11 @@ import threading
 import weakref
 from collections import deque
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
-from ._errors import QueueStopped, fresh_copy
-from ._stats import LatencySampler, QueueStats
+from ._front import Front
 from ._wire import Fd
 from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 
@@ -203,7 +201,7 @@ class Slot:
         self.incarnation = 0
 
 
-class Engine:
+class Engine(Front):
     """Owns the processes, pipes and threads of one queue.
 
     The public queue classes hold an Engine; the Engine never refers back
@@ -215,40 +213,13 @@ class Engine:
         from ._delivery import Delivery
         from ._dispatcher import Dispatcher
 
-        if opts.progress:
-            from ._progress import require_tqdm
-
-            require_tqdm()  # before any process starts
-        self.opts = opts
+        super().__init__(opts)
         ctx = opts.ctx
         self.ctx = ctx
         self.task_fn = task_fn
         n = opts.num_workers
-
-        # Shared state in the main process, guarded by one lock.
-        self.lock = threading.Lock()
-        self.put_cond = threading.Condition(self.lock)  # put() waits here when pending is full
-        self.pending: deque[Any] = deque()
-        self.markers: deque[tuple[int, Any]] = deque()
-        self.tasks_put = 0
-        self.markers_put = 0
-        self.latency = LatencySampler()
         # [packets, tasks] in the consumer's reorder buffer, written by it.
         self.reorder = ctx.RawArray("q", 2)
-        self.tasks_at_stop: Optional[int] = None
-        self.terminated = False
-        self.broken: Optional[BaseException] = None
-        self.dispatcher_idle = False  # waiting for tasks, with credit to send them
-        self.getter_waiting = False
-        # Coroutines waiting in aget() / aput(): they sleep on the get wake-up
-        # pipe and on the room pipe through the event loop.
-        self.async_getters = 0
-        self.async_putters = 0
-        self.closed = False  # every process ended and every descriptor released
-        # put()'s fast path reads these two instead of four conditions.
-        self.accepting = True  # not stopped, broken or terminated
-        self.in_q_max = opts.in_q_max
-
         self.max_packet_id = ctx.RawValue("q", 0)
         self.progress = ctx.RawArray("q", PROGRESS_FIELDS * n)
         self.alive_r, _ = parent_alive_pipe()
@@ -258,9 +229,6 @@ class Engine:
         ctrl_r, self.ctrl_w = _wire.make_pipe()
         self.credits_r, credits_w = _wire.make_pipe()
         self.output_r, output_w = _wire.make_pipe(big=True)
-        self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
-        self.room_r, self.room_w = _wire.make_pipe()  # wakes aput(): there is room again
-        self.get_wake_r, self.get_wake_w = _wire.make_pipe()  # wakes a waiting get()
         self.slots = [Slot(i, results[i][1], gos[i][0]) for i in range(n)]
 
         spec = ConsumerSpec(
@@ -278,8 +246,7 @@ class Engine:
         self.consumer = ctx.Process(
             target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon
         )
-        self.progress_bar: Any = None
-        self.delivery = Delivery(self)
+        self.delivery = Delivery(self, _wire.FrameReader(self.output_r))
         self.dispatcher = Dispatcher(self)
         self.thread = threading.Thread(target=self.dispatcher.run, name="parallel_queue-dispatcher", daemon=True)
         try:
@@ -300,12 +267,6 @@ class Engine:
         self.thread.start()
         if opts.progress:
             self.show_progress()
-
-    def show_progress(self, total: Optional[int] = None) -> None:
-        """Start the progress bar (``total``: the number of results, if known)."""
-        from ._progress import ProgressBar
-
-        self.progress_bar = ProgressBar(self, total)
 
     # -------------------------------------------------------------- workers
 
@@ -352,115 +313,6 @@ class Engine:
         slot.kill_reason = ""
 
     # ----------------------------------------------------------- lifecycle
-
-    # Wake-ups: one byte into a pipe the sleeper polls.  Always called with
-    # ``lock`` held (see close()).
-
-    def wake_dispatcher(self) -> None:
-        try:
-            os.write(self.wake_w.fd, b"\0")
-        except OSError:
-            pass
-
-    def room_freed(self) -> None:
-        """Tasks or markers left a full queue: wake put() and aput() (lock held)."""
-        self.put_cond.notify_all()
-        if self.async_putters:
-            try:
-                os.write(self.room_w.fd, b"\0")
-            except OSError:
-                pass
-
-    def wake_getter(self) -> None:
-        try:
-            os.write(self.get_wake_w.fd, b"\0")
-        except OSError:
-            pass
-
-    # ------------------------------------------------------------- putting
-
-    def put_task(self, item: Any, timeout: Optional[float]) -> None:
-        with self.put_cond:
-            if not self.accepting:
-                self.check_usable()
-            if len(self.pending) >= self.opts.in_q_max:
-                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
-            self.pending.append(item)
-            self.latency.put_range(self.tasks_put, 1)
-            self.tasks_put += 1
-            if self.dispatcher_idle:
-                self.dispatcher_idle = False
-                self.wake_dispatcher()
-
-    def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> int:
-        """Append up to ``count`` tasks from ``items``, as many as fit.
-
-        Blocks (``queue.Full`` after ``timeout``) only while nothing fits.
-        Returns how many were appended: fewer than asked when the queue is
-        full or ``items`` ran out.  The bulk path of ``imap``: one lock
-        round per call instead of one per task.
-        """
-        with self.put_cond:
-            if not self.accepting:
-                self.check_usable()
-            if len(self.pending) >= self.opts.in_q_max:
-                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
-            before = len(self.pending)
-            try:
-                self.pending.extend(itertools.islice(items, min(count, self.opts.in_q_max - before)))
-            finally:
-                # Count what went in even if ``items`` raised half-way.
-                n = len(self.pending) - before
-                self.latency.put_range(self.tasks_put, n)
-                self.tasks_put += n
-                if n and self.dispatcher_idle:
-                    self.dispatcher_idle = False
-                    self.wake_dispatcher()
-            return n
-
-    def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
-        with self.put_cond:
-            self.check_usable()
-            if len(self.markers) >= self.opts.in_q_max:
-                self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
-            self.markers.append((self.tasks_put, marker))
-            self.markers_put += 1
-            if self.getter_waiting or self.async_getters:
-                self.wake_getter()
-
-    def wait_for_room(self, room: Callable[[], bool], timeout: Optional[float]) -> None:
-        """Wait (lock held) until ``room()``; ``queue.Full`` after ``timeout``."""
-        import queue
-        import time
-
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not room():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise queue.Full
-            self.put_cond.wait(remaining)
-            self.check_usable(after_wait=True)
-
-    def stop(self) -> None:
-        with self.lock:
-            if self.tasks_at_stop is None:
-                self.tasks_at_stop = self.tasks_put
-            self.accepting = False
-            self.room_freed()
-            self.wake_getter()
-            self.wake_dispatcher()
-
-    def break_with(self, error: BaseException) -> None:
-        """The queue cannot go on: record why, wake everyone, end the processes."""
-        with self.lock:
-            if self.broken is None and not self.terminated:
-                self.broken = error
-            self.accepting = False
-            self.room_freed()
-            self.wake_getter()
-        self.kill_processes()
 
     def terminate(self) -> None:
         """Tear everything down at once; undelivered results are lost."""
@@ -528,40 +380,8 @@ class Engine:
         procs = [s.proc for s in self.slots if s.proc is not None] + [self.consumer]
         return [p for p in procs if _started(p)]
 
-    def stats(self) -> QueueStats:
-        d = self.delivery
-        with self.lock:
-            tasks_put, markers_put, pending = self.tasks_put, self.markers_put, len(self.pending)
-            mean, p50, p99 = self.latency.summary()
-        alive = sum(1 for s in self.slots if s.state == "running" and s.proc is not None and not _ended(s.proc))
-        return QueueStats(
-            tasks_put=tasks_put,
-            results_delivered=d.delivered,
-            errors=d.errors_raised,
-            markers_put=markers_put,
-            markers_delivered=d.markers_delivered,
-            in_flight=tasks_put - d.delivered,
-            pending=pending,
-            reorder_buffer_packets=self.reorder[0],
-            reorder_buffer_items=self.reorder[1],
-            workers_alive=alive,
-            workers_replaced=self.dispatcher.replaced,
-            latency_mean=mean,
-            latency_p50=p50,
-            latency_p99=p99,
-        )
-
     def is_alive(self) -> bool:
         return not all(_ended(p) for p in self.processes())
-
-    def check_usable(self, after_wait: bool = False) -> None:
-        """Raise the reason put() cannot take tasks any more (lock held)."""
-        if self.broken is not None:
-            raise fresh_copy(self.broken)
-        if self.terminated:
-            raise QueueStopped("the queue was terminated")
-        if self.tasks_at_stop is not None:
-            raise QueueStopped("stop() was called while put() waited" if after_wait else "put() after stop()")
 
     def join(self, timeout: Optional[float]) -> bool:
         """Wait for every process to end; True if they all did within ``timeout``.
@@ -594,6 +414,15 @@ class Engine:
             _wire.readable(self.output_r.fd, None)
         self.close()
         return True
+
+    def workers_alive(self) -> int:
+        return sum(1 for s in self.slots if s.state == "running" and s.proc is not None and not _ended(s.proc))
+
+    def workers_replaced(self) -> int:
+        return self.dispatcher.replaced
+
+    def reorder_counts(self) -> tuple[int, int]:
+        return self.reorder[0], self.reorder[1]
 
 
 def _ended(p: Any) -> bool:

@@ -12,7 +12,7 @@ import threading
 from typing import TYPE_CHECKING, Any, Optional
 
 if TYPE_CHECKING:
-    from ._engine import Engine
+    from ._front import Front as Engine
 
 # Seconds between redraws: a display rate, not a wait for anything.
 REFRESH_SECONDS = 0.1

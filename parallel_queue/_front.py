@@ -1,0 +1,225 @@
+"""The front of every queue: put(), markers, counters and wake-ups.
+
+Both engines build on it: the process engine (``_engine``: our own worker
+and consumer processes) and the executor engine (``_executor``: a thread
+pool, a process pool or a Dask cluster the caller owns).  Everything here
+runs in the caller's process, guarded by one lock.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import queue
+import threading
+import time
+from collections import deque
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+
+from . import _wire
+from ._errors import QueueStopped, fresh_copy
+from ._stats import LatencySampler, QueueStats
+
+if TYPE_CHECKING:
+    from ._delivery import Delivery
+    from ._engine import Options
+
+
+class Front:
+    """Shared state and the put side of a queue; subclasses run the tasks."""
+
+    def __init__(self, opts: Options) -> None:
+        if opts.progress:
+            from ._progress import require_tqdm
+
+            require_tqdm()  # before anything starts
+        self.opts = opts
+        # Shared state in the main process, guarded by one lock.
+        self.lock = threading.Lock()
+        self.put_cond = threading.Condition(self.lock)  # put() waits here when pending is full
+        self.pending: deque[Any] = deque()
+        self.markers: deque[tuple[int, Any]] = deque()
+        self.tasks_put = 0
+        self.markers_put = 0
+        self.latency = LatencySampler()
+        self.tasks_at_stop: Optional[int] = None
+        self.terminated = False
+        self.broken: Optional[BaseException] = None
+        self.dispatcher_idle = False  # waiting for tasks, with credit to send them
+        self.getter_waiting = False
+        # Coroutines waiting in aget() / aput(): they sleep on the get wake-up
+        # pipe and on the room pipe through the event loop.
+        self.async_getters = 0
+        self.async_putters = 0
+        self.closed = False  # everything ended and every descriptor released
+        # put()'s fast path reads these two instead of four conditions.
+        self.accepting = True  # not stopped, broken or terminated
+        self.in_q_max = opts.in_q_max
+
+        self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
+        self.room_r, self.room_w = _wire.make_pipe()  # wakes aput(): there is room again
+        self.get_wake_r, self.get_wake_w = _wire.make_pipe()  # wakes a waiting get()
+        self.progress_bar: Any = None
+        self.delivery: Delivery  # made by the engine, with its source of packets
+
+    def show_progress(self, total: Optional[int] = None) -> None:
+        """Start the progress bar (``total``: the number of results, if known)."""
+        from ._progress import ProgressBar
+
+        self.progress_bar = ProgressBar(self, total)
+
+    # Wake-ups: one byte into a pipe the sleeper polls.  Always called with
+    # ``lock`` held (see close()), so none can hit a closed descriptor.
+
+    def wake_dispatcher(self) -> None:
+        try:
+            os.write(self.wake_w.fd, b"\0")
+        except OSError:
+            pass
+
+    def room_freed(self) -> None:
+        """Tasks or markers left a full queue: wake put() and aput() (lock held)."""
+        self.put_cond.notify_all()
+        if self.async_putters:
+            try:
+                os.write(self.room_w.fd, b"\0")
+            except OSError:
+                pass
+
+    def wake_getter(self) -> None:
+        try:
+            os.write(self.get_wake_w.fd, b"\0")
+        except OSError:
+            pass
+
+    # ------------------------------------------------------------- putting
+
+    def put_task(self, item: Any, timeout: Optional[float]) -> None:
+        with self.put_cond:
+            if not self.accepting:
+                self.check_usable()
+            if len(self.pending) >= self.opts.in_q_max:
+                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+            self.pending.append(item)
+            self.latency.put_range(self.tasks_put, 1)
+            self.tasks_put += 1
+            if self.dispatcher_idle:
+                self.dispatcher_idle = False
+                self.wake_dispatcher()
+
+    def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> int:
+        """Append up to ``count`` tasks from ``items``, as many as fit.
+
+        Blocks (``queue.Full`` after ``timeout``) only while nothing fits.
+        Returns how many were appended: fewer than asked when the queue is
+        full or ``items`` ran out.  The bulk path of ``imap``: one lock
+        round per call instead of one per task.
+        """
+        with self.put_cond:
+            if not self.accepting:
+                self.check_usable()
+            if len(self.pending) >= self.opts.in_q_max:
+                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+            before = len(self.pending)
+            try:
+                self.pending.extend(itertools.islice(items, min(count, self.opts.in_q_max - before)))
+            finally:
+                # Count what went in even if ``items`` raised half-way.
+                n = len(self.pending) - before
+                self.latency.put_range(self.tasks_put, n)
+                self.tasks_put += n
+                if n and self.dispatcher_idle:
+                    self.dispatcher_idle = False
+                    self.wake_dispatcher()
+            return n
+
+    def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
+        with self.put_cond:
+            self.check_usable()
+            if len(self.markers) >= self.opts.in_q_max:
+                self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
+            self.markers.append((self.tasks_put, marker))
+            self.markers_put += 1
+            if self.getter_waiting or self.async_getters:
+                self.wake_getter()
+
+    def wait_for_room(self, room: Callable[[], bool], timeout: Optional[float]) -> None:
+        """Wait (lock held) until ``room()``; ``queue.Full`` after ``timeout``."""
+        if timeout is not None and timeout < 0:
+            raise ValueError("'timeout' must be a non-negative number")
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not room():
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                raise queue.Full
+            self.put_cond.wait(remaining)
+            self.check_usable(after_wait=True)
+
+    def check_usable(self, after_wait: bool = False) -> None:
+        """Raise the reason put() cannot take tasks any more (lock held)."""
+        if self.broken is not None:
+            raise fresh_copy(self.broken)
+        if self.terminated:
+            raise QueueStopped("the queue was terminated")
+        if self.tasks_at_stop is not None:
+            raise QueueStopped("stop() was called while put() waited" if after_wait else "put() after stop()")
+
+    # ----------------------------------------------------------- lifecycle
+
+    def stop(self) -> None:
+        with self.lock:
+            if self.tasks_at_stop is None:
+                self.tasks_at_stop = self.tasks_put
+            self.accepting = False
+            self.room_freed()
+            self.wake_getter()
+            self.wake_dispatcher()
+
+    def break_with(self, error: BaseException) -> None:
+        """The queue cannot go on: record why, wake everyone, end the processes."""
+        with self.lock:
+            if self.broken is None and not self.terminated:
+                self.broken = error
+            self.accepting = False
+            self.room_freed()
+            self.wake_getter()
+        self.kill_processes()
+
+    def stats(self) -> QueueStats:
+        d = self.delivery
+        with self.lock:
+            tasks_put, markers_put, pending = self.tasks_put, self.markers_put, len(self.pending)
+            mean, p50, p99 = self.latency.summary()
+        packets, items = self.reorder_counts()
+        return QueueStats(
+            tasks_put=tasks_put,
+            results_delivered=d.delivered,
+            errors=d.errors_raised,
+            markers_put=markers_put,
+            markers_delivered=d.markers_delivered,
+            in_flight=tasks_put - d.delivered,
+            pending=pending,
+            reorder_buffer_packets=packets,
+            reorder_buffer_items=items,
+            workers_alive=self.workers_alive(),
+            workers_replaced=self.workers_replaced(),
+            latency_mean=mean,
+            latency_p50=p50,
+            latency_p99=p99,
+        )
+
+    # What an engine tells stats() and break_with().
+
+    def workers_alive(self) -> int:
+        raise NotImplementedError
+
+    def workers_replaced(self) -> int:
+        return 0
+
+    def reorder_counts(self) -> tuple[int, int]:
+        """(packets, tasks) waiting in the reorder buffer."""
+        raise NotImplementedError
+
+    def kill_processes(self) -> None:
+        """End the engine's work at once (break_with)."""
+        raise NotImplementedError
