@@ -22,6 +22,7 @@ import os
 import platform
 import statistics
 import sys
+import threading
 import time
 from typing import Any, Callable
 
@@ -89,6 +90,76 @@ def run_throughput(name: str, quick: bool, rounds: int) -> Result:
         for p in out["peers"].values():
             wall = len(items) / p["median"]
             p["efficiency"] = sequential / (peers.WORKERS * wall)
+    return out
+
+
+def _pq_put_get(client: Any, fn: Callable[[Any], Any], items: list[Any]) -> None:
+    q = ParallelQueue(executor=client)
+    t = threading.Thread(target=lambda: [q.put(fn, x) for x in items])
+    t.start()
+    for _ in items:
+        q.get()
+    t.join()
+    q.terminate()
+
+
+def _pq_imap(client: Any, fn: Callable[[Any], Any], items: list[Any]) -> None:
+    from parallel_queue import imap
+
+    for _ in imap(fn, items, executor=client):
+        pass
+
+
+def _dask_map(client: Any, fn: Callable[[Any], Any], items: list[Any]) -> None:
+    for f in client.map(fn, items, pure=False):
+        f.result()
+
+
+def _pq_own(client: Any, fn: Callable[[Any], Any], items: list[Any]) -> None:
+    from parallel_queue import imap
+
+    for _ in imap(fn, items, num_workers=peers.WORKERS):
+        pass
+
+
+def run_dask(quick: bool, rounds: int) -> list[Result]:
+    """The same workloads on a 2-worker LocalCluster: through parallel_queue
+    (``executor=client``) and through the plain Dask idiom (``client.map``,
+    then the results in order)."""
+    try:
+        import distributed
+    except ImportError:
+        print("  dask: distributed is not installed (pip install 'parallel-queue[dask]'); skipped")
+        return []
+
+    sizes = {"trivial": 2000, "cpu_3ms": 200 if quick else 500, "heavy_tail": 200 if quick else 500}
+    fns = {"trivial": abs, "cpu_3ms": workloads.cpu_3ms, "heavy_tail": workloads.heavy_tail}
+    out = []
+    with (
+        distributed.LocalCluster(
+            n_workers=peers.WORKERS, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None
+        ) as cluster,
+        distributed.Client(cluster) as client,
+    ):
+        for name, n in sizes.items():
+            fn, items = fns[name], list(range(-n, 0)) if name == "trivial" else list(range(n))
+            r: Result = {"workload": f"dask_{name}", "what": f"{n} tasks on a 2-worker LocalCluster", "unit": "tasks/s"}
+
+            r["peers"] = {}
+            for label, call in (
+                ("parallel_queue put/get on Dask", _pq_put_get),
+                ("parallel_queue.imap on Dask", _pq_imap),
+                ("Dask client.map + results in order", _dask_map),
+                ("parallel_queue.imap, own processes", _pq_own),
+            ):
+                rates = []
+                for _ in range(rounds):
+                    t0 = time.perf_counter()
+                    call(client, fn, items)
+                    rates.append(n / (time.perf_counter() - t0))
+                r["peers"][label] = {"median": statistics.median(rates), "rounds": rates}
+                print(f"  {r['workload']:12s} {label:42s} {statistics.median(rates):12,.0f} tasks/s", flush=True)
+            out.append(r)
     return out
 
 
@@ -259,7 +330,7 @@ def print_report(results: dict[str, Result], checks: list[tuple[str, float, floa
     for name, r in results.items():
         if r["unit"] != "tasks/s":
             continue
-        mine = r["peers"]["parallel_queue put/get"]["median"]
+        mine = next(iter(r["peers"].values()))["median"]
         print(f"  {name}:")
         for peer, p in r["peers"].items():
             extra = f"  efficiency {p['efficiency']:.0%}" if "efficiency" in p else ""
@@ -279,7 +350,7 @@ def chart(results: dict[str, Result], path: str) -> bool:
         import matplotlib.ticker
     except ImportError:
         return False
-    tp = [r for r in results.values() if r["unit"] == "tasks/s"]
+    tp = [r for r in results.values() if r["unit"] == "tasks/s" and not r["workload"].startswith("dask")]
     if not tp:
         return False
     fig, axes = plt.subplots(1, len(tp), figsize=(4.2 * len(tp), 4.5))
@@ -314,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 5)
-    names = ["trivial", "cpu_3ms", "heavy_tail", "payload_1mb", "latency", "lifecycle"]
+    names = ["trivial", "cpu_3ms", "heavy_tail", "payload_1mb", "latency", "lifecycle", "dask"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     print(
@@ -324,7 +395,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     results: dict[str, Result] = {}
     for name in names:
-        if name == "latency":
+        if name == "dask":
+            for r in run_dask(args.quick, rounds):
+                results[r["workload"]] = r
+        elif name == "latency":
             results[name] = run_latency(rounds)
         elif name == "lifecycle":
             results[name] = run_lifecycle(rounds)

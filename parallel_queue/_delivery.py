@@ -165,9 +165,12 @@ class Delivery:
             e.accepting = False
             raise err
 
-    def decode(self, body: bytes) -> None:
+    def decode(self, body: Any) -> None:
         from ._wire import RESULT, decode_result
 
+        if type(body) is tuple:  # from the executor engine: already (values, errors)
+            self.values, self.errors, self.pos = body[0], body[1], 0
+            return
         count = decode_result(body).n_items
         try:
             values, errors = loads_results(memoryview(body)[RESULT.size :])

@@ -57,6 +57,7 @@ from typing import Any, Callable, Optional, Union
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
 from ._front import Front
+from ._threads import helper_thread
 from ._wire import Fd
 from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 
@@ -86,6 +87,8 @@ class Options:
         progress: bool = False,
     ) -> None:
         self.progress = progress
+        self.explicit_workers = num_workers
+        self.explicit_buffer = consumer_buffer_max
         self.num_workers = num_workers if num_workers is not None else (os.cpu_count() or 1)
         if self.num_workers < 1:
             raise ValueError(f"num_workers must be at least 1, got {self.num_workers}")
@@ -248,7 +251,7 @@ class Engine(Front):
         )
         self.delivery = Delivery(self, _wire.FrameReader(self.output_r))
         self.dispatcher = Dispatcher(self)
-        self.thread = threading.Thread(target=self.dispatcher.run, name="parallel_queue-dispatcher", daemon=True)
+        self.thread = helper_thread(self.dispatcher.run, "parallel_queue-dispatcher")
         try:
             self.consumer.start()
             for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):

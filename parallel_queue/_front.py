@@ -208,7 +208,18 @@ class Front:
             latency_p99=p99,
         )
 
-    # What an engine tells stats() and break_with().
+    # What each engine provides.
+
+    def terminate(self) -> None:
+        """End everything at once; undelivered results are lost."""
+        raise NotImplementedError
+
+    def join(self, timeout: Optional[float]) -> bool:
+        """Wait until the engine has finished (after stop()); True if in time."""
+        raise NotImplementedError
+
+    def is_alive(self) -> bool:
+        raise NotImplementedError
 
     def workers_alive(self) -> int:
         raise NotImplementedError

@@ -16,6 +16,7 @@ from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 from ._errors import QueueStopped
 from ._payload import TaskError
 from ._queue import ParallelSingleTaskQueue
+from ._threads import helper_thread
 
 R = TypeVar("R")
 
@@ -65,11 +66,8 @@ class IMapIterator(Iterator[R]):
         self._feeder: Optional[threading.Thread] = None
         if feed:
             source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
-            self._feeder = threading.Thread(
-                target=_feed,
-                args=(engine, source, len(iterables) == 1, self._input_error),
-                name="parallel_queue-imap-feeder",
-                daemon=True,
+            self._feeder = helper_thread(
+                _feed, "parallel_queue-imap-feeder", (engine, source, len(iterables) == 1, self._input_error)
             )
             self._feeder.start()
         # Dropped without close(): end the workers; the feeder then stops on

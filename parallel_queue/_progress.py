@@ -11,6 +11,8 @@ import sys
 import threading
 from typing import TYPE_CHECKING, Any, Optional
 
+from ._threads import helper_thread
+
 if TYPE_CHECKING:
     from ._front import Front as Engine
 
@@ -36,7 +38,7 @@ class ProgressBar:
         self.fixed_total = total
         self.bar: Any = tqdm(total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True)
         self.done = threading.Event()
-        self.thread = threading.Thread(target=self.run, name="parallel_queue-progress", daemon=True)
+        self.thread = helper_thread(self.run, "parallel_queue-progress")
         self.thread.start()
 
     def update(self) -> None:

@@ -11,6 +11,7 @@ from typing import Any, AsyncIterator, Callable, Generic, Iterator, Optional, Ty
 from . import _aio
 from ._engine import Engine, Options
 from ._errors import QueueStopped
+from ._front import Front
 from ._stats import SAMPLE_EVERY, QueueStats
 
 _SAMPLE_MASK = SAMPLE_EVERY - 1
@@ -42,7 +43,30 @@ _DOC_OPTIONS = """
       sized automatically, at most 1024).
     - ``progress``: show a tqdm progress bar of delivered results on stderr
       (needs ``pip install 'parallel-queue[progress]'``).
+    - ``executor``: run the tasks on a ``concurrent.futures`` executor (threads
+      or processes) or a Dask ``distributed.Client`` instead of the queue's own
+      processes; same ordering, markers, errors and back-pressure.  The queue
+      never shuts it down.  ``num_workers`` defaults to its size.
 """
+
+
+def _check_executor_options(executor: Any, opts: Options) -> None:
+    """Options that need the queue's own processes make no sense with an executor."""
+    from ._executor import describe_executor
+
+    _, workers = describe_executor(executor)
+    for name, value in (
+        ("task_timeout", opts.task_timeout),
+        ("max_tasks_per_worker", opts.max_tasks_per_worker or None),
+        ("worker_init_f", opts.worker_init_f),
+        ("daemon", opts.daemon or None),
+    ):
+        if value is not None:
+            raise ValueError(f"{name} needs the queue's own worker processes; it cannot be used with executor=")
+    if opts.explicit_workers is None:
+        opts.num_workers = workers
+    if opts.explicit_buffer is None:
+        opts.consumer_buffer_max = 10 * opts.num_workers
 
 
 class _QueueBase(Generic[R]):
@@ -62,6 +86,7 @@ class _QueueBase(Generic[R]):
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
         progress: bool = False,
+        executor: Any = None,
     ) -> None:
         opts = Options(
             num_workers,
@@ -77,7 +102,14 @@ class _QueueBase(Generic[R]):
             max_batch,
             progress,
         )
-        self._engine = Engine(opts, task_fn)
+        self._engine: Front
+        if executor is None:
+            self._engine = Engine(opts, task_fn)
+        else:
+            from ._executor import ExecutorEngine
+
+            _check_executor_options(executor, opts)
+            self._engine = ExecutorEngine(opts, task_fn, executor)
         self._delivery = self._engine.delivery
         # Collected without stop(): end the processes quietly.  The finalizer
         # holds the engine, never the queue, so it does not keep it alive.
@@ -224,6 +256,7 @@ class ParallelQueue(_QueueBase[Any]):
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
         progress: bool = False,
+        executor: Any = None,
     ) -> None:
         super().__init__(
             None,
@@ -239,6 +272,7 @@ class ParallelQueue(_QueueBase[Any]):
             max_tasks_per_worker=max_tasks_per_worker,
             max_batch=max_batch,
             progress=progress,
+            executor=executor,
         )
 
     def put(self, task: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
@@ -319,6 +353,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
         progress: bool = False,
+        executor: Any = None,
     ) -> None:
         if not callable(task_fn):
             raise TypeError(f"task_fn must be callable, got {type(task_fn).__name__}")
@@ -336,6 +371,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
             max_tasks_per_worker=max_tasks_per_worker,
             max_batch=max_batch,
             progress=progress,
+            executor=executor,
         )
 
     async def aput(self, *args: Any, **kwargs: Any) -> None:

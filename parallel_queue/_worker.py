@@ -197,7 +197,7 @@ class _Worker:
                     args, kwargs = item
                     values.append(fn(*args, **kwargs) if kwargs else fn(*args))
             except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
-                errors[k] = _capture(e)
+                errors[k] = capture_error(e)
                 values.append(None)
         prog[p0 + P_ITEM] = len(items)
         compute_ns = time.perf_counter_ns() - t0
@@ -239,7 +239,8 @@ class _Worker:
                 os._exit(0)  # the consumer is gone; the main process sees to the rest
 
 
-def _capture(e: BaseException) -> TaskError:
+def capture_error(e: BaseException) -> TaskError:
+    """A task's exception as a TaskError, without our own frame on top."""
     # Drop our own frame: the traceback starts in the task.
     if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
         e = e.with_traceback(e.__traceback__.tb_next)

@@ -139,3 +139,42 @@ threading.Event().wait()
     for p in left:  # do not leave them running for the next test either
         os.kill(p, signal.SIGKILL)
     assert left == []
+
+
+def test_helper_threads_never_take_ctrl_c():
+    """Regression for a hung Ctrl-C.  The kernel gives a process-directed
+    SIGINT to any thread not blocking it; landing on a helper thread (the
+    dispatcher asleep in epoll), Python only set a flag, and a main thread
+    asleep in put()'s lock wait was never interrupted.  Every helper thread
+    we start must block SIGINT, so the signal goes to a thread that handles
+    it.  Checked directly on the threads' signal masks."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from parallel_queue import ParallelQueue, imap
+
+    def blocks_sigint(t: threading.Thread) -> bool:
+        with open(f"/proc/self/task/{t.native_id}/status") as f:
+            mask = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+        return bool(mask & (1 << (signal.SIGINT - 1)))
+
+    with ThreadPoolExecutor(1) as ex:
+        q1 = ParallelQueue(num_workers=1, progress=True)
+        q2 = ParallelQueue(executor=ex)
+        it = imap(abs, iter(range(10**9)), num_workers=1)
+        next(it)
+        try:
+            ours = [t for t in threading.enumerate() if t.name.startswith("parallel_queue-")]
+            names = {t.name for t in ours}
+            assert {
+                "parallel_queue-dispatcher",
+                "parallel_queue-progress",
+                "parallel_queue-executor-dispatcher",
+                "parallel_queue-imap-feeder",
+            } <= names
+            assert [t.name for t in ours if not blocks_sigint(t)] == []
+            assert not blocks_sigint(threading.main_thread())
+        finally:
+            it.close()
+            q1.terminate()
+            q2.terminate()

@@ -1,0 +1,439 @@
+"""The executor engine: the same ordered queue on an executor the caller owns.
+
+::
+
+    put() --> pending --> [dispatcher thread] --submit(packet)--> executor: a ThreadPoolExecutor,
+                               |  ^                                a ProcessPoolExecutor or a
+                               |  |  done callbacks (executor's    distributed.Client
+                               |  +---- threads) -> finished ---------+
+                               v
+                        reorder heap (PacketID) --in order--> LocalSource --> get()
+
+- **dispatcher** (a thread here) takes batches from ``pending`` and submits
+  one call per packet, never more than ``window`` packets submitted and not
+  yet delivered: an endless producer is held back exactly as with our own
+  processes.
+- **done callbacks** run in the executor's threads; they only append the
+  outcome and wake the dispatcher.
+- the dispatcher keeps early packets in a heap keyed by wrap-around
+  ``PacketID`` (the seed's reorder buffer) and hands packets to ``get()`` in
+  order through ``LocalSource``.
+
+Threads run tasks in this process, so results and exceptions are handed over
+as they are.  Process pools and Dask get each packet as one cloudpickled
+payload and return one, with the same per-task error isolation as our own
+workers.  The queue never shuts the executor down.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import heapq
+import os
+import selectors
+import threading
+import time
+import traceback
+import uuid
+from collections import deque
+from typing import Any, Callable, Optional
+
+import cloudpickle
+
+from . import _wire
+from ._engine import Options
+from ._front import Front
+from ._packet_id import PacketID
+from ._payload import (
+    TaskError,
+    describe_task,
+    dumps_individually,
+    dumps_results,
+    dumps_tasks,
+    loads_results,
+    loads_tasks,
+)
+from ._threads import helper_thread
+from ._worker import capture_error
+
+# The most tasks in one submitted call, and how much measured work a packet
+# should carry: as for our own workers (see _dispatcher), but a submit costs
+# more (a future, a callback, for Dask a scheduler round trip), so packets
+# aim a little longer.
+MAX_BATCH = 1024
+TARGET_PACKET_SECONDS = 0.01
+EWMA_WEIGHT = 0.3
+
+_REJECTED = b"parallel_queue:rejected"
+
+
+class LiveError:
+    """A task's exception from a thread: handed over as the very object."""
+
+    __slots__ = ("exc",)
+
+    def __init__(self, exc: BaseException) -> None:
+        self.exc = exc
+
+    def to_exception(self) -> BaseException:
+        exc = self.exc
+        if not hasattr(exc, "stack_trace"):
+            try:  # 0.5 compatibility, as for process workers
+                exc.stack_trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))  # type: ignore[attr-defined]
+            except Exception:
+                pass
+        return exc
+
+
+def run_items(fn: Optional[Callable[..., Any]], items: list[Any], live: bool) -> tuple[list[Any], dict[int, Any]]:
+    """Run a packet's tasks; each failure goes into ``errors`` at its index."""
+    values: list[Any] = []
+    errors: dict[int, Any] = {}
+    for k, item in enumerate(items):
+        if type(item) is TaskError:
+            errors[k] = item
+            values.append(None)
+            continue
+        try:
+            if fn is None:
+                f, args, kwargs = item
+                values.append(f(*args, **kwargs) if kwargs else f(*args))
+            else:
+                args, kwargs = item
+                values.append(fn(*args, **kwargs) if kwargs else fn(*args))
+        except BaseException as e:  # noqa: BLE001 - the task's error, in its slot
+            errors[k] = LiveError(e) if live else capture_error(e)
+            values.append(None)
+    return values, errors
+
+
+def run_packet_local(fn: Optional[Callable[..., Any]], items: list[Any]) -> tuple[int, list[Any], dict[int, Any]]:
+    """In a thread of the executor: run the packet, hand back live objects."""
+    t0 = time.perf_counter_ns()
+    values, errors = run_items(fn, items, live=True)
+    return time.perf_counter_ns() - t0, values, errors
+
+
+def run_packet_remote(fn_bytes: Optional[bytes], payload: bytes, individually: bool) -> tuple[int, bytes]:
+    """In another process (a process pool, a Dask worker): pickled in, pickled out."""
+    try:
+        items = loads_tasks(payload, individually)
+    except Exception:
+        return 0, _REJECTED  # the dispatcher sends it again, one pickle per task
+    fn = cloudpickle.loads(fn_bytes) if fn_bytes is not None else None
+    t0 = time.perf_counter_ns()
+    values, errors = run_items(fn, items, live=False)
+    ns = time.perf_counter_ns() - t0
+    return ns, dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
+
+
+class LocalSource:
+    """Delivery's source here: decoded packets, in order, plus a pipe to poll.
+
+    ``taken`` counts the packets get() has picked up: the window is packets
+    submitted and not yet taken, so results nobody reads hold the producer
+    back (as the consumer's output pipe does for our own processes).
+    """
+
+    def __init__(self, on_taken: Callable[[], None]) -> None:
+        self.fd, self.fd_w = _wire.make_pipe()
+        self.packets: deque[tuple[list[Any], dict[int, Any]]] = deque()
+        self.eof = False
+        self.taken = 0
+        self.on_taken = on_taken
+
+    def push(self, packet: tuple[list[Any], dict[int, Any]]) -> None:
+        self.packets.append(packet)
+        os.write(self.fd_w.fd, b"\0")  # readable: a get() sleeping in poll() wakes
+
+    def read_ready(self) -> list[Any]:
+        os.read(self.fd.fd, 65536)  # called only when readable: never blocks
+        out = list(self.packets)
+        for _ in out:
+            self.packets.popleft()
+        if out:
+            self.taken += len(out)
+            self.on_taken()
+        return out
+
+
+def describe_executor(executor: Any) -> tuple[str, int]:
+    """("threads" | "processes" | "dask", how many tasks it runs at once)."""
+    if type(executor).__module__.split(".")[0] == "distributed":
+        try:
+            workers = sum(executor.nthreads().values())
+        except Exception:
+            workers = 0
+        return "dask", workers or (os.cpu_count() or 1)
+    if not hasattr(executor, "submit"):
+        raise TypeError(f"executor must be a concurrent.futures.Executor or a distributed.Client, got {executor!r}")
+    workers = getattr(executor, "_max_workers", 0) or (os.cpu_count() or 1)
+    kind = "threads" if isinstance(executor, concurrent.futures.ThreadPoolExecutor) else "processes"
+    return kind, workers
+
+
+class _Packet:
+    __slots__ = ("seq", "pid", "items", "first_task", "individually")
+
+    def __init__(self, seq: int, pid: int, items: list[Any], first_task: int) -> None:
+        self.seq = seq
+        self.pid = pid
+        self.items = items
+        self.first_task = first_task
+        self.individually = False
+
+
+class ExecutorEngine(Front):
+    """Runs a queue's tasks on ``executor``; same semantics as the process engine."""
+
+    def __init__(self, opts: Options, task_fn: Optional[Callable[..., Any]], executor: Any) -> None:
+        from ._delivery import Delivery
+
+        super().__init__(opts)
+        self.executor = executor
+        self.kind, _ = describe_executor(executor)
+        self.task_fn = task_fn
+        self.fn_bytes = cloudpickle.dumps(task_fn) if task_fn is not None and self.kind != "threads" else None
+        self.window = opts.consumer_buffer_max
+        self.token = uuid.uuid4().hex  # Dask keys: unique, so no two calls are merged
+        self.source = LocalSource(self.window_freed)
+        self.delivery = Delivery(self, self.source)
+        self.finished: deque[tuple[_Packet, Any, Optional[BaseException]]] = deque()
+        self.futures: dict[int, Any] = {}  # seq -> future, submitted and not finished
+        self.heap: list[tuple[PacketID, int, Any]] = []
+        self.reorder_items = 0
+        self.next_pid = PacketID(self.window, 0)
+        self.seq = 0
+        self.delivered_packets = 0
+        self.dispatched_tasks = 0
+        self.item_seconds = 0.0
+        self.thread = helper_thread(self.run, "parallel_queue-executor-dispatcher")
+        self.thread.start()
+        if opts.progress:
+            self.show_progress()
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        sel = selectors.DefaultSelector()
+        sel.register(self.wake_r.fd, selectors.EVENT_READ)
+        try:
+            while True:
+                with self.lock:
+                    if self.terminated or self.broken is not None:
+                        return
+                self.collect()
+                self.submit_more()
+                if self.finished_all():
+                    return
+                with self.lock:
+                    # Decided under put()'s lock: a task put from now on sees
+                    # dispatcher_idle and writes to the wake-up pipe.  With a
+                    # full window, puts need not wake us: a finished call or
+                    # get() taking a packet does.
+                    if self.finished or (self.pending and self.in_window()):
+                        continue
+                    self.dispatcher_idle = self.in_window()
+                sel.select()
+                with self.lock:
+                    self.dispatcher_idle = False
+                os.read(self.wake_r.fd, 4096)
+        except BaseException as exc:  # noqa: BLE001 - a dead dispatcher must not hang get()
+            from ._errors import QueueBrokenError
+
+            err = QueueBrokenError(f"internal error in the executor dispatcher: {exc!r}")
+            err.__cause__ = exc
+            self.break_with(err)
+        finally:
+            sel.close()
+
+    def finished_all(self) -> bool:
+        with self.lock:
+            stopping = self.tasks_at_stop is not None and not self.pending
+        return stopping and not self.futures and not self.heap and not self.finished
+
+    def batch_size(self, waiting: int) -> int:
+        opts = self.opts
+        if opts.exact_batch and opts.max_batch:
+            return min(opts.max_batch, waiting)
+        limit = opts.max_batch or MAX_BATCH
+        if self.item_seconds > 0:
+            limit = min(limit, max(1, int(TARGET_PACKET_SECONDS / self.item_seconds)))
+        else:
+            limit = 1
+        free = max(1, self.window - (self.seq - self.source.taken))
+        return max(1, min(limit, waiting, -(-waiting // free)))
+
+    def in_window(self) -> bool:
+        return self.seq - self.source.taken < self.window
+
+    def window_freed(self) -> None:
+        """get() took packets (in its thread): the dispatcher may submit more."""
+        with self.lock:
+            if not self.closed:
+                self.wake_dispatcher()
+
+    def submit_more(self) -> None:
+        while self.in_window():
+            with self.lock:
+                waiting = len(self.pending)
+                if not waiting:
+                    return
+                n = self.batch_size(waiting)
+                items = [self.pending.popleft() for _ in range(n)]
+                if waiting >= self.opts.in_q_max:
+                    self.room_freed()
+            pkt = _Packet(self.seq, self.next_pid.value, items, self.dispatched_tasks)
+            self.seq += 1
+            self.next_pid = self.next_pid.next()
+            self.dispatched_tasks += n
+            self.submit(pkt)
+
+    def submit(self, pkt: _Packet) -> None:
+        try:
+            if self.kind == "threads":
+                fut = self.executor.submit(run_packet_local, self.task_fn, pkt.items)
+            else:
+                if pkt.individually:
+                    payload, ind = dumps_individually(pkt.items), True
+                else:
+                    payload, ind = dumps_tasks(pkt.items)
+                if self.kind == "dask":
+                    fut = self.executor.submit(
+                        run_packet_remote,
+                        self.fn_bytes,
+                        payload,
+                        ind,
+                        pure=False,
+                        key=f"parallel_queue-{self.token}-{pkt.seq}",
+                    )
+                else:
+                    fut = self.executor.submit(run_packet_remote, self.fn_bytes, payload, ind)
+        except BaseException as e:  # noqa: BLE001 - a shut-down or broken executor
+            self.finished.append((pkt, None, e))
+            return
+        self.futures[pkt.seq] = fut
+        fut.add_done_callback(lambda f, pkt=pkt: self.on_done(pkt, f))
+
+    def on_done(self, pkt: _Packet, fut: Any) -> None:
+        """In an executor thread: record the outcome and wake the dispatcher."""
+        try:
+            outcome, error = fut.result(), None
+        except BaseException as e:  # noqa: BLE001 - the whole call failed (lost worker, broken pool)
+            outcome, error = None, e
+        with self.lock:
+            if self.closed:
+                return
+            self.finished.append((pkt, outcome, error))
+            self.wake_dispatcher()
+
+    def collect(self) -> None:
+        """Move finished packets into the reorder heap; hand out those in order."""
+        while self.finished:
+            pkt, outcome, error = self.finished.popleft()
+            self.futures.pop(pkt.seq, None)
+            if error is not None:
+                packet = self.failed_packet(pkt, error)
+            elif self.kind == "threads":
+                ns, values, errors = outcome
+                self.measure(ns, len(pkt.items))
+                packet = (values, errors)
+            else:
+                ns, payload = outcome
+                if payload == _REJECTED and not pkt.individually:
+                    pkt.individually = True
+                    self.submit(pkt)
+                    continue
+                self.measure(ns, len(pkt.items))
+                try:
+                    packet = loads_results(payload)
+                except Exception as e:
+                    packet = self.failed_packet(pkt, e)
+            heapq.heappush(self.heap, (PacketID(self.window, pkt.pid), pkt.seq, packet))
+            self.reorder_items += len(pkt.items)
+        expected = PacketID(self.window, self.delivered_packets)
+        while self.heap and self.heap[0][0] == expected:
+            _, seq, packet = heapq.heappop(self.heap)
+            self.reorder_items -= len(packet[0])
+            with self.lock:
+                if self.closed:
+                    return
+                self.source.push(packet)
+            self.delivered_packets += 1
+            expected = expected.next()
+
+    def failed_packet(self, pkt: _Packet, error: BaseException) -> tuple[list[Any], dict[int, Any]]:
+        """The call itself failed (a lost Dask worker, a broken pool): every task
+        of the packet gets that error in its slot."""
+        n = len(pkt.items)
+        if self.kind == "threads":
+            return [None] * n, {k: LiveError(error) for k in range(n)}
+        err = TaskError.from_exception(error) if error.__traceback__ else TaskError.from_message(error)
+        return [None] * n, {k: err for k in range(n)}
+
+    def measure(self, ns: int, n: int) -> None:
+        if n and ns:
+            sample = ns / n / 1e9
+            m = self.item_seconds
+            self.item_seconds = sample if m == 0 else m + EWMA_WEIGHT * (sample - m)
+
+    # ----------------------------------------------------------- lifecycle
+
+    def kill_processes(self) -> None:
+        """Stop waiting for submitted calls (the executor is the caller's: not shut down)."""
+        for fut in list(self.futures.values()):
+            fut.cancel()
+
+    def terminate(self) -> None:
+        with self.lock:
+            if self.terminated or self.closed:
+                return
+            self.terminated = True
+            if self.tasks_at_stop is None:
+                self.tasks_at_stop = self.tasks_put
+            self.accepting = False
+            self.room_freed()
+            self.wake_getter()
+            self.wake_dispatcher()
+        if self.thread is not threading.current_thread():
+            self.thread.join()
+        self.kill_processes()
+        self.close()
+
+    def join(self, timeout: Optional[float]) -> bool:
+        """Wait until every task put before stop() is done and handed over."""
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            return False
+        self.delivery.pump(block=True)
+        self.close()
+        return True
+
+    def close(self) -> None:
+        if self.progress_bar is not None:
+            self.progress_bar.close()
+        self.delivery.pump(block=True)  # keep what is in the pipe's queue for get()
+        self.delivery.close()
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            for fd in (
+                self.wake_r,
+                self.wake_w,
+                self.room_r,
+                self.room_w,
+                self.get_wake_r,
+                self.get_wake_w,
+                self.source.fd_w,
+            ):
+                _wire.close_fd(fd)
+
+    def is_alive(self) -> bool:
+        return self.thread.is_alive()
+
+    def workers_alive(self) -> int:
+        return describe_executor(self.executor)[1] if self.thread.is_alive() else 0
+
+    def reorder_counts(self) -> tuple[int, int]:
+        return len(self.heap), self.reorder_items

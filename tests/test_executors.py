@@ -1,0 +1,166 @@
+"""The same ordered queue on threads, a process pool and a Dask cluster."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+import time
+from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
+
+import pytest
+
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap, imap
+
+
+class Boom(Exception):
+    def __init__(self, a, b):  # would not survive pickling: fine in a thread
+        super().__init__(f"{a}/{b}")
+        self.lock = threading.Lock()
+
+
+def boom():
+    raise Boom(1, 2)
+
+
+def jitter(i):
+    time.sleep(random.random() * 0.002)
+    return i
+
+
+class CountingExecutor(ThreadPoolExecutor):
+    """Counts calls submitted and not yet finished, and the most at once."""
+
+    def __init__(self, n):
+        super().__init__(n)
+        self.lock = threading.Lock()
+        self.running = 0
+        self.most = 0
+
+    def submit(self, fn, *args, **kwargs):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        fut = super().submit(fn, *args, **kwargs)
+        fut.add_done_callback(self._done)
+        return fut
+
+    def _done(self, _):
+        with self.lock:
+            self.running -= 1
+
+
+def test_threads_order_markers_and_live_errors():
+    with ThreadPoolExecutor(4) as ex:
+        with ParallelQueue(executor=ex) as q:
+            for i in range(500):
+                q.put(jitter, i)
+                if i % 100 == 99:
+                    q.put(("marker", i))
+            q.put(boom)
+            q.put(threading.Lock)  # an unpicklable result: threads hand it over as is
+            out = [q.get(timeout=60) for _ in range(505)]
+            with pytest.raises(Boom) as info:
+                q.get(timeout=60)
+            lock = q.get(timeout=60)
+        # the caller owns the executor: still usable after the queue is done
+        assert ex.submit(abs, -3).result() == 3
+    expected = []
+    for i in range(500):
+        expected.append(i)
+        if i % 100 == 99:
+            expected.append(("marker", i))
+    assert out == expected
+    assert isinstance(info.value.lock, type(threading.Lock()))  # the very object, lock and all
+    assert "in boom" in info.value.stack_trace
+    assert hasattr(lock, "acquire")
+
+
+def test_threads_back_pressure_with_endless_producer():
+    gate = threading.Event()
+    ex = CountingExecutor(2)
+    try:
+        q = ParallelQueue(executor=ex, in_q_max=10, consumer_buffer_max=4)
+        accepted = 0
+        with pytest.raises(Exception) as info:  # queue.Full once everything is full
+            for _ in range(10_000):  # "endless": far more than the bounds
+                q.put(gate.wait, timeout=0.2)
+                accepted += 1
+        assert type(info.value).__name__ == "Full"
+        # Never more than the window of calls submitted: 4 packets, and
+        # pending held in_q_max; nothing else was read from the producer.
+        assert ex.most <= 4
+        assert accepted <= 10 + 4 * 1024
+        gate.set()
+        assert [q.get(timeout=60) for _ in range(accepted)] == [True] * accepted
+        q.stop()
+        q.join(60)
+        assert not q.is_alive()
+    finally:
+        gate.set()
+        ex.shutdown()
+
+
+def double(x):
+    return 2 * x
+
+
+def test_process_pool_with_lambdas_and_single_task_queue():
+    with ProcessPoolExecutor(2) as ex:
+        k = 5
+        with ParallelQueue(executor=ex) as q:
+            q.put(lambda x: x + k, 1)  # cloudpickled by us: a plain pool could not
+            q.put(divmod, 1, 0)
+            q.put("m")
+            assert q.get(timeout=60) == 6
+            with pytest.raises(ZeroDivisionError):
+                q.get(timeout=60)
+            assert q.get(timeout=60) == "m"
+        with ParallelSingleTaskQueue(double, executor=ex) as q:
+            for i in range(100):
+                q.put(i)
+            q.stop()
+            assert list(q) == [2 * i for i in range(100)]
+        assert list(imap(double, range(50), executor=ex)) == [2 * i for i in range(50)]
+
+
+def test_options_that_need_our_processes_are_refused():
+    with ThreadPoolExecutor(1) as ex:
+        for kwargs in ({"task_timeout": 1}, {"max_tasks_per_worker": 3}, {"worker_init_f": print}, {"daemon": True}):
+            with pytest.raises(ValueError, match="own worker processes"):
+                ParallelQueue(executor=ex, **kwargs)
+        with pytest.raises(TypeError):
+            ParallelQueue(executor=object())
+
+
+def test_async_and_stats_on_threads():
+    async def main():
+        with ThreadPoolExecutor(2) as ex:
+            with ParallelQueue(executor=ex) as q:
+                for i in range(50):
+                    await q.aput(abs, -i)
+                q.stop()
+                got = [x async for x in q]
+                stats = q.stats()
+            via_aimap = [x async for x in aimap(abs, range(-5, 0), executor=ex)]
+        return got, stats, via_aimap
+
+    got, stats, via_aimap = asyncio.run(asyncio.wait_for(main(), 60))
+    assert got == list(range(50)) and via_aimap == [5, 4, 3, 2, 1]
+    assert stats.tasks_put == 50 and stats.results_delivered == 50 and stats.in_flight == 0
+
+
+def test_terminate_does_not_wait_for_stuck_threads():
+    gate = threading.Event()
+    ex = ThreadPoolExecutor(1)
+    try:
+        q = ParallelQueue(executor=ex)
+        q.put(gate.wait)
+        q.put(abs, -1)
+        q.terminate()
+        assert not q.is_alive()
+        with pytest.raises(QueueStopped):
+            q.get(timeout=1)
+    finally:
+        gate.set()
+        ex.shutdown()
