@@ -69,54 +69,45 @@ def _drain(fd: int) -> None:
             return
 
 
-async def aget(engine: Engine, get: Callable[[], Any]) -> Any:
-    """``get()`` for coroutines (``get`` must not block)."""
+async def _call_when_ready(
+    engine: Engine, call: Callable[[], Any], kind: str, fds: Callable[[], tuple[int, ...]]
+) -> Any:
+    """Run ``call`` (non-blocking; raises ``queue.Empty``/``queue.Full`` when it
+    would wait) until it succeeds, sleeping on ``fds`` in between."""
     try:
-        return get()  # the common case: something is in hand
-    except QueueStopped:
-        raise
-    except queue.Empty:
-        pass
-    async with _lock_for(engine, "get"):
+        return call()  # the common case: no wait
+    except (queue.Empty, queue.Full) as e:
+        if isinstance(e, QueueStopped):
+            raise
+    counter = "async_getters" if kind == "get" else "async_putters"
+    async with _lock_for(engine, kind):
         while True:
             with engine.lock:
-                engine.async_getters += 1
+                setattr(engine, counter, getattr(engine, counter) + 1)
             try:
-                # Registered as waiting first, then one more try: a marker or
-                # stop() after this point writes to the wake-up pipe.
+                # Registered as waiting first, then one more try: whatever
+                # happens from now on writes to a pipe we are about to watch.
                 try:
-                    return get()
-                except QueueStopped:
-                    raise
-                except queue.Empty:
-                    pass
-                await wait_readable(engine.delivery.reader.fd.fd, engine.get_wake_r.fd)
-                _drain(engine.get_wake_r.fd)
+                    return call()
+                except (queue.Empty, queue.Full) as e:
+                    if isinstance(e, QueueStopped):
+                        raise
+                watched = fds()
+                await wait_readable(*watched)
+                _drain(watched[-1])
             finally:
                 with engine.lock:
-                    engine.async_getters -= 1
+                    setattr(engine, counter, getattr(engine, counter) - 1)
+
+
+async def aget(engine: Engine, get: Callable[[], Any]) -> Any:
+    """``get()`` for coroutines (``get`` must not block)."""
+    return await _call_when_ready(engine, get, "get", lambda: (engine.delivery.reader.fd.fd, engine.get_wake_r.fd))
 
 
 async def aput(engine: Engine, put: Callable[[], None]) -> None:
     """``put()`` for coroutines (``put`` raises ``queue.Full`` instead of waiting)."""
-    try:
-        return put()
-    except queue.Full:
-        pass
-    async with _lock_for(engine, "put"):
-        while True:
-            with engine.lock:
-                engine.async_putters += 1
-            try:
-                try:
-                    return put()
-                except queue.Full:
-                    pass
-                await wait_readable(engine.room_r.fd)
-                _drain(engine.room_r.fd)
-            finally:
-                with engine.lock:
-                    engine.async_putters -= 1
+    await _call_when_ready(engine, put, "put", lambda: (engine.room_r.fd,))
 
 
 class AsyncIMapIterator(AsyncIterator[R]):

@@ -319,22 +319,9 @@ class Engine(Front):
 
     def terminate(self) -> None:
         """Tear everything down at once; undelivered results are lost."""
-        with self.lock:
-            if self.terminated or self.closed:
-                return
-            self.terminated = True
-            if self.tasks_at_stop is None:
-                self.tasks_at_stop = self.tasks_put
-            self.accepting = False
-            self.room_freed()
-            self.wake_getter()
-            self.wake_dispatcher()
-        # The dispatcher sees ``terminated`` and returns at its next wake-up
-        # (just written); once it is gone this thread may reap the processes.
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-        self.kill_processes()
-        self.close()
+        if self.begin_terminate():
+            self.end_dispatcher_then_kill(self.thread)
+            self.close()
 
     def kill_processes(self) -> None:
         """SIGKILL and reap every process (from the dispatcher, or once it is gone)."""

@@ -31,7 +31,6 @@ import concurrent.futures
 import heapq
 import os
 import selectors
-import threading
 import time
 import traceback
 import uuid
@@ -385,20 +384,9 @@ class ExecutorEngine(Front):
             fut.cancel()
 
     def terminate(self) -> None:
-        with self.lock:
-            if self.terminated or self.closed:
-                return
-            self.terminated = True
-            if self.tasks_at_stop is None:
-                self.tasks_at_stop = self.tasks_put
-            self.accepting = False
-            self.room_freed()
-            self.wake_getter()
-            self.wake_dispatcher()
-        if self.thread is not threading.current_thread():
-            self.thread.join()
-        self.kill_processes()
-        self.close()
+        if self.begin_terminate():
+            self.end_dispatcher_then_kill(self.thread)
+            self.close()
 
     def join(self, timeout: Optional[float]) -> bool:
         """Wait until every task put before stop() is done and handed over."""

@@ -168,12 +168,32 @@ class Front:
 
     def stop(self) -> None:
         with self.lock:
-            if self.tasks_at_stop is None:
-                self.tasks_at_stop = self.tasks_put
-            self.accepting = False
-            self.room_freed()
-            self.wake_getter()
-            self.wake_dispatcher()
+            self.close_the_door()
+
+    def close_the_door(self) -> None:
+        """No more tasks (lock held): record where the stream ends, wake everyone."""
+        if self.tasks_at_stop is None:
+            self.tasks_at_stop = self.tasks_put
+        self.accepting = False
+        self.room_freed()
+        self.wake_getter()
+        self.wake_dispatcher()
+
+    def begin_terminate(self) -> bool:
+        """Mark the queue terminated; False if it already was (or is closed)."""
+        with self.lock:
+            if self.terminated or self.closed:
+                return False
+            self.terminated = True
+            self.close_the_door()
+        return True
+
+    def end_dispatcher_then_kill(self, thread: threading.Thread) -> None:
+        """After begin_terminate(): the dispatcher sees ``terminated`` at its next
+        wake-up (just written) and returns; then this thread may reap and close."""
+        if thread is not threading.current_thread():
+            thread.join()
+        self.kill_processes()
 
     def break_with(self, error: BaseException) -> None:
         """The queue cannot go on: record why, wake everyone, end the processes."""
