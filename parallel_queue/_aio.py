@@ -10,12 +10,12 @@ the get wake-up pipe for ``aget``, the room pipe for ``aput``.  A cancelled
 from __future__ import annotations
 
 import asyncio
-import os
 import queue
-import select
 import weakref
 from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Callable, Iterable, Optional, TypeVar, Union
 
+from . import _wire
+from ._delivery import take_one_wake_byte
 from ._errors import QueueStopped
 from ._map import NothingInHand
 from ._payload import TaskError
@@ -58,17 +58,6 @@ async def wait_readable(*fds: int) -> None:
             loop.remove_reader(fd)
 
 
-def _drain(fd: int) -> None:
-    p = select.poll()
-    p.register(fd, select.POLLIN)
-    while p.poll(0):
-        try:
-            if not os.read(fd, 4096):
-                return
-        except OSError:
-            return
-
-
 async def _call_when_ready(
     engine: Engine, call: Callable[[], Any], kind: str, fds: Callable[[], tuple[int, ...]]
 ) -> Any:
@@ -94,7 +83,8 @@ async def _call_when_ready(
                         raise
                 watched = fds()
                 await wait_readable(*watched)
-                _drain(watched[-1])
+                if _wire.readable(watched[-1], 0):
+                    take_one_wake_byte(watched[-1])  # ours; others may be waiting for theirs
             finally:
                 with engine.lock:
                     setattr(engine, counter, getattr(engine, counter) - 1)

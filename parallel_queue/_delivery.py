@@ -29,6 +29,18 @@ _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
 
 class Delivery:
+    """The get() side.  Locking (each rule prevents a hang):
+
+    - ``lock`` is only ever taken with ``with`` and never held while waiting:
+      a Ctrl-C arriving just after a bare ``acquire()`` returns would leave
+      it held (CPython runs signal handlers when a call returns), and the
+      ``terminate()`` that follows would wait for it forever.
+    - One getter thread at a time waits in ``poll()`` (``polling``); other
+      getters wait on ``turn``, a Condition, and look again when the poller
+      is done.  So a marker or ``stop()`` need wake only the poller (and any
+      coroutines, see _aio), one byte each.
+    """
+
     def __init__(self, engine: Engine, reader: Any) -> None:
         """``reader``: where packets come from, in order.  A ``FrameReader``
         on the consumer's output pipe, or the executor engine's local
@@ -44,19 +56,23 @@ class Delivery:
         self.errors_raised = 0
         self.markers_delivered = 0
         self.latency = engine.latency
-        self.lock = threading.Lock()  # one get() at a time
+        self.lock = threading.Lock()
+        self.turn = threading.Condition(self.lock)
+        self.polling = False  # a getter thread is waiting in poll()
         self.closed = False
 
     # ----------------------------------------------------------------- get
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
-        deadline = self.acquire(block, timeout)
-        try:
-            if self.next_in_hand(block, deadline):
-                return self.take_marker()
-            return self.take_value()
-        finally:
-            self.lock.release()
+        deadline = _deadline(block, timeout)
+        while True:
+            with self.lock:
+                found = self.next_in_hand(block, deadline)
+                if found == MARKER:
+                    return self.take_marker()
+                if found == VALUE:
+                    return self.take_value()
+            self.wait_for_more(block, deadline)
 
     def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
         """Every task result in hand (at least one): ``(values, errors)``.
@@ -65,65 +81,68 @@ class Delivery:
         None.  For queues without markers (``imap``): it hands out whole
         packets, so a caller pays per packet what ``get()`` pays per result.
         """
-        deadline = self.acquire(block, timeout)
-        try:
-            if self.next_in_hand(block, deadline):
-                raise TypeError("get_batch() on a queue with markers")
-            start, end = self.pos, len(self.values)
-            values = self.values[start:end] if start else self.values
-            errors = self.errors
-            if start and errors:
-                errors = {k - start: v for k, v in errors.items() if k >= start}
-            self.values, self.errors, self.pos = [], {}, 0
-            with self.e.lock:
-                self.latency.got_range(self.delivered, end - start)
-            self.delivered += end - start
-            return values, errors
-        finally:
-            self.lock.release()
+        deadline = _deadline(block, timeout)
+        while True:
+            with self.lock:
+                found = self.next_in_hand(block, deadline)
+                if found == MARKER:
+                    raise TypeError("get_batch() on a queue with markers")
+                if found == VALUE:
+                    start, end = self.pos, len(self.values)
+                    values = self.values[start:end] if start else self.values
+                    errors = self.errors
+                    if start and errors:
+                        errors = {k - start: v for k, v in errors.items() if k >= start}
+                    self.values, self.errors, self.pos = [], {}, 0
+                    self.latency.got_range(self.delivered, end - start)
+                    self.delivered += end - start
+                    return values, errors
+            self.wait_for_more(block, deadline)
 
-    def acquire(self, block: bool, timeout: Optional[float]) -> Optional[float]:
-        """Take the get() lock (``queue.Empty`` if not in time); returns the deadline."""
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        deadline = None if not block or timeout is None else time.monotonic() + timeout
-        if not self.lock.acquire(block, -1 if deadline is None else max(0.0, timeout or 0.0)):
-            raise queue.Empty
-        return deadline
-
-    def next_in_hand(self, block: bool, deadline: Optional[float]) -> bool:
-        """Wait (lock held) until a marker is due (True) or a result is in hand (False).
-
-        Raises ``queue.Empty`` when ``deadline`` passes, ``QueueStopped`` or
-        ``QueueBrokenError`` when nothing will ever come.
-        """
-        e = self.e
-        markers = e.markers
+    def next_in_hand(self, block: bool, deadline: Optional[float]) -> Optional[str]:
+        """(lock held) MARKER if a marker is due, VALUE if a result is in hand,
+        None if this thread should poll for more.  While another thread
+        polls, waits for its turn (``queue.Empty`` at the deadline)."""
+        markers = self.markers
         while True:
             if markers and markers[0][0] == self.delivered:
-                return True
+                return MARKER
             if self.pos < len(self.values):
-                return False
+                return VALUE
             if self.bodies:
                 self.decode(self.bodies.popleft())
                 continue
-            if self.read_available():
+            if self.polling:
+                # Only the poller reads the pipe: a reader that emptied it
+                # under the poller's feet would leave results in hand with
+                # the poller asleep.
+                self.turn.wait(_remaining(block, deadline))
                 continue
+            if self.read_available():
+                self.tell_waiters()
+                continue
+            self.polling = True
+            return None
+
+    def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
+        """This thread's turn to poll: raise if nothing will ever come, else
+        wait for the output pipe or a wake-up byte (or the deadline)."""
+        e = self.e
+        try:
             with e.lock:
-                if markers and markers[0][0] == self.delivered:
-                    continue
+                if self.markers and self.markers[0][0] == self.delivered:
+                    return  # a marker came in meanwhile
                 self.raise_if_finished()
                 e.getter_waiting = True
             try:
-                if not block:
-                    raise queue.Empty
-                remaining = None if deadline is None else deadline - time.monotonic()
-                if remaining is not None and remaining <= 0:
-                    raise queue.Empty
-                self.wait(remaining)
+                self.wait(_remaining(block, deadline))
             finally:
                 with e.lock:
                     e.getter_waiting = False
+        finally:
+            with self.lock:
+                self.polling = False
+                self.turn.notify_all()
 
     def take_marker(self) -> Any:
         e = self.e
@@ -137,8 +156,7 @@ class Delivery:
     def take_value(self) -> Any:
         k = self.pos
         self.pos += 1
-        with self.e.lock:
-            self.latency.got_range(self.delivered, 1)
+        self.latency.got_range(self.delivered, 1)
         self.delivered += 1
         value = self.values[k]
         self.values[k] = None  # do not keep results alive after handing them out
@@ -193,41 +211,75 @@ class Delivery:
         return bool(got) or self.reader.eof
 
     def wait(self, timeout: Optional[float]) -> None:
+        if self.closed:
+            return
         p = select.poll()
         p.register(self.reader.fd.fd, _POLL_IN)
         p.register(self.e.get_wake_r.fd, _POLL_IN)
         ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
         for fd, _ in p.poll(ms):
             if fd == self.e.get_wake_r.fd:
-                _drain_wake(fd)
+                take_one_wake_byte(fd)
 
-    def pump(self, block: bool = False) -> bool:
+    def pump(self) -> bool:
         """Move what the output pipe holds into memory; False once at end-of-file.
 
         join() does this so the consumer can finish even when nobody is
-        calling get().  A get() in progress reads the pipe itself.
+        calling get().
         """
-        if self.lock.acquire(blocking=block):
-            try:
-                while self.read_available():
-                    pass
-            finally:
-                self.lock.release()
-        return not (self.closed or self.reader.eof)
+        with self.lock:
+            got = False
+            while self.read_available():
+                got = True
+            if got:
+                self.tell_waiters()
+            return not (self.closed or self.reader.eof)
+
+    def tell_waiters(self) -> None:
+        """(lock held) Results were just read from the pipe, which is empty again:
+        whoever sleeps watching it (the poller, coroutines) must look again."""
+        e = self.e
+        with e.lock:
+            e.wake_getter(int(e.getter_waiting) + e.async_getters)
 
     def close(self) -> None:
-        # Under the get() lock: a get() waiting in poll() is woken first (by
-        # whoever closes us) and must not be left polling closed descriptors.
+        # A get() still polling was woken by whoever closes us; it may not
+        # poll again (``closed``), and the descriptor is closed only once it
+        # left poll().
         with self.lock:
-            if not self.closed:
-                self.closed = True
-                _wire.close_fd(self.reader.fd)
+            self.closed = True
+            while self.polling:
+                self.turn.wait()
+            _wire.close_fd(self.reader.fd)
 
 
-def _drain_wake(fd: int) -> None:
+MARKER = "marker"
+VALUE = "value"
+
+
+def _deadline(block: bool, timeout: Optional[float]) -> Optional[float]:
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return None if not block or timeout is None else time.monotonic() + timeout
+
+
+def _remaining(block: bool, deadline: Optional[float]) -> Optional[float]:
+    """Seconds left to wait; ``queue.Empty`` if none."""
+    if not block:
+        raise queue.Empty
+    if deadline is None:
+        return None
+    remaining = deadline - time.monotonic()
+    if remaining <= 0:
+        raise queue.Empty
+    return remaining
+
+
+def take_one_wake_byte(fd: int) -> None:
+    """Consume one wake-up byte: one per waiter, so several waiters each get theirs."""
     import os
 
     try:
-        os.read(fd, 4096)
+        os.read(fd, 1)
     except OSError:
         pass

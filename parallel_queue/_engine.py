@@ -144,9 +144,11 @@ def parent_alive_pipe() -> tuple[Fd, Fd]:
 
 def _forget_parent_alive() -> None:
     # A forked child is a parent of its own (a task may start a queue): it
-    # needs a pipe of its own, not a copy of its parent's.
-    global _parent_alive
+    # needs a pipe of its own, not a copy of its parent's, and a lock no
+    # thread of the parent can have left held.
+    global _parent_alive, _parent_alive_lock
     _parent_alive = None
+    _parent_alive_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_parent_alive)
@@ -400,7 +402,7 @@ class Engine(Front):
             self.thread.join(remaining)
             if self.thread.is_alive():
                 return False
-        while self.delivery.pump(block=True):
+        while self.delivery.pump():
             _wire.readable(self.output_r.fd, None)
         self.close()
         return True

@@ -393,14 +393,14 @@ class ExecutorEngine(Front):
         self.thread.join(timeout)
         if self.thread.is_alive():
             return False
-        self.delivery.pump(block=True)
+        self.delivery.pump()
         self.close()
         return True
 
     def close(self) -> None:
         if self.progress_bar is not None:
             self.progress_bar.close()
-        self.delivery.pump(block=True)  # keep what is in the pipe's queue for get()
+        self.delivery.pump()  # keep what is in the pipe's queue for get()
         self.delivery.close()
         with self.lock:
             if self.closed:

@@ -86,11 +86,17 @@ class Front:
             except OSError:
                 pass
 
-    def wake_getter(self) -> None:
-        try:
-            os.write(self.get_wake_w.fd, b"\0")
-        except OSError:
-            pass
+    def wake_getter(self, waiters: int = 1) -> None:
+        """One byte per waiter to wake: each waiter takes one (see _delivery)."""
+        if waiters > 0:
+            try:
+                os.write(self.get_wake_w.fd, b"\0" * waiters)
+            except OSError:
+                pass
+
+    def wake_all_getters(self) -> None:
+        """Everyone waiting for a result must look again (stop, break, terminate)."""
+        self.wake_getter(int(self.getter_waiting) + self.async_getters)
 
     # ------------------------------------------------------------- putting
 
@@ -176,7 +182,7 @@ class Front:
             self.tasks_at_stop = self.tasks_put
         self.accepting = False
         self.room_freed()
-        self.wake_getter()
+        self.wake_all_getters()
         self.wake_dispatcher()
 
     def begin_terminate(self) -> bool:
@@ -202,7 +208,7 @@ class Front:
                 self.broken = error
             self.accepting = False
             self.room_freed()
-            self.wake_getter()
+            self.wake_all_getters()
         self.kill_processes()
 
     def stats(self) -> QueueStats:

@@ -132,22 +132,21 @@ class _QueueBase(Generic[R]):
         """
         d = self._delivery
         # Fast path: the next result is in hand and no marker is due before it.
-        if d.lock.acquire(False):
-            try:
-                k = d.pos
-                if k < len(d.values) and not d.errors:
-                    markers = d.markers
-                    n = d.delivered
-                    if not markers or markers[0][0] != n:
-                        d.pos = k + 1
-                        d.delivered = n + 1
-                        if not n & _SAMPLE_MASK:
-                            d.latency.got_range(n, 1)
-                        value = d.values[k]
-                        d.values[k] = None
-                        return value  # type: ignore[no-any-return]
-            finally:
-                d.lock.release()
+        # (``with``: a bare acquire() could leave the lock held on Ctrl-C;
+        # the lock is never held while anyone waits, so this does not block.)
+        with d.lock:
+            k = d.pos
+            if k < len(d.values) and not d.errors:
+                markers = d.markers
+                n = d.delivered
+                if not markers or markers[0][0] != n:
+                    d.pos = k + 1
+                    d.delivered = n + 1
+                    if not n & _SAMPLE_MASK:
+                        d.latency.got_range(n, 1)
+                    value = d.values[k]
+                    d.values[k] = None
+                    return value  # type: ignore[no-any-return]
         return d.get(block, timeout)  # type: ignore[no-any-return]
 
     def stats(self) -> QueueStats:
@@ -287,9 +286,9 @@ class ParallelQueue(_QueueBase[Any]):
         if callable(task):
             e = self._engine
             # Fast path: room, running, nobody to wake.  Same lock as
-            # put_task; acquire/release is cheaper than ``with`` here.
-            e.lock.acquire()
-            try:
+            # put_task.  ``with``, not acquire()/try: a Ctrl-C landing just
+            # after acquire() returns would leave the lock held for good.
+            with e.lock:
                 if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
                     e.pending.append((task, args, kwargs or None))
                     n = e.tasks_put
@@ -297,8 +296,6 @@ class ParallelQueue(_QueueBase[Any]):
                     if not n & _SAMPLE_MASK:
                         e.latency.put_times[n] = _monotonic()
                     return
-            finally:
-                e.lock.release()
             e.put_task((task, args, kwargs or None), timeout)
         elif args or kwargs:
             raise ValueError(
@@ -382,8 +379,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""
         e = self._engine
-        e.lock.acquire()
-        try:
+        with e.lock:  # see ParallelQueue.put
             if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
                 e.pending.append((args, kwargs or None))
                 n = e.tasks_put
@@ -391,6 +387,4 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
                 if not n & _SAMPLE_MASK:
                     e.latency.put_times[n] = _monotonic()
                 return
-        finally:
-            e.lock.release()
         e.put_task((args, kwargs or None), timeout)

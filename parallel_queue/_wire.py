@@ -43,6 +43,17 @@ _OWNED_FDS: set[int] = set()
 _OWNED_LOCK = threading.Lock()
 
 
+def _fresh_lock_in_child() -> None:
+    # A child forked while another thread held the lock (a worker replaced
+    # from the dispatcher thread while put() made a pipe) would inherit it
+    # held, and hang in close_inherited_fds(); the child has no other thread.
+    global _OWNED_LOCK
+    _OWNED_LOCK = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_fresh_lock_in_child)
+
+
 class Fd:
     """A raw file descriptor that can be handed to a child process.
 

@@ -124,14 +124,22 @@ def test_aput_on_single_task_queue_waits_for_room():
 
     async def main():
         with ParallelSingleTaskQueue(make_waiter(ev), num_workers=1, in_q_max=1, max_batch=1) as q:
-            putter = asyncio.gather(*(q.aput(i) for i in range(6)))
+            returned = []  # the order in which the aput() calls returned
+
+            async def put(i):
+                await q.aput(i)
+                returned.append(i)  # no await in between: this is put order
+
+            putter = asyncio.gather(*(put(i) for i in range(6)))
             await asyncio.sleep(0.2)
             assert not putter.done()  # no room: it waits, the loop does not
             ev.set()
             await putter
-            return [await q.aget() for _ in range(6)]
+            return returned, [await q.aget() for _ in range(6)]
 
-    assert run(main()) == list(range(6))
+    returned, got = run(main())
+    assert sorted(returned) == list(range(6))
+    assert got == returned
 
 
 def test_aimap_sync_and_async_inputs():

@@ -32,8 +32,8 @@ def test_dask_order_markers_errors_and_no_merged_calls(dask_client):
         for i in range(300):
             q.put(jitter, i)
         q.put("marker")
-        q.put(random.random)
-        q.put(random.random)  # same call twice: two tasks, two results
+        q.put(fresh_token)
+        q.put(fresh_token)  # the same call twice: two tasks, run twice
         q.put(divmod, 1, 0)
         out = [q.get(timeout=120) for _ in range(303)]
         with pytest.raises(ZeroDivisionError) as info:
@@ -97,3 +97,21 @@ def jitter(i):
 
 def double(x):
     return 2 * x
+
+
+def fresh_token():
+    """Different on every run.  (Not random.random: pickling that bound method
+    carries the caller's Random state, so every copy draws the same number.)"""
+    return os.urandom(16)
+
+
+def test_dask_client_by_scheduler_address(dask_client):
+    """A Client made from a scheduler address, as for a remote cluster."""
+    address = dask_client.scheduler.address
+    with distributed.Client(address) as remote:
+        with ParallelQueue(executor=remote) as q:
+            for i in range(50):
+                q.put(double, i)
+            q.put("done")
+            q.stop()
+            assert list(q) == [2 * i for i in range(50)] + ["done"]

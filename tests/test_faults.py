@@ -288,3 +288,42 @@ def test_join_and_is_alive_from_other_threads_never_fake_a_crash():
         t.join()
         assert out == list(range(50))
         assert not q.is_alive()
+
+
+def test_child_forked_while_another_thread_holds_the_fd_lock_does_not_hang():
+    """Interleaving: the dispatcher thread forks a replacement worker at the
+    instant another thread holds the lock that guards our descriptor list; the
+    child inherits it held and, without a fresh lock after fork, hangs in
+    close_inherited_fds().  Forced here: a thread holds the lock while we fork."""
+    from parallel_queue import _wire
+
+    held = threading.Event()
+    release = threading.Event()
+
+    def hold():
+        with _wire._OWNED_LOCK:
+            held.set()
+            release.wait(60)
+
+    t = threading.Thread(target=hold)
+    t.start()
+    try:
+        assert held.wait(60)
+        pid = os.fork()
+        if pid == 0:  # the child: what a worker does first
+            _wire.close_inherited_fds(set())
+            os._exit(0)
+        deadline = time.monotonic() + 30
+        while True:
+            done, status = os.waitpid(pid, os.WNOHANG)
+            if done:
+                break
+            if time.monotonic() > deadline:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+                raise AssertionError("the forked child hung on an inherited lock")
+            time.sleep(0.01)
+        assert os.waitstatus_to_exitcode(status) == 0
+    finally:
+        release.set()
+        t.join()
