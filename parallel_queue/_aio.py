@@ -68,14 +68,20 @@ async def _call_when_ready(
     except (queue.Empty, queue.Full) as e:
         if isinstance(e, QueueStopped):
             raise
-    counter = "async_getters" if kind == "get" else "async_putters"
     async with _lock_for(engine, kind):
         while True:
-            with engine.lock:
-                setattr(engine, counter, getattr(engine, counter) + 1)
+            registered = False
             try:
                 # Registered as waiting first, then one more try: whatever
                 # happens from now on writes to a pipe we are about to watch.
+                # (Registered inside the try, with plain attribute updates,
+                # so a Ctrl-C cannot leave the count raised.)
+                with engine.lock:
+                    if kind == "get":
+                        engine.async_getters += 1
+                    else:
+                        engine.async_putters += 1
+                    registered = True
                 try:
                     return call()
                 except (queue.Empty, queue.Full) as e:
@@ -86,8 +92,12 @@ async def _call_when_ready(
                 if _wire.readable(watched[-1], 0):
                     take_one_wake_byte(watched[-1])  # ours; others may be waiting for theirs
             finally:
-                with engine.lock:
-                    setattr(engine, counter, getattr(engine, counter) - 1)
+                if registered:
+                    with engine.lock:
+                        if kind == "get":
+                            engine.async_getters -= 1
+                        else:
+                            engine.async_putters -= 1
 
 
 async def aget(engine: Engine, get: Callable[[], Any]) -> Any:

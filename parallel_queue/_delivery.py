@@ -121,28 +121,43 @@ class Delivery:
             if self.read_available():
                 self.tell_waiters()
                 continue
-            self.polling = True
-            return None
+            return None  # nothing in hand and nobody polls: wait_for_more() polls
 
     def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
-        """This thread's turn to poll: raise if nothing will ever come, else
-        wait for the output pipe or a wake-up byte (or the deadline)."""
+        """Become the poller: raise if nothing will ever come, else wait for
+        the output pipe or a wake-up byte (or the deadline).
+
+        Each flag is set inside the ``try`` whose ``finally`` clears it, in
+        one statement with the local that says it is ours: a Ctrl-C can land
+        at any call, and a flag left set would make close() wait forever.
+        """
         e = self.e
+        polling = waiting = False
         try:
+            with self.lock:
+                if self.polling or self.in_hand():
+                    return  # someone else polls, or something arrived: look again
+                self.polling = polling = True
             with e.lock:
                 if self.markers and self.markers[0][0] == self.delivered:
                     return  # a marker came in meanwhile
                 self.raise_if_finished()
-                e.getter_waiting = True
-            try:
-                self.wait(_remaining(block, deadline))
-            finally:
+                e.getter_waiting = waiting = True
+            self.wait(_remaining(block, deadline))
+        finally:
+            if waiting:
                 with e.lock:
                     e.getter_waiting = False
-        finally:
-            with self.lock:
-                self.polling = False
-                self.turn.notify_all()
+            if polling:
+                with self.lock:
+                    self.polling = False
+                    self.turn.notify_all()
+
+    def in_hand(self) -> bool:
+        """(lock held) Whether a marker is due or a result is there to take."""
+        return bool(
+            (self.markers and self.markers[0][0] == self.delivered) or self.pos < len(self.values) or self.bodies
+        )
 
     def take_marker(self) -> Any:
         e = self.e
@@ -238,9 +253,8 @@ class Delivery:
     def tell_waiters(self) -> None:
         """(lock held) Results were just read from the pipe, which is empty again:
         whoever sleeps watching it (the poller, coroutines) must look again."""
-        e = self.e
-        with e.lock:
-            e.wake_getter(int(e.getter_waiting) + e.async_getters)
+        with self.e.lock:
+            self.e.wake_all_getters()
 
     def close(self) -> None:
         # A get() still polling was woken by whoever closes us; it may not

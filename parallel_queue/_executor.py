@@ -172,13 +172,12 @@ def describe_executor(executor: Any) -> tuple[str, int]:
 
 
 class _Packet:
-    __slots__ = ("seq", "pid", "items", "first_task", "individually")
+    __slots__ = ("seq", "pid", "items", "individually")
 
-    def __init__(self, seq: int, pid: int, items: list[Any], first_task: int) -> None:
-        self.seq = seq
-        self.pid = pid
+    def __init__(self, seq: int, pid: int, items: list[Any]) -> None:
+        self.seq = seq  # submission order (a plain count: Dask keys, the futures map)
+        self.pid = pid  # wrap-around id: the reorder heap's key
         self.items = items
-        self.first_task = first_task
         self.individually = False
 
 
@@ -204,7 +203,6 @@ class ExecutorEngine(Front):
         self.next_pid = PacketID(self.window, 0)
         self.seq = 0
         self.delivered_packets = 0
-        self.dispatched_tasks = 0
         self.item_seconds = 0.0
         self.thread = helper_thread(self.run, "parallel_queue-executor-dispatcher")
         self.thread.start()
@@ -282,10 +280,9 @@ class ExecutorEngine(Front):
                 items = [self.pending.popleft() for _ in range(n)]
                 if waiting >= self.opts.in_q_max:
                     self.room_freed()
-            pkt = _Packet(self.seq, self.next_pid.value, items, self.dispatched_tasks)
+            pkt = _Packet(self.seq, self.next_pid.value, items)
             self.seq += 1
             self.next_pid = self.next_pid.next()
-            self.dispatched_tasks += n
             self.submit(pkt)
 
     def submit(self, pkt: _Packet) -> None:

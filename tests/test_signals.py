@@ -178,3 +178,31 @@ def test_helper_threads_never_take_ctrl_c():
             it.close()
             q1.terminate()
             q2.terminate()
+
+
+@pytest.mark.parametrize("where", ["wait_for_more", "raise_if_finished", "wait", "in_hand"])
+def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
+    """Regression for a hung Ctrl-C: the KeyboardInterrupt landed after get()
+    had marked itself the poller and before the try that unmarks it, and
+    terminate() then waited forever for a poller that was gone.  Raise it at
+    each step of a waiting get() and check nothing stays held or marked."""
+    from parallel_queue import ParallelQueue
+    from parallel_queue._delivery import Delivery
+
+    q = ParallelQueue(num_workers=1)
+    try:
+        d, e = q._engine.delivery, q._engine
+
+        def interrupted(*args, **kwargs):
+            raise KeyboardInterrupt
+
+        with monkeypatch.context() as m:
+            m.setattr(Delivery, where, interrupted)
+            with pytest.raises(KeyboardInterrupt):
+                q.get()
+        assert not d.polling and not e.getter_waiting
+        assert not d.lock.locked() and not e.lock.locked()
+        q.put(abs, -4)
+        assert q.get(timeout=60) == 4  # still works afterwards
+    finally:
+        q.terminate()  # would wait forever for a poller that is gone
