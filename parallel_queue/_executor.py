@@ -53,7 +53,7 @@ from ._payload import (
     loads_tasks,
 )
 from ._threads import helper_thread
-from ._worker import capture_error
+from ._worker import capture_error, run_items
 
 # The most tasks in one submitted call, and how much measured work a packet
 # should carry: as for our own workers (see _dispatcher), but a submit costs
@@ -84,32 +84,10 @@ class LiveError:
         return exc
 
 
-def run_items(fn: Optional[Callable[..., Any]], items: list[Any], live: bool) -> tuple[list[Any], dict[int, Any]]:
-    """Run a packet's tasks; each failure goes into ``errors`` at its index."""
-    values: list[Any] = []
-    errors: dict[int, Any] = {}
-    for k, item in enumerate(items):
-        if type(item) is TaskError:
-            errors[k] = item
-            values.append(None)
-            continue
-        try:
-            if fn is None:
-                f, args, kwargs = item
-                values.append(f(*args, **kwargs) if kwargs else f(*args))
-            else:
-                args, kwargs = item
-                values.append(fn(*args, **kwargs) if kwargs else fn(*args))
-        except BaseException as e:  # noqa: BLE001 - the task's error, in its slot
-            errors[k] = LiveError(e) if live else capture_error(e)
-            values.append(None)
-    return values, errors
-
-
 def run_packet_local(fn: Optional[Callable[..., Any]], items: list[Any]) -> tuple[int, list[Any], dict[int, Any]]:
     """In a thread of the executor: run the packet, hand back live objects."""
     t0 = time.perf_counter_ns()
-    values, errors = run_items(fn, items, live=True)
+    values, errors, _ = run_items(fn, items, LiveError)
     return time.perf_counter_ns() - t0, values, errors
 
 
@@ -121,7 +99,7 @@ def run_packet_remote(fn_bytes: Optional[bytes], payload: bytes, individually: b
         return 0, _REJECTED  # the dispatcher sends it again, one pickle per task
     fn = cloudpickle.loads(fn_bytes) if fn_bytes is not None else None
     t0 = time.perf_counter_ns()
-    values, errors = run_items(fn, items, live=False)
+    values, errors, _ = run_items(fn, items, capture_error)
     ns = time.perf_counter_ns() - t0
     return ns, dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
 

@@ -24,7 +24,7 @@ import threading
 import time
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, NamedTuple, Optional
+from typing import Any, Callable, NamedTuple, Optional
 
 import cloudpickle
 
@@ -176,30 +176,8 @@ class _Worker:
             items = loads_tasks(pkt.payload, pkt.individually)
         except Exception:
             items = self.fetch_individually(pkt.packet_id)
-        fn = self.fn
-        values: list[Any] = []
-        errors: dict[int, TaskError] = {}
         t0 = time.perf_counter_ns()
-        for k, item in enumerate(items):
-            prog[p0 + P_ITEM] = k
-            prog[p0 + P_START_NS] = time.monotonic_ns()
-            self.seq += 1
-            prog[p0 + P_SEQ] = self.seq
-            if type(item) is TaskError:
-                errors[k] = item
-                values.append(None)
-                continue
-            try:
-                if fn is None:
-                    f, args, kwargs = item
-                    values.append(f(*args, **kwargs) if kwargs else f(*args))
-                else:
-                    args, kwargs = item
-                    values.append(fn(*args, **kwargs) if kwargs else fn(*args))
-            except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
-                errors[k] = capture_error(e)
-                values.append(None)
-        prog[p0 + P_ITEM] = len(items)
+        values, errors, self.seq = run_items(self.fn, items, capture_error, prog, p0, self.seq)
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
         payload = dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
@@ -237,6 +215,49 @@ class _Worker:
         while ahead(packet_id, spec.max_packet_id.value, self.base, spec.window):
             if not os.read(spec.go_in.fd, 1):
                 os._exit(0)  # the consumer is gone; the main process sees to the rest
+
+
+def run_items(
+    fn: Optional[Callable[..., Any]],
+    items: list[Any],
+    capture: Callable[[BaseException], Any],
+    prog: Any = None,
+    p0: int = 0,
+    seq: int = 0,
+) -> tuple[list[Any], dict[int, Any], int]:
+    """Run a packet's tasks in order: ``(values, errors, seq)``.
+
+    A task that raises gets ``capture(exception)`` in ``errors`` at its index
+    (SystemExit too: it is that task's error); a TaskError in place of a task
+    (it already failed) passes through.  ``prog``: where a process worker
+    records, before each task, which one runs (the shared progress array;
+    ``seq`` counts tasks started), for crash and timeout attribution.
+    """
+    if prog is None:
+        prog, p0 = [0] * PROGRESS_FIELDS, 0
+    values: list[Any] = []
+    errors: dict[int, Any] = {}
+    for k, item in enumerate(items):
+        prog[p0 + P_ITEM] = k
+        prog[p0 + P_START_NS] = time.monotonic_ns()
+        seq += 1
+        prog[p0 + P_SEQ] = seq
+        if type(item) is TaskError:
+            errors[k] = item
+            values.append(None)
+            continue
+        try:
+            if fn is None:
+                f, args, kwargs = item
+                values.append(f(*args, **kwargs) if kwargs else f(*args))
+            else:
+                args, kwargs = item
+                values.append(fn(*args, **kwargs) if kwargs else fn(*args))
+        except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
+            errors[k] = capture(e)
+            values.append(None)
+    prog[p0 + P_ITEM] = len(items)
+    return values, errors, seq
 
 
 def capture_error(e: BaseException) -> TaskError:

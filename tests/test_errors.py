@@ -61,7 +61,7 @@ def test_exception_type_message_and_worker_traceback():
     # and a real traceback that includes the worker's frames
     names = [fs.name for fs in traceback.extract_tb(err.__traceback__)]
     assert names[-1] == "inner"
-    assert "worker_main" not in names and "run_packet" not in names
+    assert "worker_main" not in names and "run_packet" not in names and "run_items" not in names
 
 
 def test_exception_chain_survives():
