@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import heapq
 import os
+import select
 import selectors
 import signal
 from typing import Any, NamedTuple, Optional
@@ -179,8 +180,9 @@ class _Consumer:
             self.last_total = _wire.decode_id(body)
 
     def credits_flush_blocking(self) -> None:
+        """Before exiting: the dispatcher counts on every credit arriving."""
         while not self.credits.flush():
-            _wire_wait_writable(self.credits.fd.fd)
+            select.select([], [self.credits.fd.fd], [])
 
 
 def _toggle(sel: selectors.BaseSelector, fd: int, on: bool, tag: str) -> None:
@@ -188,9 +190,3 @@ def _toggle(sel: selectors.BaseSelector, fd: int, on: bool, tag: str) -> None:
         sel.register(fd, selectors.EVENT_WRITE, tag)
     else:
         sel.unregister(fd)
-
-
-def _wire_wait_writable(fd: int) -> None:
-    import select
-
-    select.select([], [fd], [])

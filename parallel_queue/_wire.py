@@ -367,9 +367,6 @@ def decode_id(body: bytes | bytearray) -> int:
     return int(_ID.unpack_from(body)[1])
 
 
-ID_SIZE = _ID.size
-
-
 class Credit(NamedTuple):
     """Consumer -> dispatcher: the worker in ``slot`` is done with ``packet_id``.
 

@@ -56,17 +56,22 @@ def test_endless_input_is_read_lazily():
     assert descendants(os.getpid()) == []
 
 
-def test_exception_in_place_and_iteration_goes_on():
-    it = imap(fail_on_3, range(6), num_workers=2)
+def drain(it, *errors):
+    """Every result of ``it``, with each error of the given types as its str()
+    in its place (iteration goes on after a task's error)."""
     out = []
     while True:
         try:
             out.append(next(it))
         except StopIteration:
-            break
-        except ValueError as e:
-            out.append(str(e))
-    assert out == [0, 1, 2, "three: 3", 4, 5]
+            return out
+        except errors as e:
+            out.append(f"{type(e).__name__}: {e}")
+
+
+def test_exception_in_place_and_iteration_goes_on():
+    out = drain(imap(fail_on_3, range(6), num_workers=2), ValueError)
+    assert out == [0, 1, 2, "ValueError: three: 3", 4, 5]
 
 
 def test_input_error_raised_after_earlier_results():
@@ -113,16 +118,8 @@ def die_on_5(x):
 
 
 def test_dead_worker_is_an_error_in_place():
-    it = imap(die_on_5, range(10), num_workers=2)
-    out = []
-    while True:
-        try:
-            out.append(next(it))
-        except StopIteration:
-            break
-        except WorkerLostError:
-            out.append("lost")
-    assert out == [0, 1, 2, 3, 4, "lost", 6, 7, 8, 9]
+    out = drain(imap(die_on_5, range(10), num_workers=2), WorkerLostError)
+    assert [x if isinstance(x, int) else x.split(":")[0] for x in out] == [0, 1, 2, 3, 4, "WorkerLostError", 6, 7, 8, 9]
 
 
 def test_options_reach_the_queue():
