@@ -63,8 +63,9 @@ class _Consumer:
         self.last_total: Optional[int] = None
         self.heap: list[tuple[PacketID, bytes]] = []
         self.waiting: dict[int, int] = {}  # slot -> packet id it waits to send
-        self.readers = [_wire.FrameReader(fd) for fd in spec.results_in]
-        self.ctrl = _wire.FrameReader(spec.ctrl_in)
+        scratch = _wire.scratch_buffer()  # one thread here: all readers share it
+        self.readers = [_wire.FrameReader(fd, scratch) for fd in spec.results_in]
+        self.ctrl = _wire.FrameReader(spec.ctrl_in, scratch)
         _wire.set_nonblocking(spec.output_out)
         _wire.set_nonblocking(spec.credits_out)
         self.output = _wire.FrameWriter(spec.output_out)

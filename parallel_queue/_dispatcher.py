@@ -75,7 +75,7 @@ class Dispatcher:
         self.dispatched_tasks = 0
         self.item_seconds = 0.0  # running mean of task time; 0 until measured
         self.item_bytes = 0.0  # running mean of a task's pickled size
-        self.credits = _wire.FrameReader(engine.credits_r)
+        self.credits = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
         self.sel: selectors.BaseSelector  # made by run(): a queue that fails to start has none to close
         self.last_sent = False
         self.consumer_done = False

@@ -113,13 +113,12 @@ class Front:
                 self.dispatcher_idle = False
                 self.wake_dispatcher()
 
-    def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> int:
+    def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> bool:
         """Append up to ``count`` tasks from ``items``, as many as fit.
 
         Blocks (``queue.Full`` after ``timeout``) only while nothing fits.
-        Returns how many were appended: fewer than asked when the queue is
-        full or ``items`` ran out.  The bulk path of ``imap``: one lock
-        round per call instead of one per task.
+        Returns True once ``items`` is used up.  The bulk path of ``imap``:
+        one lock round per call instead of one per task.
         """
         with self.put_cond:
             if not self.accepting:
@@ -127,8 +126,9 @@ class Front:
             if len(self.pending) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
             before = len(self.pending)
+            room = min(count, self.opts.in_q_max - before)
             try:
-                self.pending.extend(itertools.islice(items, min(count, self.opts.in_q_max - before)))
+                self.pending.extend(itertools.islice(items, room))
             finally:
                 # Count what went in even if ``items`` raised half-way.
                 n = len(self.pending) - before
@@ -137,7 +137,7 @@ class Front:
                 if n and self.dispatcher_idle:
                     self.dispatcher_idle = False
                     self.wake_dispatcher()
-            return n
+            return n < room  # islice stops short only at the end of ``items``
 
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
         with self.put_cond:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import threading
 import weakref
+from collections import deque
+from itertools import repeat
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from ._errors import QueueStopped
@@ -23,6 +25,9 @@ R = TypeVar("R")
 # Tasks the feeder appends per lock round.  Larger means fewer rounds; the
 # queue's in_q_max still bounds what is read ahead of the workers.
 FEED_CHUNK = 256
+
+
+_EMPTY: Iterator[Any] = iter(())
 
 
 class NothingInHand(Exception):
@@ -58,53 +63,95 @@ class IMapIterator(Iterator[R]):
         if progress:
             engine.show_progress(_length(iterables))
         self._delivery = engine.delivery
-        self._values: list[Any] = []
-        self._errors: dict[int, TaskError] = {}
-        self._pos = 0
+        # Results in hand: ``_cur`` iterates the current run of plain values;
+        # ``_steps`` holds what follows in the packet (runs, and TaskErrors
+        # each raised in its place).
+        self._cur: Iterator[Any] = _EMPTY
+        self._steps: deque[Any] = deque()
         self._input_error: list[BaseException] = []
         self._done = False
         self._feeder: Optional[threading.Thread] = None
         if feed:
-            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
-            self._feeder = helper_thread(
-                _feed, "parallel_queue-imap-feeder", (engine, source, len(iterables) == 1, self._input_error)
-            )
+            # Task items ``(args, None)`` made by C iterators: no Python code
+            # runs per item on the way in.
+            source = zip(zip(*iterables), repeat(None))
+            self._feeder = helper_thread(_feed, "parallel_queue-imap-feeder", (engine, source, self._input_error))
             self._feeder.start()
         # Dropped without close(): end the workers; the feeder then stops on
         # its next put.  The finalizer holds the queue, not this iterator.
         self._finalizer = weakref.finalize(self, self._q.terminate)
 
-    def __iter__(self) -> IMapIterator[R]:
-        return self
+    def __iter__(self) -> Iterator[R]:
+        # A generator: ``for`` then takes each value at C speed (``yield
+        # from`` a list iterator), not through a Python-level __next__.  It
+        # shares ``_cur`` with __next__, so mixing the two never repeats or
+        # skips a result; a new one is made each time, so a ``for`` loop may
+        # resume after a task's error ended the previous one.
+        return self._results()
+
+    def _results(self) -> Iterator[R]:
+        while True:
+            cur = self._cur
+            yield from cur
+            if cur is self._cur:  # not already moved on by a next() meanwhile
+                try:
+                    value = self._advance(True)
+                except StopIteration:
+                    return  # (raised inside a generator it would be a RuntimeError)
+                yield value
 
     def __next__(self) -> R:
-        pos = self._pos
-        if pos < len(self._values):
-            self._pos = pos + 1
-            if self._errors:
-                err = self._errors.pop(pos, None)
-                if err is not None:
-                    self._delivery.errors_raised += 1
-                    raise err.to_exception()
-            return self._values[pos]  # type: ignore[no-any-return]
-        return self._next_packet()
+        for value in self._cur:
+            return value  # type: ignore[no-any-return]
+        return self._advance(True)
 
     def _next_in_hand(self) -> R:
         """The next result if one is in hand; ``NothingInHand`` if not (for aimap)."""
-        if self._pos < len(self._values):
-            return self.__next__()
+        for value in self._cur:
+            return value  # type: ignore[no-any-return]
+        if self._steps:
+            return self._advance(False)
         if self._done:
             raise StopAsyncIteration
         raise NothingInHand
 
     def _take(self, values: list[Any], errors: dict[int, TaskError]) -> None:
-        self._values, self._errors, self._pos = values, errors, 0
+        """A packet's results: plain runs of values, and each error in its place."""
+        if not errors:
+            self._cur = iter(values)
+            return
+        start = 0
+        for k in sorted(errors):
+            if k > start:
+                self._steps.append(iter(values[start:k]))
+            self._steps.append(errors[k])
+            start = k + 1
+        if start < len(values):
+            self._steps.append(iter(values[start:]))
+        self._cur = _EMPTY
 
-    def _next_packet(self) -> R:
+    def _advance(self, block: bool) -> R:
+        """The current run is used up: the next run's first value, or an error
+        raised in its place, or (``block``) the next packet."""
+        while True:
+            if self._steps:
+                step = self._steps.popleft()
+                if isinstance(step, TaskError):
+                    self._delivery.errors_raised += 1
+                    raise step.to_exception()
+                self._cur = step
+            elif not block:
+                raise NothingInHand
+            else:
+                self._take(*self._next_packet())
+            for value in self._cur:
+                return value  # type: ignore[no-any-return]
+
+    def _next_packet(self) -> tuple[list[Any], dict[int, TaskError]]:
         if self._done:
             raise StopIteration
         try:
-            self._take(*self._delivery.get_batch(True, None))
+            return self._delivery.get_batch(True, None)
         except QueueStopped:
             self._finish()
             if self._input_error:
@@ -113,7 +160,6 @@ class IMapIterator(Iterator[R]):
         except BaseException:
             self.close()
             raise
-        return self.__next__()
 
     def _finish(self) -> None:
         self._done = True
@@ -124,7 +170,7 @@ class IMapIterator(Iterator[R]):
     def close(self) -> None:
         """Stop the workers now; results not yet taken are dropped."""
         self._done = True
-        self._values, self._errors = [], {}
+        self._cur, self._steps = _EMPTY, deque()
         self._q.terminate()
         if self._feeder is not None:
             self._feeder.join()
@@ -144,24 +190,11 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
         return None
 
 
-def _feed(engine: Any, source: Iterator[Any], single: bool, input_error: list[BaseException]) -> None:
+def _feed(engine: Any, source: Iterator[Any], input_error: list[BaseException]) -> None:
     """Feeder thread: read the input, as fast as the queue takes it."""
-    exhausted = False
-
-    def tasks() -> Iterator[Any]:
-        nonlocal exhausted
-        if single:
-            for x in source:
-                yield (x,), None
-        else:
-            for args in source:
-                yield args, None
-        exhausted = True
-
-    items = tasks()
     try:
-        while not exhausted:
-            engine.put_many(items, FEED_CHUNK, None)
+        while not engine.put_many(source, FEED_CHUNK, None):
+            pass
     except QueueStopped:
         return  # closed: stop reading
     except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place

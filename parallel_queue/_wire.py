@@ -29,7 +29,7 @@ from typing import Any, Callable, NamedTuple
 _LEN = struct.Struct("<Q")
 
 # Reading: how much to ask the kernel for at once.  Larger means fewer system
-# calls for big payloads; a pipe rarely holds more than 64 KiB anyway.
+# calls for big payloads (a big pipe holds up to 1 MiB, see make_pipe).
 READ_CHUNK = 1 << 18
 
 # ---------------------------------------------------------------- fd handling
@@ -151,42 +151,62 @@ def frame(body_parts: tuple[bytes | memoryview, ...]) -> list[bytes | memoryview
     return [_LEN.pack(n), *body_parts]
 
 
+def scratch_buffer(size: int = READ_CHUNK) -> memoryview:
+    """A buffer for FrameReaders to read into.
+
+    Reading into a buffer kept for the purpose, instead of ``os.read(fd,
+    big)``, spares an allocation of ``big`` bytes (often an mmap and munmap)
+    per read.  Readers used by one thread at a time may share one.
+    """
+    return memoryview(bytearray(size))
+
+
 class FrameReader:
     """Collects bytes from a pipe and yields whole frame bodies.
 
-    ``read_ready()`` does at most one ``os.read``, so it never blocks when
-    the caller knows the pipe is readable.  A frame cut short because its
-    writer died stays in the buffer; ``discard_partial()`` drops it.
+    ``read_ready()`` does at most one read, so it never blocks when the
+    caller knows the pipe is readable.  A frame cut short because its writer
+    died stays in the buffer; ``discard_partial()`` drops it.  ``scratch``
+    (see ``scratch_buffer``) is where reads land before whole frames are
+    copied out.
     """
 
-    __slots__ = ("fd", "_buf", "eof")
+    __slots__ = ("fd", "_buf", "eof", "_scratch")
 
-    def __init__(self, fd: Fd) -> None:
+    def __init__(self, fd: Fd, scratch: memoryview | None = None) -> None:
         self.fd = fd
-        self._buf = bytearray()
+        self._buf = bytearray()  # the start of a frame not yet whole
         self.eof = False
+        self._scratch = scratch if scratch is not None else scratch_buffer()
 
     def read_ready(self) -> list[bytes]:
         try:
-            chunk = os.read(self.fd.fd, READ_CHUNK)
+            n = os.readv(self.fd.fd, [self._scratch])
         except (BlockingIOError, InterruptedError):
             return []
-        if not chunk:
+        if not n:
             self.eof = True
             return []
         buf = self._buf
-        buf += chunk
+        if buf:
+            buf += self._scratch[:n]
+            data = memoryview(buf)
+        else:
+            data = self._scratch[:n]  # the usual case: frames start at the read
         bodies: list[bytes] = []
         pos = 0
-        end = len(buf)
+        end = len(data)
         while end - pos >= 8:
-            (n,) = _LEN.unpack_from(buf, pos)
-            if end - pos - 8 < n:
+            (size,) = _LEN.unpack_from(data, pos)
+            if end - pos - 8 < size:
                 break
-            bodies.append(bytes(buf[pos + 8 : pos + 8 + n]))
-            pos += 8 + n
-        if pos:
+            bodies.append(bytes(data[pos + 8 : pos + 8 + size]))
+            pos += 8 + size
+        if buf:
+            data.release()  # a bytearray with a view on it cannot shrink
             del buf[:pos]
+        elif pos < end:
+            buf += data[pos:]
         return bodies
 
     def drain(self) -> list[bytes]:

@@ -74,6 +74,39 @@ def test_exception_in_place_and_iteration_goes_on():
     assert out == [0, 1, 2, "ValueError: three: 3", 4, 5]
 
 
+def fail_on_multiples_of_7(x):
+    if x % 7 == 0:
+        raise ValueError(f"multiple of 7: {x}")
+    return x
+
+
+def test_for_loops_and_next_share_one_position():
+    # ``for`` takes results through a generator and next() through
+    # __next__; both read the same run of values, so mixing them, breaking
+    # out and starting a new loop after an error repeats, skips or reorders
+    # nothing.  Packets of 5: each next() below comes at the end of a run.
+    it = imap(fail_on_multiples_of_7, range(1, 300), num_workers=2, chunksize=5)
+    out: list = []
+    loops = 0
+    while True:
+        loops += 1
+        try:
+            for x in it:
+                out.append(x)
+                if x % 5 == 0:
+                    out.append(next(it))  # a next() inside the loop
+                if x % 11 == 0:
+                    break  # leave the loop; the next one goes on from here
+            else:
+                break
+        except ValueError as e:
+            out.append(str(e))
+        except StopIteration:
+            break
+    assert out == [x if x % 7 else f"multiple of 7: {x}" for x in range(1, 300)]
+    assert loops > 300 // 7
+
+
 def test_input_error_raised_after_earlier_results():
     def broken():
         yield 1
