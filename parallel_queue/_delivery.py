@@ -1,11 +1,19 @@
 """Delivery: ``get()`` and ``join()`` on the main-process end of the output pipe.
 
-Results arrive as whole packets, already in order.  ``get()`` unpickles one
-packet at a time and hands out its values one by one; an error in a slot is
-raised in its turn; a marker is handed back (the very object that was put)
-once the tasks put before it have come out.  Nothing here waits on a timer:
-a blocked ``get()`` sleeps in ``poll()`` on the output pipe and a wake-up
-pipe that ``put(marker)``, ``stop()`` and a breaking queue write to.
+Results arrive as whole packets, already in order.  A packet is unpickled
+when ``get()`` reaches it and split into *steps*: runs of plain values, and
+each task's error in its place.  A run goes into ``ready``, a deque that
+``get()``'s fast path pops without a lock (``popleft`` is atomic): the
+common case costs one C call.  Everything else happens under ``lock`` once
+``ready`` is empty: a marker is handed back (the very object that was put)
+once the tasks put before it have come out, an error is raised in its turn,
+the next run is moved into ``ready``.  A run is cut at the next marker's
+position, so ``ready`` never holds a value that must wait for a marker (a
+marker put later comes after every task already in a packet).
+
+Nothing here waits on a timer: a blocked ``get()`` sleeps in ``poll()`` on
+the output pipe and a wake-up pipe that ``put(marker)``, ``stop()`` and a
+breaking queue write to.
 """
 
 from __future__ import annotations
@@ -49,10 +57,12 @@ class Delivery:
         self.markers = engine.markers
         self.reader = reader
         self.bodies: deque[bytes] = deque()  # packets read but not yet unpickled
-        self.values: list[Any] = []
-        self.errors: dict[int, TaskError] = {}
-        self.pos = 0
-        self.delivered = 0  # tasks handed out by get()
+        # Unpickled, in order: runs of plain values (lists) and task errors
+        # (TaskErrors, or the executor engine's LiveErrors: anything else).
+        self.steps: deque[Any] = deque()
+        # Plain values get() may hand out as they are, lock-free.
+        self.ready: deque[Any] = deque()
+        self.moved = 0  # task results moved into ``ready`` or raised
         self.errors_raised = 0
         self.markers_delivered = 0
         self.latency = engine.latency
@@ -61,56 +71,96 @@ class Delivery:
         self.polling = False  # a getter thread is waiting in poll()
         self.closed = False
 
+    @property
+    def delivered(self) -> int:
+        """Task results handed out so far (values and errors)."""
+        with self.lock:  # ``moved`` and ``ready`` change together under it
+            return self.moved - len(self.ready)
+
     # ----------------------------------------------------------------- get
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
+        """get()'s slow path: ``ready`` was empty."""
         deadline = _deadline(block, timeout)
         while True:
             with self.lock:
                 found = self.next_in_hand(block, deadline)
+                if found == VALUE:
+                    try:
+                        return self.ready.popleft()
+                    except IndexError:  # a lock-free get() took it first
+                        continue
                 if found == MARKER:
                     return self.take_marker()
-                if found == VALUE:
-                    return self.take_value()
+                if found == ERROR:
+                    raise self.take_error()
             self.wait_for_more(block, deadline)
 
     def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
-        """Every task result in hand (at least one): ``(values, errors)``.
+        """Every task result of the next packet: ``(values, errors)``.
 
         ``errors`` maps an index of ``values`` to its error; those values are
-        None.  For queues without markers (``imap``): it hands out whole
-        packets, so a caller pays per packet what ``get()`` pays per result.
+        None.  For queues without markers whose only reader this is
+        (``imap``): it hands out whole packets, so a caller pays per packet
+        what ``get()`` pays per result.
         """
         deadline = _deadline(block, timeout)
         while True:
             with self.lock:
-                found = self.next_in_hand(block, deadline)
-                if found == MARKER:
+                if self.markers:
                     raise TypeError("get_batch() on a queue with markers")
-                if found == VALUE:
-                    start, end = self.pos, len(self.values)
-                    values = self.values[start:end] if start else self.values
-                    errors = self.errors
-                    if start and errors:
-                        errors = {k - start: v for k, v in errors.items() if k >= start}
-                    self.values, self.errors, self.pos = [], {}, 0
-                    self.latency.got_range(self.delivered, end - start)
-                    self.delivered += end - start
+                if self.ready or self.steps:
+                    return self.take_steps()
+                if self.bodies:
+                    values, errors = self.decode(self.bodies.popleft())
+                    self.latency.got_range(self.moved, len(values))
+                    self.moved += len(values)
                     return values, errors
+                if self.polling:
+                    self.turn.wait(_remaining(block, deadline))
+                    continue
+                if self.read_available():
+                    self.tell_waiters()
+                    continue
             self.wait_for_more(block, deadline)
 
+    def take_steps(self) -> tuple[list[Any], dict[int, TaskError]]:
+        """(lock held) What ``ready`` and ``steps`` hold, as one batch."""
+        values: list[Any] = []
+        errors: dict[int, TaskError] = {}
+        ready = self.ready
+        while ready:
+            values.append(ready.popleft())
+        counted = len(values)  # what was in ``ready`` is in ``moved`` already
+        for step in self.steps:
+            if type(step) is list:
+                values.extend(step)
+            else:
+                errors[len(values)] = step
+                values.append(None)
+        self.steps.clear()
+        self.latency.got_range(self.moved, len(values) - counted)
+        self.moved += len(values) - counted
+        return values, errors
+
     def next_in_hand(self, block: bool, deadline: Optional[float]) -> Optional[str]:
-        """(lock held) MARKER if a marker is due, VALUE if a result is in hand,
-        None if this thread should poll for more.  While another thread
-        polls, waits for its turn (``queue.Empty`` at the deadline)."""
+        """(lock held) VALUE if ``ready`` holds one, MARKER if a marker is due,
+        ERROR if a task's error is next, None if this thread should poll for
+        more.  While another thread polls, waits for its turn (``queue.Empty``
+        at the deadline)."""
         markers = self.markers
         while True:
-            if markers and markers[0][0] == self.delivered:
-                return MARKER
-            if self.pos < len(self.values):
+            if self.ready:
                 return VALUE
+            if markers and markers[0][0] == self.moved:
+                return MARKER
+            if self.steps:
+                if type(self.steps[0]) is not list:
+                    return ERROR
+                self.move_run()
+                continue
             if self.bodies:
-                self.decode(self.bodies.popleft())
+                self.split(*self.decode(self.bodies.popleft()))
                 continue
             if self.polling:
                 # Only the poller reads the pipe: a reader that emptied it
@@ -122,6 +172,36 @@ class Delivery:
                 self.tell_waiters()
                 continue
             return None  # nothing in hand and nobody polls: wait_for_more() polls
+
+    def move_run(self) -> None:
+        """(lock held, ``ready`` empty) Move the next run of values into ``ready``,
+        up to the next marker's position."""
+        run = self.steps[0]
+        markers = self.markers
+        limit = markers[0][0] - self.moved if markers else len(run)
+        if limit < len(run):
+            self.steps[0] = run[limit:]
+            run = run[:limit]
+        else:
+            self.steps.popleft()
+        self.latency.got_range(self.moved, len(run))
+        # ``moved`` first: a lock-free get() may take from ``ready`` at once.
+        self.moved += len(run)
+        self.ready.extend(run)
+
+    def split(self, values: list[Any], errors: dict[int, TaskError]) -> None:
+        """(lock held) A packet's results as steps: runs of values, errors in place."""
+        if not errors:
+            self.steps.append(values)
+            return
+        start = 0
+        for k in sorted(errors):
+            if k > start:
+                self.steps.append(values[start:k])
+            self.steps.append(errors[k])
+            start = k + 1
+        if start < len(values):
+            self.steps.append(values[start:])
 
     def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
         """Become the poller: raise if nothing will ever come, else wait for
@@ -139,7 +219,7 @@ class Delivery:
                     return  # someone else polls, or something arrived: look again
                 self.polling = polling = True
             with e.lock:
-                if self.markers and self.markers[0][0] == self.delivered:
+                if self.markers and self.markers[0][0] == self.moved:
                     return  # a marker came in meanwhile
                 self.raise_if_finished()
                 e.getter_waiting = waiting = True
@@ -155,9 +235,7 @@ class Delivery:
 
     def in_hand(self) -> bool:
         """(lock held) Whether a marker is due or a result is there to take."""
-        return bool(
-            (self.markers and self.markers[0][0] == self.delivered) or self.pos < len(self.values) or self.bodies
-        )
+        return bool(self.ready or (self.markers and self.markers[0][0] == self.moved) or self.steps or self.bodies)
 
     def take_marker(self) -> Any:
         e = self.e
@@ -168,19 +246,14 @@ class Delivery:
                 e.room_freed()
         return marker
 
-    def take_value(self) -> Any:
-        k = self.pos
-        self.pos += 1
-        self.latency.got_range(self.delivered, 1)
-        self.delivered += 1
-        value = self.values[k]
-        self.values[k] = None  # do not keep results alive after handing them out
-        if self.errors:
-            err = self.errors.pop(k, None)
-            if err is not None:
-                self.errors_raised += 1
-                raise err.to_exception()
-        return value
+    def take_error(self) -> BaseException:
+        """(lock held) The task error that is next, counted as delivered."""
+        err = self.steps.popleft()
+        self.latency.got_range(self.moved, 1)
+        self.moved += 1
+        self.errors_raised += 1
+        exc: BaseException = err.to_exception()
+        return exc
 
     def raise_if_finished(self) -> None:
         """Nothing in hand and nothing in the pipe: raise if nothing ever will be (lock held)."""
@@ -188,7 +261,7 @@ class Delivery:
         stop_at = e.tasks_at_stop
         if e.broken is not None:
             raise fresh_copy(e.broken)
-        if stop_at is not None and self.delivered >= stop_at:
+        if stop_at is not None and self.moved >= stop_at and not self.ready:
             raise QueueStopped("the queue was stopped and every result was delivered")
         if e.terminated:
             raise QueueStopped("the queue was terminated")
@@ -198,22 +271,18 @@ class Delivery:
             e.accepting = False
             raise err
 
-    def decode(self, body: Any) -> None:
+    def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
+        """A packet's ``(values, errors)``; if it will not unpickle, every slot fails."""
         from ._wire import RESULT, decode_result
 
         if type(body) is tuple:  # from the executor engine: already (values, errors)
-            self.values, self.errors, self.pos = body[0], body[1], 0
-            return
+            return body
         count = decode_result(body).n_items
         try:
-            values, errors = loads_results(memoryview(body)[RESULT.size :])
+            return loads_results(memoryview(body)[RESULT.size :])
         except Exception as exc:
-            values = [None] * count
-            errors = {
-                k: TaskError.for_failure(exc, "could not unpickle the result", pickle.UnpicklingError)
-                for k in range(count)
-            }
-        self.values, self.errors, self.pos = values, errors, 0
+            err = TaskError.for_failure(exc, "could not unpickle the result", pickle.UnpicklingError)
+            return [None] * count, {k: err for k in range(count)}
 
     # --------------------------------------------------------------- reading
 
@@ -269,6 +338,7 @@ class Delivery:
 
 MARKER = "marker"
 VALUE = "value"
+ERROR = "error"
 
 
 def _deadline(block: bool, timeout: Optional[float]) -> Optional[float]:

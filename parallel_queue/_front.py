@@ -217,13 +217,14 @@ class Front:
             tasks_put, markers_put, pending = self.tasks_put, self.markers_put, len(self.pending)
             mean, p50, p99 = self.latency.summary()
         packets, items = self.reorder_counts()
+        delivered = d.delivered
         return QueueStats(
             tasks_put=tasks_put,
-            results_delivered=d.delivered,
+            results_delivered=delivered,
             errors=d.errors_raised,
             markers_put=markers_put,
             markers_delivered=d.markers_delivered,
-            in_flight=tasks_put - d.delivered,
+            in_flight=tasks_put - delivered,
             pending=pending,
             reorder_buffer_packets=packets,
             reorder_buffer_items=items,

@@ -111,6 +111,7 @@ class _QueueBase(Generic[R]):
             _check_executor_options(executor, opts)
             self._engine = ExecutorEngine(opts, task_fn, executor)
         self._delivery = self._engine.delivery
+        self._ready = self._delivery.ready
         # Collected without stop(): end the processes quietly.  The finalizer
         # holds the engine, never the queue, so it does not keep it alive.
         self._finalizer = weakref.finalize(self, self._engine.terminate)
@@ -130,23 +131,13 @@ class _QueueBase(Generic[R]):
         (a ``queue.Empty``) once the queue was stopped and everything put
         before ``stop()`` was delivered.  Thread-safe.
         """
+        # Fast path: a plain value is ready.  No lock: popleft() is atomic,
+        # and ``ready`` only ever holds values that come next (see _delivery).
+        try:
+            return self._ready.popleft()  # type: ignore[no-any-return]
+        except IndexError:
+            pass
         d = self._delivery
-        # Fast path: the next result is in hand and no marker is due before it.
-        # (``with``: a bare acquire() could leave the lock held on Ctrl-C;
-        # the lock is never held while anyone waits, so this does not block.)
-        with d.lock:
-            k = d.pos
-            if k < len(d.values) and not d.errors:
-                markers = d.markers
-                n = d.delivered
-                if not markers or markers[0][0] != n:
-                    d.pos = k + 1
-                    d.delivered = n + 1
-                    if not n & _SAMPLE_MASK:
-                        d.latency.got_range(n, 1)
-                    value = d.values[k]
-                    d.values[k] = None
-                    return value  # type: ignore[no-any-return]
         return d.get(block, timeout)  # type: ignore[no-any-return]
 
     def stats(self) -> QueueStats:

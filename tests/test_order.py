@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 import multiprocessing
 import random
@@ -172,3 +173,97 @@ def test_many_results_without_get_until_join():
     assert not q.is_alive()
     out = list(q)
     assert [s[10_000:] for s in out] == [str(i) for i in range(300)]
+
+
+_GATE = None
+
+
+def _install_gate(gate):
+    """worker_init_f: hand the worker the Event task -1 waits for."""
+    global _GATE
+    _GATE = gate
+
+
+def held_then_sevens(i):
+    """Task -1 waits for the gate; task i raises when i % 7 == 3."""
+    if i < 0:
+        assert _GATE.wait(60)
+    elif i % 7 == 3:
+        raise ValueError(i)
+    return i
+
+
+def expected_with_markers_and_errors(n, every):
+    out = [-1]
+    for i in range(n):
+        out.append(f"ValueError {i}" if i % 7 == 3 else i)
+        if i % every == every - 1:
+            out.append(("marker", i))
+    return out
+
+
+def held_queue(gate, workers, batch):
+    # in_q_max: room for every task, or put() would wait behind task -1.
+    return ParallelQueue(
+        num_workers=workers, max_batch=batch, in_q_max=10_000, worker_init_f=functools.partial(_install_gate, gate)
+    )
+
+
+def fill(q, gate, n, every):
+    # Everything piles up behind task -1, then goes out in packets of
+    # max_batch: markers and errors fall inside packets, so the runs of
+    # values get() hands out without a lock must stop at each of them.
+    q._engine.opts.exact_batch = True
+    q.put(held_then_sevens, -1)
+    for i in range(n):
+        q.put(held_then_sevens, i)
+        if i % every == every - 1:
+            q.put(("marker", i))
+    gate.set()
+
+
+def take(q):
+    try:
+        return q.get(timeout=60)
+    except ValueError as e:
+        return f"ValueError {e.args[0]}"
+
+
+def test_markers_and_errors_inside_packets_keep_their_place():
+    gate = multiprocessing.get_context().Event()
+    n, every = 400, 10
+    with held_queue(gate, 1, 50) as q:
+        fill(q, gate, n, every)
+        expected = expected_with_markers_and_errors(n, every)
+        out = [take(q) for _ in expected]
+    assert out == expected
+
+
+def test_concurrent_getters_with_markers_and_errors_inside_packets():
+    # Several threads race through get(): lock-free pops of values against
+    # the locked slow path that hands out markers and errors.  Each item
+    # comes out exactly once, and each thread sees its items in order.
+    gate = multiprocessing.get_context().Event()
+    n, every = 3000, 10
+    with held_queue(gate, 2, 64) as q:
+        fill(q, gate, n, every)
+        q.stop()
+        expected = expected_with_markers_and_errors(n, every)
+        parts: list[list] = [[] for _ in range(4)]
+
+        def consume(part):
+            while True:
+                try:
+                    part.append(take(q))
+                except QueueStopped:
+                    return
+
+        threads = [threading.Thread(target=consume, args=(p,)) for p in parts]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(120)
+    position = {repr(x): k for k, x in enumerate(expected)}
+    assert sorted((x for p in parts for x in p), key=lambda x: position[repr(x)]) == expected
+    for p in parts:
+        assert [position[repr(x)] for x in p] == sorted(position[repr(x)] for x in p)
