@@ -268,7 +268,7 @@ class Delivery:
         if self.reader.eof:
             err = QueueBrokenError("the consumer process died; results still in flight are lost")
             e.broken = err
-            e.accepting = False
+            e.accepting = e.fast_put = False
             raise err
 
     def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:

@@ -113,16 +113,17 @@ class Dispatcher:
                 return
             timeout = self.timeouts()
             with e.lock:
-                # Decided under the lock put() takes, so a task put from now
-                # on either is seen here or finds dispatcher_idle set and
-                # writes to the wake-up pipe: no lost wake-up.
-                if e.pending and self.pick_slot() is not None:
+                # With a worker free, sleep only where a put() must wake us:
+                # dispatcher_sleeps() clears fast_put before it looks at
+                # pending, so a task put from now on is either seen there
+                # or settled by its put() under the lock, which finds
+                # dispatcher_idle set and writes to the wake-up pipe.  With
+                # no worker free, a credit wakes us, not a put().
+                if self.pick_slot() is not None and not e.dispatcher_sleeps():
                     timeout = 0
-                else:
-                    e.dispatcher_idle = self.pick_slot() is not None
             events = sel.select(timeout)
             with e.lock:
-                e.dispatcher_idle = False
+                e.dispatcher_awake()
             registered = sel.get_map()
             for key, _ in events:
                 # An earlier handler in this batch may have unregistered this
@@ -197,18 +198,11 @@ class Dispatcher:
             if slot is None:
                 return
             with e.lock:
-                waiting = len(e.pending)
+                waiting = e.takeable()
                 if not waiting:
                     return
                 n = self.batch_size(slot, waiting)
-                if n == waiting:
-                    items = list(e.pending)
-                    e.pending.clear()
-                else:
-                    take = e.pending.popleft
-                    items = [take() for _ in range(n)]
-                if waiting >= e.opts.in_q_max:
-                    e.room_freed()
+                items = e.take_tasks(n)
             rec = PacketRecord(self.next_id, self.dispatched_tasks, items)
             self.next_id = (self.next_id + 1) % self.base
             self.packets_total += 1
@@ -317,7 +311,7 @@ class Dispatcher:
         while _wire.readable(slot.go_r.fd, 0) and os.read(slot.go_r.fd, 4096):
             pass
         with e.lock:
-            more_work = bool(e.pending) or e.tasks_at_stop is None
+            more_work = bool(e.takeable()) or e.tasks_at_stop is None
         if not lost and not more_work:
             slot.state = "ended"
             return
@@ -429,7 +423,7 @@ class Dispatcher:
         """After stop(): once every task is sent, tell the consumer and the workers."""
         e = self.e
         with e.lock:
-            if e.tasks_at_stop is None or e.pending:
+            if e.tasks_at_stop is None or e.takeable():
                 return
         if not self.last_sent:
             self.last_sent = True

@@ -202,16 +202,17 @@ class ExecutorEngine(Front):
                 if self.finished_all():
                     return
                 with self.lock:
-                    # Decided under put()'s lock: a task put from now on sees
-                    # dispatcher_idle and writes to the wake-up pipe.  With a
-                    # full window, puts need not wake us: a finished call or
-                    # get() taking a packet does.
-                    if self.finished or (self.pending and self.in_window()):
+                    # As the process engine's dispatcher (see there and
+                    # _front): sleep only where a put() must wake us.  With
+                    # a full window, puts need not wake us: a finished call
+                    # or get() taking a packet does.
+                    if self.finished:
                         continue
-                    self.dispatcher_idle = self.in_window()
+                    if self.in_window() and not self.dispatcher_sleeps():
+                        continue
                 sel.select()
                 with self.lock:
-                    self.dispatcher_idle = False
+                    self.dispatcher_awake()
                 os.read(self.wake_r.fd, 4096)
         except BaseException as exc:  # noqa: BLE001 - a dead dispatcher must not hang get()
             from ._errors import QueueBrokenError
@@ -224,7 +225,7 @@ class ExecutorEngine(Front):
 
     def finished_all(self) -> bool:
         with self.lock:
-            stopping = self.tasks_at_stop is not None and not self.pending
+            stopping = self.tasks_at_stop is not None and not self.takeable()
         return stopping and not self.futures and not self.heap and not self.finished
 
     def batch_size(self, waiting: int) -> int:
@@ -251,13 +252,10 @@ class ExecutorEngine(Front):
     def submit_more(self) -> None:
         while self.in_window():
             with self.lock:
-                waiting = len(self.pending)
+                waiting = self.takeable()
                 if not waiting:
                     return
-                n = self.batch_size(waiting)
-                items = [self.pending.popleft() for _ in range(n)]
-                if waiting >= self.opts.in_q_max:
-                    self.room_freed()
+                items = self.take_tasks(self.batch_size(waiting))
             pkt = _Packet(self.seq, self.next_pid.value, items)
             self.seq += 1
             self.next_pid = self.next_pid.next()

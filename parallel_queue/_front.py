@@ -3,7 +3,20 @@
 Both engines build on it: the process engine (``_engine``: our own worker
 and consumer processes) and the executor engine (``_executor``: a thread
 pool, a process pool or a Dask cluster the caller owns).  Everything here
-runs in the caller's process, guarded by one lock.
+runs in the caller's process, guarded by one lock, except put()'s fast
+path, which appends to ``pending`` without it (a lock round costs more than
+the rest of put()).  That path is sound because of one protocol:
+
+- put() appends its task, *then* reads ``fast_put``; whoever clears
+  ``fast_put`` (the dispatcher going to sleep, stop(), a breaking queue)
+  does so under the lock, *then* looks at ``pending``.  Under the GIL these
+  steps happen in some single order, so either the put() sees ``fast_put``
+  still set, and the one who cleared it sees the task; or the put() sees it
+  cleared and settles under the lock (``settle_put``: wake the dispatcher,
+  or withdraw a task that came after stop()).
+- Positions in the task stream are counts, ``dispatched + len(pending)``,
+  read under the lock: a marker or stop() put at a count comes after every
+  task appended before the read and before every task appended after it.
 """
 
 from __future__ import annotations
@@ -18,7 +31,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from . import _wire
 from ._errors import QueueStopped, fresh_copy
-from ._stats import LatencySampler, QueueStats
+from ._stats import SAMPLE_EVERY, LatencySampler, QueueStats
 
 if TYPE_CHECKING:
     from ._delivery import Delivery
@@ -38,9 +51,15 @@ class Front:
         self.lock = threading.Lock()
         self.put_cond = threading.Condition(self.lock)  # put() waits here when pending is full
         self.pending: deque[Any] = deque()
+        self.dispatched = 0  # tasks taken from ``pending`` (by take_tasks)
         self.markers: deque[tuple[int, Any]] = deque()
-        self.tasks_put = 0
         self.markers_put = 0
+        # put() may append without the lock: accepting, and no dispatcher
+        # asleep waiting for tasks (see the module docstring).
+        self.fast_put = True
+        # Tickets: every put() draws one; one in SAMPLE_EVERY takes the
+        # locked path and has its latency measured.
+        self.put_ticket = itertools.count()
         self.latency = LatencySampler()
         self.tasks_at_stop: Optional[int] = None
         self.terminated = False
@@ -100,18 +119,91 @@ class Front:
 
     # ------------------------------------------------------------- putting
 
-    def put_task(self, item: Any, timeout: Optional[float]) -> None:
+    @property
+    def tasks_put(self) -> int:
+        """Tasks accepted so far (exact under the lock)."""
+        if self.tasks_at_stop is not None:
+            return self.tasks_at_stop
+        return self.dispatched + len(self.pending)
+
+    def takeable(self) -> int:
+        """(lock held) How many tasks the dispatcher may take now: after
+        stop(), only those put before it."""
+        if self.tasks_at_stop is None:
+            return len(self.pending)
+        return self.tasks_at_stop - self.dispatched
+
+    def take_tasks(self, n: int) -> list[Any]:
+        """(lock held) The next ``n`` tasks (n <= takeable()), for the dispatcher."""
+        pending = self.pending
+        waiting = len(pending)
+        if n == waiting:
+            items = list(pending)
+            pending.clear()
+        else:
+            take = pending.popleft
+            items = [take() for _ in range(n)]
+        self.dispatched += n
+        if waiting >= self.opts.in_q_max:
+            self.room_freed()
+        return items
+
+    def dispatcher_sleeps(self) -> bool:
+        """(lock held) The dispatcher would sleep until a put() wakes it:
+        False if a task is already there (then it must not sleep)."""
+        self.fast_put = False  # first; then look at pending (module docstring)
+        if self.takeable():
+            self.fast_put = self.accepting
+            return False
+        self.dispatcher_idle = True
+        return True
+
+    def dispatcher_awake(self) -> None:
+        """(lock held) The dispatcher is running again: put() may go fast."""
+        self.dispatcher_idle = False
+        self.fast_put = self.accepting
+
+    def put_task(self, item: Any, timeout: Optional[float], sample: Optional[bool] = None) -> None:
+        """put()'s locked path: wait for room, wake the dispatcher, sample latency."""
+        if sample is None:
+            sample = not next(self.put_ticket) & (SAMPLE_EVERY - 1)
         with self.put_cond:
             if not self.accepting:
                 self.check_usable()
             if len(self.pending) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+            if sample:
+                self.latency.put_at(self.dispatched + len(self.pending))
             self.pending.append(item)
-            self.latency.put_range(self.tasks_put, 1)
-            self.tasks_put += 1
             if self.dispatcher_idle:
-                self.dispatcher_idle = False
+                self.dispatcher_awake()
                 self.wake_dispatcher()
+
+    def settle_put(self, item: Any) -> None:
+        """put() appended ``item`` without the lock, then found ``fast_put``
+        cleared: finish under the lock.  The dispatcher may be asleep (wake
+        it), or stop(), terminate() or a break came in between the append and
+        that read: the task stays if stop() counted it, and is withdrawn (and
+        put() raises) if not."""
+        with self.lock:
+            if self.accepting:
+                if self.dispatcher_idle:
+                    self.dispatcher_awake()
+                    self.wake_dispatcher()
+                return
+            pending = self.pending
+            for k in range(len(pending) - 1, -1, -1):
+                if pending[k] is item:
+                    break
+            else:
+                return  # already taken by the dispatcher: it was counted
+            if self.broken is None and not self.terminated and self.tasks_at_stop is not None:
+                if self.dispatched + k < self.tasks_at_stop:
+                    return  # counted by stop(): it runs
+            # Came after stop() (or the queue is gone): tasks after it in
+            # ``pending`` came after it, so withdrawing it moves no counted one.
+            del pending[k]
+            self.check_usable()
 
     def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> bool:
         """Append up to ``count`` tasks from ``items``, as many as fit.
@@ -132,10 +224,10 @@ class Front:
             finally:
                 # Count what went in even if ``items`` raised half-way.
                 n = len(self.pending) - before
-                self.latency.put_range(self.tasks_put, n)
-                self.tasks_put += n
+                if n:
+                    self.latency.put_at(self.dispatched + before)
                 if n and self.dispatcher_idle:
-                    self.dispatcher_idle = False
+                    self.dispatcher_awake()
                     self.wake_dispatcher()
             return n < room  # islice stops short only at the end of ``items``
 
@@ -144,7 +236,7 @@ class Front:
             self.check_usable()
             if len(self.markers) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
-            self.markers.append((self.tasks_put, marker))
+            self.markers.append((self.dispatched + len(self.pending), marker))
             self.markers_put += 1
             if self.getter_waiting or self.async_getters:
                 self.wake_getter()
@@ -178,9 +270,10 @@ class Front:
 
     def close_the_door(self) -> None:
         """No more tasks (lock held): record where the stream ends, wake everyone."""
-        if self.tasks_at_stop is None:
-            self.tasks_at_stop = self.tasks_put
         self.accepting = False
+        self.fast_put = False  # first; then count (module docstring)
+        if self.tasks_at_stop is None:
+            self.tasks_at_stop = self.dispatched + len(self.pending)
         self.room_freed()
         self.wake_all_getters()
         self.wake_dispatcher()
@@ -207,6 +300,7 @@ class Front:
             if self.broken is None and not self.terminated:
                 self.broken = error
             self.accepting = False
+            self.fast_put = False
             self.room_freed()
             self.wake_all_getters()
         self.kill_processes()

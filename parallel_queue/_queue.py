@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import weakref
 from multiprocessing.context import BaseContext
-from time import monotonic as _monotonic
 from types import TracebackType
 from typing import Any, AsyncIterator, Callable, Generic, Iterator, Optional, TypeVar, Union
 
@@ -24,8 +23,9 @@ _DOC_OPTIONS = """
     - ``num_workers``: worker processes (default: the CPU count).
     - ``daemon``: make the worker and consumer processes daemonic.
     - ``in_q_max``: tasks that may wait to be sent to a worker; ``put()``
-      blocks beyond that (and at most this many markers may wait for
-      ``get()``).
+      blocks beyond that (producer threads that pass the check at the same
+      moment may each add one more), and at most this many markers may wait
+      for ``get()``.
     - ``out_q_max``, ``worker_q_max``: accepted for 0.5 compatibility.  Here
       results in flight are bounded by the reorder window instead (see
       ``consumer_buffer_max``), so these do not change anything.
@@ -276,18 +276,18 @@ class ParallelQueue(_QueueBase[Any]):
         """
         if callable(task):
             e = self._engine
-            # Fast path: room, running, nobody to wake.  Same lock as
-            # put_task.  ``with``, not acquire()/try: a Ctrl-C landing just
-            # after acquire() returns would leave the lock held for good.
-            with e.lock:
-                if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
-                    e.pending.append((task, args, kwargs or None))
-                    n = e.tasks_put
-                    e.tasks_put = n + 1
-                    if not n & _SAMPLE_MASK:
-                        e.latency.put_times[n] = _monotonic()
+            item = (task, args, kwargs or None)
+            # Fast path, without the lock (see _front): room, running, nobody
+            # to wake, not sampled.  Append, then look at fast_put again.
+            if e.fast_put and len(e.pending) < e.in_q_max:
+                if next(e.put_ticket) & _SAMPLE_MASK:
+                    e.pending.append(item)
+                    if not e.fast_put:
+                        e.settle_put(item)
                     return
-            e.put_task((task, args, kwargs or None), timeout)
+                e.put_task(item, timeout, True)
+                return
+            e.put_task(item, timeout)
         elif args or kwargs:
             raise ValueError(
                 f"a non-callable put is a marker and takes no arguments; got {type(task).__name__} with arguments"
@@ -370,12 +370,13 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""
         e = self._engine
-        with e.lock:  # see ParallelQueue.put
-            if e.accepting and len(e.pending) < e.in_q_max and not e.dispatcher_idle:
-                e.pending.append((args, kwargs or None))
-                n = e.tasks_put
-                e.tasks_put = n + 1
-                if not n & _SAMPLE_MASK:
-                    e.latency.put_times[n] = _monotonic()
+        item = (args, kwargs or None)
+        if e.fast_put and len(e.pending) < e.in_q_max:  # see ParallelQueue.put
+            if next(e.put_ticket) & _SAMPLE_MASK:
+                e.pending.append(item)
+                if not e.fast_put:
+                    e.settle_put(item)
                 return
-        e.put_task((args, kwargs or None), timeout)
+            e.put_task(item, timeout, True)
+            return
+        e.put_task(item, timeout)

@@ -1,9 +1,9 @@
 """Queue statistics: counters kept where they change, read on demand.
 
 Counting costs an integer add on paths that already hold a lock.  Latency
-is sampled: one task in ``SAMPLE_EVERY`` has its put time recorded, and its
-put-to-get latency is kept in a bounded window, so the cost per task is one
-bit test.
+is sampled: one put() in ``SAMPLE_EVERY`` (by a ticket drawn from an
+``itertools.count``, one C call) takes the locked path, which records the
+task's put time; its put-to-get latency is kept in a bounded window.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import time
 from collections import deque
 from typing import Any, Optional
 
-# One task in this many has its latency measured (a power of two: the test
-# is a bit mask).  Lower measures more tasks and costs a little more.
-SAMPLE_EVERY = 8
-_MASK = SAMPLE_EVERY - 1
+# One put() in this many has its task's latency measured (a power of two:
+# the test is a bit mask).  Lower measures more tasks, and costs more: a
+# sampled put() takes the lock.
+SAMPLE_EVERY = 16
 
 # How many recent latency samples p50 and p99 are computed from.
 WINDOW = 4096
@@ -61,27 +61,26 @@ class LatencySampler:
     __slots__ = ("put_times", "recent", "total", "count")
 
     def __init__(self) -> None:
-        self.put_times: dict[int, float] = {}
+        # (task index, put time) in index order: appended under the queue's
+        # lock, popped under the delivery lock (opposite ends of a deque).
+        self.put_times: deque[tuple[int, float]] = deque()
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.total = 0.0
         self.count = 0
 
-    def put_range(self, first: int, n: int) -> None:
-        """Tasks ``first .. first+n-1`` were just put."""
-        k = (first + _MASK) & ~_MASK
-        if k < first + n:
-            now = time.monotonic()
-            for i in range(k, first + n, SAMPLE_EVERY):
-                self.put_times[i] = now
+    def put_at(self, index: int) -> None:
+        """Task ``index`` was just put (a sampled one)."""
+        self.put_times.append((index, time.monotonic()))
 
     def got_range(self, first: int, n: int) -> None:
         """Tasks ``first .. first+n-1`` were just delivered."""
-        k = (first + _MASK) & ~_MASK
-        if k < first + n:
+        put_times = self.put_times
+        end = first + n
+        if put_times and put_times[0][0] < end:
             now = time.monotonic()
-            for i in range(k, first + n, SAMPLE_EVERY):
-                t = self.put_times.pop(i, None)
-                if t is not None:
+            while put_times and put_times[0][0] < end:
+                index, t = put_times.popleft()
+                if index >= first:  # older ones: tasks withdrawn after stop()
                     lat = now - t
                     self.recent.append(lat)
                     self.total += lat

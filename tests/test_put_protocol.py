@@ -1,0 +1,186 @@
+"""put()'s lock-free fast path: each interleaving with the threads that clear
+``fast_put`` (the dispatcher going to sleep, stop(), terminate()).
+
+The fast path appends a task without the lock, then reads ``fast_put``
+again (see parallel_queue/_front.py).  The first tests drive one put()
+against a bare Front, with a hook that runs the other thread's step at the
+exact moment between put()'s steps, so each interleaving happens every
+time.  The last one races real producer threads against stop().
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import threading
+from collections import deque
+from typing import Any, Callable, Optional
+
+import pytest
+
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, _wire
+from parallel_queue._engine import Options
+from parallel_queue._front import Front
+from parallel_queue._stats import SAMPLE_EVERY
+
+
+class HookedDeque(deque):
+    """``pending`` with a hook run just before or just after the next append:
+    where another thread could run between put()'s steps."""
+
+    before: Optional[Callable[[], None]] = None
+    after: Optional[Callable[[], None]] = None
+
+    def append(self, x: Any) -> None:
+        hook, self.before = self.before, None
+        if hook is not None:
+            hook()
+        super().append(x)
+        hook, self.after = self.after, None
+        if hook is not None:
+            hook()
+
+
+@pytest.fixture
+def front():
+    f = Front(Options(1, False, 1000, 1000, 100, None, None, None, None, None, None))
+    f.pending = HookedDeque()
+    # Draw tickets until the next put() takes the fast path (not sampled).
+    while not (next(f.put_ticket) + 1) & (SAMPLE_EVERY - 1):
+        pass
+    yield f
+    for fd in (f.wake_r, f.wake_w, f.room_r, f.room_w, f.get_wake_r, f.get_wake_w):
+        _wire.close_fd(fd)
+
+
+def put_through(front: Front, cls: type = ParallelQueue) -> Callable[..., None]:
+    """``cls``'s put(), on ``front`` instead of a queue's engine (a
+    ParallelSingleTaskQueue's takes the arguments alone)."""
+    q = cls.__new__(cls)
+    q._engine = front
+    if cls is ParallelQueue:
+        return q.put  # type: ignore[no-any-return]
+    return lambda fn, *args: q.put(*args)
+
+
+def wake_bytes(front: Front) -> int:
+    os.set_blocking(front.wake_r.fd, False)
+    try:
+        return len(os.read(front.wake_r.fd, 64))
+    except BlockingIOError:
+        return 0
+
+
+def dispatcher_goes_to_sleep(front: Front) -> None:
+    with front.lock:
+        assert front.dispatcher_sleeps()  # it saw no task
+
+
+@pytest.mark.parametrize("cls", [ParallelQueue, ParallelSingleTaskQueue])
+def test_dispatcher_sleeping_between_append_and_reread_is_woken(front, cls):
+    # put() checks fast_put (set), the dispatcher finds pending empty and
+    # sleeps, put() appends: without the re-read and settle_put, the task
+    # would wait until some later put() woke the dispatcher.
+    front.pending.before = lambda: dispatcher_goes_to_sleep(front)
+    put_through(front, cls)(abs, -1)
+    assert len(front.pending) == 1
+    assert wake_bytes(front) == 1
+    assert not front.dispatcher_idle and front.fast_put
+
+
+def test_dispatcher_looking_after_the_append_sees_the_task(front):
+    # The other order: the append comes first, so the dispatcher must not
+    # sleep (and put() has nobody to wake).
+    def dispatcher_looks() -> None:
+        with front.lock:
+            assert not front.dispatcher_sleeps()
+
+    front.pending.after = dispatcher_looks
+    put_through(front)(abs, -1)
+    assert len(front.pending) == 1
+    assert wake_bytes(front) == 0
+    assert front.fast_put and not front.dispatcher_idle
+
+
+def test_stop_between_append_and_reread_counts_the_task(front):
+    # stop() counts the task appended just before it: put() returns and the
+    # task runs.
+    front.pending.after = front.stop
+    put_through(front)(abs, -1)
+    assert front.tasks_at_stop == 1
+    assert front.takeable() == 1 and len(front.pending) == 1
+
+
+@pytest.mark.parametrize("cls", [ParallelQueue, ParallelSingleTaskQueue])
+def test_stop_between_check_and_append_withdraws_the_task(front, cls):
+    # put() saw fast_put set, then stop() counted 0 tasks, then put()
+    # appended: the task came after stop(), so put() withdraws it and raises.
+    put = put_through(front, cls)
+    front.pending.before = front.stop
+    with pytest.raises(QueueStopped, match="after stop"):
+        put(abs, -1)
+    assert front.tasks_at_stop == 0
+    assert len(front.pending) == 0 and front.takeable() == 0
+
+
+def test_stop_between_check_and_append_keeps_counted_neighbours(front):
+    put = put_through(front)
+    for i in range(3):
+        put(abs, i)
+    front.pending.before = front.stop
+    with pytest.raises(QueueStopped):
+        put(abs, 99)
+    assert [args for _, args, _ in front.pending] == [(0,), (1,), (2,)]
+    assert front.tasks_at_stop == 3
+
+
+def test_terminate_between_check_and_append_withdraws_the_task(front):
+    def terminate() -> None:
+        front.kill_processes = lambda: None  # a bare Front has no processes
+        assert front.begin_terminate()
+
+    front.pending.before = terminate
+    with pytest.raises(QueueStopped, match="terminated"):
+        put_through(front)(abs, -1)
+    assert len(front.pending) == 0
+
+
+def test_producers_racing_stop_lose_nothing_and_run_nothing_extra():
+    # Every put() that returned has its result delivered; every put() that
+    # raised QueueStopped has none.  Four threads put as fast as they can
+    # while stop() comes at some point.
+    accepted: list[list[int]] = [[] for _ in range(4)]
+    with ParallelQueue(num_workers=2, in_q_max=100_000) as q:
+        started = threading.Barrier(5)
+
+        def produce(t: int) -> None:
+            started.wait()
+            i = 0
+            while True:
+                task = t * 10_000_000 + i
+                try:
+                    q.put(abs, -task)
+                except QueueStopped:
+                    return
+                accepted[t].append(task)
+                i += 1
+
+        threads = [threading.Thread(target=produce, args=(t,)) for t in range(4)]
+        for t in threads:
+            t.start()
+        started.wait()
+        got = [q.get(timeout=60) for _ in range(5000)]
+        q.stop()
+        for t in threads:
+            t.join(60)
+        while True:
+            try:
+                got.append(q.get(timeout=60))
+            except QueueStopped:
+                break
+    assert sorted(got) == sorted(x for a in accepted for x in a)
+    for a in accepted:  # each thread's tasks come out in its order
+        mine = set(a)
+        assert [x for x in got if x in mine] == a
+    with pytest.raises(queue.Empty):
+        q.get(block=False)
