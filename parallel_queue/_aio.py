@@ -163,8 +163,8 @@ class AsyncIMapIterator(AsyncIterator[R]):
         engine = self._it._q._engine
         try:
             async for x in self._source:  # type: ignore[union-attr]
-                item = ((x,), None)
-                await aput(engine, lambda item=item: _put_nowait(engine, item))  # type: ignore[misc]
+                # imap's queue over one iterable: the item is the argument.
+                await aput(engine, lambda x=x: _put_nowait(engine, x))  # type: ignore[misc]
         except QueueStopped:
             return
         except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place

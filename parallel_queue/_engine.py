@@ -121,6 +121,9 @@ class Options:
         # imap's chunksize: packets of exactly this many tasks (when that many
         # wait), instead of sizes derived from measured task times.
         self.exact_batch = False
+        # What a task item is (_worker.CALL, ARGS, STAR, ONE): set by the
+        # queue class before the engine starts.
+        self.form = 0
         # Every id alive at once lies within [next, next + window): the
         # reorder buffer plus what workers hold, plus one for the packet
         # being re-sent after a crash.
@@ -293,6 +296,8 @@ class Engine(Front):
             self.task_fn,
             self.opts.worker_init_f,
             self.opts.max_tasks_per_worker,
+            self.opts.task_timeout is not None,
+            self.opts.form,
         )
         slot.incarnation += 1
         proc = self.ctx.Process(

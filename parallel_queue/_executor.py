@@ -84,14 +84,16 @@ class LiveError:
         return exc
 
 
-def run_packet_local(fn: Optional[Callable[..., Any]], items: list[Any]) -> tuple[int, list[Any], dict[int, Any]]:
+def run_packet_local(
+    fn: Optional[Callable[..., Any]], form: int, items: list[Any]
+) -> tuple[int, list[Any], dict[int, Any]]:
     """In a thread of the executor: run the packet, hand back live objects."""
     t0 = time.perf_counter_ns()
-    values, errors, _ = run_items(fn, items, LiveError)
+    values, errors, _ = run_items(fn, form, items, LiveError)
     return time.perf_counter_ns() - t0, values, errors
 
 
-def run_packet_remote(fn_bytes: Optional[bytes], payload: bytes, individually: bool) -> tuple[int, bytes]:
+def run_packet_remote(fn_bytes: Optional[bytes], form: int, payload: bytes, individually: bool) -> tuple[int, bytes]:
     """In another process (a process pool, a Dask worker): pickled in, pickled out."""
     try:
         items = loads_tasks(payload, individually)
@@ -99,7 +101,7 @@ def run_packet_remote(fn_bytes: Optional[bytes], payload: bytes, individually: b
         return 0, _REJECTED  # the dispatcher sends it again, one pickle per task
     fn = cloudpickle.loads(fn_bytes) if fn_bytes is not None else None
     t0 = time.perf_counter_ns()
-    values, errors, _ = run_items(fn, items, capture_error)
+    values, errors, _ = run_items(fn, form, items, capture_error)
     ns = time.perf_counter_ns() - t0
     return ns, dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
 
@@ -264,7 +266,7 @@ class ExecutorEngine(Front):
     def submit(self, pkt: _Packet) -> None:
         try:
             if self.kind == "threads":
-                fut = self.executor.submit(run_packet_local, self.task_fn, pkt.items)
+                fut = self.executor.submit(run_packet_local, self.task_fn, self.opts.form, pkt.items)
             else:
                 if pkt.individually:
                     payload, ind = dumps_individually(pkt.items), True
@@ -274,13 +276,14 @@ class ExecutorEngine(Front):
                     fut = self.executor.submit(
                         run_packet_remote,
                         self.fn_bytes,
+                        self.opts.form,
                         payload,
                         ind,
                         pure=False,
                         key=f"parallel_queue-{self.token}-{pkt.seq}",
                     )
                 else:
-                    fut = self.executor.submit(run_packet_remote, self.fn_bytes, payload, ind)
+                    fut = self.executor.submit(run_packet_remote, self.fn_bytes, self.opts.form, payload, ind)
         except BaseException as e:  # noqa: BLE001 - a shut-down or broken executor
             self.finished.append((pkt, None, e))
             return

@@ -12,13 +12,13 @@ from __future__ import annotations
 import threading
 import weakref
 from collections import deque
-from itertools import repeat
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from ._errors import QueueStopped
 from ._payload import TaskError
 from ._queue import ParallelSingleTaskQueue
 from ._threads import helper_thread
+from ._worker import ONE, STAR
 
 R = TypeVar("R")
 
@@ -28,6 +28,18 @@ FEED_CHUNK = 256
 
 
 _EMPTY: Iterator[Any] = iter(())
+
+
+class _OneArgQueue(ParallelSingleTaskQueue[R]):
+    """imap's queue over one iterable: a task item is the argument itself."""
+
+    _form = ONE
+
+
+class _StarQueue(ParallelSingleTaskQueue[R]):
+    """imap's queue over several iterables: a task item is the args tuple."""
+
+    _form = STAR
 
 
 class NothingInHand(Exception):
@@ -57,7 +69,8 @@ class IMapIterator(Iterator[R]):
                 raise ValueError(f"chunksize must be at least 1, got {chunksize}")
             options["max_batch"] = chunksize
         progress = bool(options.pop("progress", False))
-        self._q: ParallelSingleTaskQueue[R] = ParallelSingleTaskQueue(fn, num_workers=num_workers, **options)
+        queue_cls = _StarQueue if len(iterables) > 1 else _OneArgQueue
+        self._q: ParallelSingleTaskQueue[R] = queue_cls(fn, num_workers=num_workers, **options)
         engine = self._q._engine
         engine.opts.exact_batch = chunksize is not None
         if progress:
@@ -72,9 +85,10 @@ class IMapIterator(Iterator[R]):
         self._done = False
         self._feeder: Optional[threading.Thread] = None
         if feed:
-            # Task items ``(args, None)`` made by C iterators: no Python code
-            # runs per item on the way in.
-            source = zip(zip(*iterables), repeat(None))
+            # Task items are the inputs themselves (one iterable) or zip's
+            # tuples: no Python code runs per item on the way in, and they
+            # pickle as compactly as they can.
+            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
             self._feeder = helper_thread(_feed, "parallel_queue-imap-feeder", (engine, source, self._input_error))
             self._feeder.start()
         # Dropped without close(): end the workers; the feeder then stops on

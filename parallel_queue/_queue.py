@@ -12,6 +12,7 @@ from ._engine import Engine, Options
 from ._errors import QueueStopped
 from ._front import Front
 from ._stats import SAMPLE_EVERY, QueueStats
+from ._worker import ARGS, CALL
 
 _SAMPLE_MASK = SAMPLE_EVERY - 1
 
@@ -70,6 +71,9 @@ def _check_executor_options(executor: Any, opts: Options) -> None:
 
 
 class _QueueBase(Generic[R]):
+    # What the engine's task items are (see _worker): each class's own put().
+    _form = CALL
+
     def __init__(
         self,
         task_fn: Optional[Callable[..., Any]],
@@ -102,6 +106,7 @@ class _QueueBase(Generic[R]):
             max_batch,
             progress,
         )
+        opts.form = self._form
         self._engine: Front
         if executor is None:
             self._engine = Engine(opts, task_fn)
@@ -322,6 +327,8 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
     ...     [q.get(), q.get()]
     [3, 4]
     """
+
+    _form = ARGS
 
     __doc__ = (__doc__ or "") + _DOC_OPTIONS
 

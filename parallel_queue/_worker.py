@@ -33,6 +33,12 @@ from ._packet_id import ahead
 from ._payload import TaskError, describe_task, dumps_results, loads_tasks
 from ._wire import Fd, Kind
 
+# What a task item is, by queue (Options.form):
+CALL = 0  # ParallelQueue: (fn, args, kwargs or None)
+ARGS = 1  # ParallelSingleTaskQueue: (args, kwargs or None)
+STAR = 2  # imap over several iterables: the args tuple
+ONE = 3  # imap over one iterable: the one argument itself (cheapest to pickle)
+
 # Layout of one slot in the shared progress array.
 PROGRESS_FIELDS = 4
 P_PACKET, P_ITEM, P_START_NS, P_SEQ = range(PROGRESS_FIELDS)
@@ -94,6 +100,8 @@ class WorkerSpec(NamedTuple):
     task_fn: Optional[Any]  # ParallelSingleTaskQueue's function
     init_fn: Optional[Any]
     max_tasks: int  # 0: no limit
+    timed: bool  # task_timeout is set: record each task's start (see run_items)
+    form: int  # what a task item is: CALL, ARGS, STAR or ONE
 
 
 def watch_parent(parent_alive: Fd) -> None:
@@ -150,7 +158,9 @@ class _Worker:
         self.spec = spec
         self.base = 2 * spec.window + 1
         self.fn = spec.task_fn
-        self.prog = spec.progress
+        # A memoryview of the shared array: a store through it costs a
+        # fraction of a ctypes item assignment, and one happens per task.
+        self.prog = memoryview(spec.progress).cast("B").cast("q")
         self.p0 = spec.slot * PROGRESS_FIELDS
         self.seq = 0
         self.done = 0
@@ -177,7 +187,9 @@ class _Worker:
         except Exception:
             items = self.fetch_individually(pkt.packet_id)
         t0 = time.perf_counter_ns()
-        values, errors, self.seq = run_items(self.fn, items, capture_error, prog, p0, self.seq)
+        values, errors, self.seq = run_items(
+            self.fn, self.spec.form, items, capture_error, prog, p0, self.seq, self.spec.timed
+        )
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
         payload = dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
@@ -219,44 +231,61 @@ class _Worker:
 
 def run_items(
     fn: Optional[Callable[..., Any]],
+    form: int,
     items: list[Any],
     capture: Callable[[BaseException], Any],
     prog: Any = None,
     p0: int = 0,
     seq: int = 0,
+    timed: bool = False,
 ) -> tuple[list[Any], dict[int, Any], int]:
-    """Run a packet's tasks in order: ``(values, errors, seq)``.
+    """Run a packet's tasks (items of ``form``) in order: ``(values, errors, seq)``.
 
     A task that raises gets ``capture(exception)`` in ``errors`` at its index
     (SystemExit too: it is that task's error); a TaskError in place of a task
     (it already failed) passes through.  ``prog``: where a process worker
-    records, before each task, which one runs (the shared progress array;
-    ``seq`` counts tasks started), for crash and timeout attribution.
+    records, before each task, which one runs (its slot of the shared
+    progress array), for crash attribution.  ``timed`` (task_timeout is
+    set): also each task's start time and sequence number, for the timeout
+    check; otherwise the sequence number is written once per packet (it only
+    tells then whether the worker ever started a task), which keeps the cost
+    per task at one store.
     """
     if prog is None:
         prog, p0 = [0] * PROGRESS_FIELDS, 0
+    at_item = p0 + P_ITEM
+    if not timed:
+        prog[p0 + P_SEQ] = seq + 1
     values: list[Any] = []
     errors: dict[int, Any] = {}
     for k, item in enumerate(items):
-        prog[p0 + P_ITEM] = k
-        prog[p0 + P_START_NS] = time.monotonic_ns()
-        seq += 1
-        prog[p0 + P_SEQ] = seq
+        prog[at_item] = k
+        if timed:
+            prog[p0 + P_START_NS] = time.monotonic_ns()
+            seq += 1
+            prog[p0 + P_SEQ] = seq
         if type(item) is TaskError:
             errors[k] = item
             values.append(None)
             continue
         try:
-            if fn is None:
+            if form == ONE:
+                values.append(fn(item))  # type: ignore[misc]
+            elif form == STAR:
+                values.append(fn(*item))  # type: ignore[misc]
+            elif form == CALL:
                 f, args, kwargs = item
                 values.append(f(*args, **kwargs) if kwargs else f(*args))
             else:
                 args, kwargs = item
-                values.append(fn(*args, **kwargs) if kwargs else fn(*args))
+                values.append(fn(*args, **kwargs) if kwargs else fn(*args))  # type: ignore[misc]
         except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
             errors[k] = capture(e)
             values.append(None)
-    prog[p0 + P_ITEM] = len(items)
+    prog[at_item] = len(items)
+    if not timed:
+        seq += len(items)
+        prog[p0 + P_SEQ] = seq
     return values, errors, seq
 
 

@@ -158,3 +158,25 @@ def test_dead_worker_is_an_error_in_place():
 def test_options_reach_the_queue():
     with pytest.raises(ValueError):
         imap(square, range(3), in_q_max=0)
+
+
+def kind_of(x):
+    return type(x).__name__
+
+
+@pytest.mark.parametrize("several", [False, True])
+def test_unpicklable_input_fails_in_its_own_place(several):
+    # imap sends the inputs themselves (or zip's tuples) as task items: an
+    # input that will not pickle fails in its slot, its neighbours run.
+    import pickle
+
+    inputs = [1, "two", threading.Lock(), 4.0]
+    if several:
+        it = imap(lambda a, b: kind_of(a) + kind_of(b), inputs, inputs, num_workers=2)
+        expected = ["intint", "strstr", None, "floatfloat"]
+    else:
+        it = imap(kind_of, inputs, num_workers=2)
+        expected = ["int", "str", None, "float"]
+    out = drain(it, pickle.PicklingError)
+    assert out[:2] == expected[:2] and out[3] == expected[3]
+    assert out[2].startswith("PicklingError: could not pickle task")
