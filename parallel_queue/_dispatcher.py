@@ -94,6 +94,12 @@ class Dispatcher:
             self.e.break_with(err)
         finally:
             self.sel.close()
+            with self.e.lock:  # close() closes descriptors under it
+                if not self.e.closed:
+                    try:
+                        os.write(self.e.done_w.fd, b"\0")  # for join()
+                    except OSError:
+                        pass
 
     def loop(self) -> None:
         e = self.e

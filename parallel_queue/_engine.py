@@ -231,6 +231,7 @@ class Engine(Front):
         self.max_packet_id = ctx.RawValue("q", 0)
         self.progress = ctx.RawArray("q", PROGRESS_FIELDS * n)
         self.alive_r, _ = parent_alive_pipe()
+        self.done_r, self.done_w = _wire.make_pipe()  # the dispatcher has returned
 
         results = [_wire.make_pipe(big=True) for _ in range(n)]
         gos = [_wire.make_pipe() for _ in range(n)]
@@ -363,6 +364,8 @@ class Engine(Front):
                 self.get_wake_w,
                 self.room_r,
                 self.room_w,
+                self.done_r,
+                self.done_w,
             ):
                 _wire.close_fd(fd)
         for p in self.processes():
@@ -390,23 +393,37 @@ class Engine(Front):
         from multiprocessing.connection import wait
 
         deadline = None if timeout is None else time.monotonic() + timeout
+        in_dispatcher = self.thread is threading.current_thread()
         while True:
-            alive = [p for p in self.processes() if not _ended(p)]
-            if not alive:
+            # The dispatcher reaps every process before it returns, and then
+            # writes to ``done``: wait for that, not for the processes
+            # themselves (two threads woken by every exit only pass the GIL
+            # back and forth).  From the dispatcher's own thread (a callback),
+            # wait for the processes.
+            if in_dispatcher:
+                alive = [p.sentinel for p in self.processes() if not _ended(p)]
+                if not alive:
+                    break
+            elif _wire.readable(self.done_r.fd, 0) or not self.thread.is_alive():
                 break
             remaining = None if deadline is None else deadline - time.monotonic()
             if remaining is not None and remaining <= 0:
                 return False
-            waitables: list[Any] = [p.sentinel for p in alive]
+            waitables: list[Any] = alive if in_dispatcher else [self.done_r.fd]
             if not self.delivery.closed and not self.delivery.reader.eof:
                 waitables.append(self.output_r.fd)
             wait(waitables, remaining)
             self.delivery.pump()
-        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-        if self.thread is not threading.current_thread():
-            self.thread.join(remaining)
-            if self.thread.is_alive():
-                return False
+        if not in_dispatcher:
+            self.thread.join()  # it has returned (or is returning): no wait
+            # After a break or terminate() the dispatcher returns before the
+            # processes are reaped; kill_processes() reaps them.
+            for p in self.processes():
+                if not _ended(p):
+                    remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                    wait([p.sentinel], remaining)
+                    if not _ended(p):
+                        return False
         while self.delivery.pump():
             _wire.readable(self.output_r.fd, None)
         self.close()
