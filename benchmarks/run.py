@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import concurrent.futures
+import contextlib
 import json
 import multiprocessing
 import os
@@ -34,18 +35,28 @@ Result = dict[str, Any]
 
 
 def _throughput(
-    peer_factory: Callable[[], peers.Peer], fn: Callable[[Any], Any], items: list[Any], rounds: int
-) -> list[float]:
-    rates = []
-    with peer_factory() as peer:
-        for _ in range(rounds):
-            t0 = time.perf_counter()
-            n = 0
-            for _ in peer.map(fn, items):
-                n += 1
-            dt = time.perf_counter() - t0
-            assert n == len(items)
-            rates.append(len(items) / dt)
+    factories: list[Callable[[], peers.Peer]], fn: Callable[[Any], Any], items: list[Any], rounds: int
+) -> dict[str, list[float]]:
+    """Tasks per second of each peer, ``rounds`` times.
+
+    Every peer is started first; then each round runs every peer once, in
+    turn, so a machine that speeds up or slows down during the run (shared
+    machines do) weighs on all of them alike.  A first round warms every
+    peer up and is not counted.
+    """
+    rates: dict[str, list[float]] = {}
+    with contextlib.ExitStack() as stack:
+        started = [stack.enter_context(f()) for f in factories]
+        for r in range(rounds + 1):
+            for peer in started:
+                t0 = time.perf_counter()
+                n = 0
+                for _ in peer.map(fn, items):
+                    n += 1
+                dt = time.perf_counter() - t0
+                assert n == len(items)
+                if r:
+                    rates.setdefault(peer.name, []).append(len(items) / dt)
     return rates
 
 
@@ -81,10 +92,9 @@ def run_throughput(name: str, quick: bool, rounds: int) -> Result:
         factories = [f for f in factories if "100" not in f().name]  # coarse chunks add nothing here
     factories += peers.optional_peers()
     out: Result = {"workload": name, "what": what, "tasks": len(items), "unit": "tasks/s", "peers": {}}
-    for f in factories:
-        rates = _throughput(f, fn, items, rounds)
-        out["peers"][f().name] = {"median": statistics.median(rates), "rounds": rates}
-        print(f"  {name:12s} {f().name:42s} {statistics.median(rates):12,.0f} tasks/s", flush=True)
+    for peer_name, rates in _throughput(factories, fn, items, rounds).items():
+        out["peers"][peer_name] = {"median": statistics.median(rates), "rounds": rates}
+        print(f"  {name:12s} {peer_name:42s} {statistics.median(rates):12,.0f} tasks/s", flush=True)
     if name == "cpu_3ms":
         sequential = len(items) * 0.003
         for p in out["peers"].values():

@@ -62,7 +62,9 @@ class Delivery:
         self.steps: deque[Any] = deque()
         # Plain values get() may hand out as they are, lock-free.
         self.ready: deque[Any] = deque()
-        self.moved = 0  # task results moved into ``ready`` or raised
+        self.moved = 0  # task results moved into ``ready``, raised or dropped
+        # Results to drop as they come: those of a closed map's tasks.
+        self.discard = 0
         self.errors_raised = 0
         self.markers_delivered = 0
         self.latency = engine.latency
@@ -82,6 +84,8 @@ class Delivery:
     def get(self, block: bool, timeout: Optional[float]) -> Any:
         """get()'s slow path: ``ready`` was empty."""
         deadline = _deadline(block, timeout)
+        if self.e.lease is not None:
+            raise RuntimeError("get() on a queue while its imap() runs (finish or close the map first)")
         while True:
             with self.lock:
                 found = self.next_in_hand(block, deadline)
@@ -109,6 +113,8 @@ class Delivery:
             with self.lock:
                 if self.markers:
                     raise TypeError("get_batch() on a queue with markers")
+                if self.discard:
+                    self.drop_discarded()
                 if self.ready or self.steps:
                     return self.take_steps()
                 if self.bodies:
@@ -150,6 +156,8 @@ class Delivery:
         at the deadline)."""
         markers = self.markers
         while True:
+            if self.discard:
+                self.drop_discarded()
             if self.ready:
                 return VALUE
             if markers and markers[0][0] == self.moved:
@@ -172,6 +180,22 @@ class Delivery:
                 self.tell_waiters()
                 continue
             return None  # nothing in hand and nobody polls: wait_for_more() polls
+
+    def drop_discarded(self) -> None:
+        """(lock held) Drop what is in hand of the results to discard."""
+        while self.discard and (self.steps or self.bodies):
+            if not self.steps:
+                self.split(*self.decode(self.bodies.popleft()))
+                continue
+            step = self.steps[0]
+            if type(step) is list and len(step) > self.discard:
+                k = self.discard
+                self.steps[0] = step[k:]
+            else:
+                k = len(step) if type(step) is list else 1
+                self.steps.popleft()
+            self.moved += k
+            self.discard -= k
 
     def move_run(self) -> None:
         """(lock held, ``ready`` empty) Move the next run of values into ``ready``,
@@ -263,6 +287,9 @@ class Delivery:
             raise fresh_copy(e.broken)
         if stop_at is not None and self.moved >= stop_at and not self.ready:
             raise QueueStopped("the queue was stopped and every result was delivered")
+        lease = e.lease
+        if lease is not None and lease.end is not None and self.moved >= lease.end:
+            raise QueueStopped("the map's every result was delivered")
         if e.terminated:
             raise QueueStopped("the queue was terminated")
         if self.reader.eof:

@@ -38,6 +38,17 @@ if TYPE_CHECKING:
     from ._engine import Options
 
 
+class MapLease:
+    """A map's hold on a queue (see Front.begin_map)."""
+
+    __slots__ = ("start", "end", "cancelled")
+
+    def __init__(self, start: int) -> None:
+        self.start = start  # the index of its first task
+        self.end: Optional[int] = None  # one past its last, once the input ran out
+        self.cancelled = False
+
+
 class Front:
     """Shared state and the put side of a queue; subclasses run the tasks."""
 
@@ -60,6 +71,9 @@ class Front:
         # Tickets: every put() draws one; one in SAMPLE_EVERY takes the
         # locked path and has its latency measured.
         self.put_ticket = itertools.count()
+        # The map running on this queue (ParallelQueue.imap): while there is
+        # one, only its feeder puts and only its iterator gets.
+        self.lease: Optional[MapLease] = None
         self.latency = LatencySampler()
         self.tasks_at_stop: Optional[int] = None
         self.terminated = False
@@ -153,7 +167,7 @@ class Front:
         False if a task is already there (then it must not sleep)."""
         self.fast_put = False  # first; then look at pending (module docstring)
         if self.takeable():
-            self.fast_put = self.accepting
+            self.fast_put = self.accepting and self.lease is None
             return False
         self.dispatcher_idle = True
         return True
@@ -161,7 +175,7 @@ class Front:
     def dispatcher_awake(self) -> None:
         """(lock held) The dispatcher is running again: put() may go fast."""
         self.dispatcher_idle = False
-        self.fast_put = self.accepting
+        self.fast_put = self.accepting and self.lease is None
 
     def put_task(self, item: Any, timeout: Optional[float], sample: Optional[bool] = None) -> None:
         """put()'s locked path: wait for room, wake the dispatcher, sample latency."""
@@ -170,8 +184,10 @@ class Front:
         with self.put_cond:
             if not self.accepting:
                 self.check_usable()
+            self.check_no_map()
             if len(self.pending) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+                self.check_no_map()
             if sample:
                 self.latency.put_at(self.dispatched + len(self.pending))
             self.pending.append(item)
@@ -186,7 +202,7 @@ class Front:
         that read: the task stays if stop() counted it, and is withdrawn (and
         put() raises) if not."""
         with self.lock:
-            if self.accepting:
+            if self.accepting and self.lease is None:
                 if self.dispatcher_idle:
                     self.dispatcher_awake()
                     self.wake_dispatcher()
@@ -197,26 +213,37 @@ class Front:
                     break
             else:
                 return  # already taken by the dispatcher: it was counted
-            if self.broken is None and not self.terminated and self.tasks_at_stop is not None:
+            if self.broken is None and not self.terminated and self.tasks_at_stop is not None and self.lease is None:
                 if self.dispatched + k < self.tasks_at_stop:
                     return  # counted by stop(): it runs
-            # Came after stop() (or the queue is gone): tasks after it in
-            # ``pending`` came after it, so withdrawing it moves no counted one.
+            # Came after stop() (or the queue is gone, or a map took it
+            # over): tasks after it in ``pending`` came after it, so
+            # withdrawing it moves no counted one.
             del pending[k]
             self.check_usable()
+            self.check_no_map()
 
-    def put_many(self, items: Iterator[Any], count: int, timeout: Optional[float]) -> bool:
+    def put_many(
+        self, items: Iterator[Any], count: int, timeout: Optional[float], lease: Optional[MapLease] = None
+    ) -> bool:
         """Append up to ``count`` tasks from ``items``, as many as fit.
 
         Blocks (``queue.Full`` after ``timeout``) only while nothing fits.
         Returns True once ``items`` is used up.  The bulk path of ``imap``:
-        one lock round per call instead of one per task.
+        one lock round per call instead of one per task.  ``lease``: the map
+        feeding (QueueStopped once it is closed).
         """
         with self.put_cond:
             if not self.accepting:
                 self.check_usable()
+            if lease is None:
+                self.check_no_map()
             if len(self.pending) >= self.opts.in_q_max:
-                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
+                self.wait_for_room(
+                    lambda: len(self.pending) < self.opts.in_q_max or (lease is not None and lease.cancelled), timeout
+                )
+            if lease is not None and lease.cancelled:
+                raise QueueStopped("the map was closed")
             before = len(self.pending)
             room = min(count, self.opts.in_q_max - before)
             try:
@@ -234,6 +261,7 @@ class Front:
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
         with self.put_cond:
             self.check_usable()
+            self.check_no_map()
             if len(self.markers) >= self.opts.in_q_max:
                 self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
             self.markers.append((self.dispatched + len(self.pending), marker))
@@ -261,6 +289,51 @@ class Front:
             raise QueueStopped("the queue was terminated")
         if self.tasks_at_stop is not None:
             raise QueueStopped("stop() was called while put() waited" if after_wait else "put() after stop()")
+
+    def check_no_map(self) -> None:
+        """(lock held) put() is not for a queue a map has taken over."""
+        if self.lease is not None:
+            raise RuntimeError("put() on a queue while its imap() runs (finish or close the map first)")
+
+    # ----------------------------------------------------------------- maps
+
+    def begin_map(self) -> MapLease:
+        """Take the queue over for a map (ParallelQueue.imap): it must be idle,
+        every result put before taken, and no map running."""
+        d = self.delivery
+        with d.lock, self.lock:  # in this order, as Delivery takes them
+            self.check_usable()
+            if self.lease is not None:
+                raise RuntimeError("another imap() is running on this queue")
+            if self.markers or self.dispatched + len(self.pending) != d.moved + d.discard or d.ready or d.steps:
+                raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
+            self.lease = MapLease(self.dispatched + len(self.pending))
+            self.fast_put = False
+        return self.lease
+
+    def end_map_input(self, lease: MapLease) -> None:
+        """The map's input ran out: its results end at the count put so far."""
+        with self.lock:
+            lease.end = self.dispatched + len(self.pending)
+            self.wake_all_getters()
+
+    def cancel_map(self, lease: MapLease) -> None:
+        """Stop the map's feeder (put_many raises QueueStopped)."""
+        with self.lock:
+            lease.cancelled = True
+            self.room_freed()
+
+    def release_map(self, lease: MapLease) -> None:
+        """The map is over: results of its tasks not taken are dropped as they
+        come, and the queue is the caller's again."""
+        d = self.delivery
+        with d.lock, self.lock:
+            if self.lease is not lease:
+                return
+            d.discard += self.dispatched + len(self.pending) - (d.moved + d.discard)
+            self.lease = None
+            if not self.dispatcher_idle:
+                self.fast_put = self.accepting
 
     # ----------------------------------------------------------- lifecycle
 

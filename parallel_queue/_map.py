@@ -9,12 +9,15 @@ in its place; the iterator goes on after it, as ``Pool.imap``'s does.
 
 from __future__ import annotations
 
+import functools
 import threading
 import weakref
 from collections import deque
+from itertools import repeat
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from ._errors import QueueStopped
+from ._front import MapLease
 from ._payload import TaskError
 from ._queue import ParallelSingleTaskQueue
 from ._threads import helper_thread
@@ -50,7 +53,9 @@ class IMapIterator(Iterator[R]):
     """The iterator ``imap`` returns: results in input order.
 
     ``close()`` (or leaving a ``with`` block, or dropping the iterator)
-    stops the workers; the input is not read any further.
+    stops the workers; the input is not read any further.  For
+    ``ParallelQueue.imap``, it gives the queue back instead: tasks already
+    sent run to their end, and their results are dropped.
     """
 
     def __init__(
@@ -61,20 +66,33 @@ class IMapIterator(Iterator[R]):
         chunksize: Optional[int],
         options: dict[str, Any],
         feed: bool = True,
+        queue: Any = None,
     ) -> None:
         if feed and not iterables:
             raise TypeError("imap() must have at least two arguments.")
-        if chunksize is not None:
-            if chunksize < 1:
-                raise ValueError(f"chunksize must be at least 1, got {chunksize}")
-            options["max_batch"] = chunksize
-        progress = bool(options.pop("progress", False))
-        queue_cls = _StarQueue if len(iterables) > 1 else _OneArgQueue
-        self._q: ParallelSingleTaskQueue[R] = queue_cls(fn, num_workers=num_workers, **options)
-        engine = self._q._engine
-        engine.opts.exact_batch = chunksize is not None
-        if progress:
-            engine.show_progress(_length(iterables))
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+        self._lease: Optional[MapLease] = None
+        if queue is None:
+            if chunksize is not None:
+                options["max_batch"] = chunksize
+            progress = bool(options.pop("progress", False))
+            queue_cls = _StarQueue if len(iterables) > 1 else _OneArgQueue
+            self._q: Any = queue_cls(fn, num_workers=num_workers, **options)
+            engine = self._q._engine
+            engine.opts.exact_batch = chunksize is not None
+            if progress:
+                engine.show_progress(_length(iterables))
+        else:
+            # A map on a queue the caller owns: its workers take any task, so
+            # items carry the function (pickled once per packet).
+            self._q = queue
+            engine = queue._engine
+            self._lease = engine.begin_map()
+            self._saved_batch = (engine.opts.max_batch, engine.opts.exact_batch)
+            if chunksize is not None:
+                engine.opts.max_batch, engine.opts.exact_batch = chunksize, True
+        self._engine = engine
         self._delivery = engine.delivery
         # Results in hand: ``_cur`` iterates the current run of plain values;
         # ``_steps`` holds what follows in the packet (runs, and TaskErrors
@@ -88,12 +106,22 @@ class IMapIterator(Iterator[R]):
             # Task items are the inputs themselves (one iterable) or zip's
             # tuples: no Python code runs per item on the way in, and they
             # pickle as compactly as they can.
-            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
-            self._feeder = helper_thread(_feed, "parallel_queue-imap-feeder", (engine, source, self._input_error))
+            if self._lease is not None:
+                source: Iterator[Any] = zip(repeat(fn), zip(*iterables), repeat(None))
+            else:
+                source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+            self._feeder = helper_thread(
+                _feed, "parallel_queue-imap-feeder", (engine, source, self._input_error, self._lease)
+            )
             self._feeder.start()
-        # Dropped without close(): end the workers; the feeder then stops on
-        # its next put.  The finalizer holds the queue, not this iterator.
-        self._finalizer = weakref.finalize(self, self._q.terminate)
+        # Dropped without close(): end the workers (or give the queue back);
+        # the feeder then stops on its next put.  The finalizer holds the
+        # queue, not this iterator.
+        if self._lease is None:
+            self._finalizer = weakref.finalize(self, self._q.terminate)
+        else:
+            give_back = functools.partial(_give_back, engine, self._lease, self._feeder, self._saved_batch)
+            self._finalizer = weakref.finalize(self, give_back)
 
     def __iter__(self) -> Iterator[R]:
         # A generator: ``for`` then takes each value at C speed (``yield
@@ -177,14 +205,21 @@ class IMapIterator(Iterator[R]):
 
     def _finish(self) -> None:
         self._done = True
+        if self._lease is not None:
+            self._finalizer()  # _give_back: every result was taken
+            return
         if self._feeder is not None:
             self._feeder.join()
         self._q.join()
 
     def close(self) -> None:
-        """Stop the workers now; results not yet taken are dropped."""
+        """Stop the workers now (or give the queue back); results not yet
+        taken are dropped."""
         self._done = True
         self._cur, self._steps = _EMPTY, deque()
+        if self._lease is not None:
+            self._finalizer()
+            return
         self._q.terminate()
         if self._feeder is not None:
             self._feeder.join()
@@ -204,10 +239,10 @@ def _length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
         return None
 
 
-def _feed(engine: Any, source: Iterator[Any], input_error: list[BaseException]) -> None:
+def _feed(engine: Any, source: Iterator[Any], input_error: list[BaseException], lease: Optional[MapLease]) -> None:
     """Feeder thread: read the input, as fast as the queue takes it."""
     try:
-        while not engine.put_many(source, FEED_CHUNK, None):
+        while not engine.put_many(source, FEED_CHUNK, None, lease):
             pass
     except QueueStopped:
         return  # closed: stop reading
@@ -217,7 +252,19 @@ def _feed(engine: Any, source: Iterator[Any], input_error: list[BaseException]) 
         if isinstance(e, QueueBrokenError):
             return  # the consumer side reports it
         input_error.append(e)
-    engine.stop()
+    if lease is None:
+        engine.stop()
+    else:
+        engine.end_map_input(lease)
+
+
+def _give_back(engine: Any, lease: MapLease, feeder: Optional[threading.Thread], saved_batch: Any) -> None:
+    """End a map on a caller's queue: stop its feeder, hand the queue back."""
+    engine.cancel_map(lease)
+    if feeder is not None and feeder is not threading.current_thread():
+        feeder.join()
+    engine.opts.max_batch, engine.opts.exact_batch = saved_batch
+    engine.release_map(lease)
 
 
 def imap(

@@ -5,7 +5,7 @@ from __future__ import annotations
 import weakref
 from multiprocessing.context import BaseContext
 from types import TracebackType
-from typing import Any, AsyncIterator, Callable, Generic, Iterator, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from . import _aio
 from ._engine import Engine, Options
@@ -17,6 +17,7 @@ from ._worker import ARGS, CALL
 _SAMPLE_MASK = SAMPLE_EVERY - 1
 
 R = TypeVar("R")
+R2 = TypeVar("R2")
 
 _DOC_OPTIONS = """
     Options (all keyword arguments, the first eight as in 0.5):
@@ -299,6 +300,27 @@ class ParallelQueue(_QueueBase[Any]):
             )
         else:
             self._engine.put_marker(task, timeout)
+
+    def imap(self, fn: Callable[..., R2], *iterables: Iterable[Any], chunksize: Optional[int] = None) -> Iterator[R2]:
+        """``map(fn, *iterables)`` on this queue's workers, lazily, in order.
+
+        Like the module's ``imap``, without starting processes: a queue kept
+        for several maps pays its start-up once.  The queue must be idle
+        (every result put before taken); until the map's iterator is
+        exhausted or closed, the map has the queue to itself, and ``put()``
+        and ``get()`` raise ``RuntimeError``.  Closing the iterator early
+        (or dropping it) stops reading the input; tasks already sent still
+        run, and their results are dropped.
+
+        >>> with ParallelQueue(num_workers=2) as q:
+        ...     list(q.imap(pow, range(4), [2] * 4)), list(q.imap(abs, [-1, -2]))
+        ([0, 1, 4, 9], [1, 2])
+        """
+        from ._map import IMapIterator
+
+        if not iterables:
+            raise TypeError("imap() must have at least two arguments.")
+        return IMapIterator(fn, iterables, None, chunksize, {}, queue=self)
 
     async def aput(self, task: Any, *args: Any, **kwargs: Any) -> None:
         """``put()`` for asyncio: waits for room without blocking the event loop."""

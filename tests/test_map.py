@@ -10,7 +10,7 @@ import threading
 import pytest
 from conftest import descendants
 
-from parallel_queue import WorkerLostError, imap
+from parallel_queue import ParallelQueue, WorkerLostError, imap
 
 
 def square(x):
@@ -180,3 +180,74 @@ def test_unpicklable_input_fails_in_its_own_place(several):
     out = drain(it, pickle.PicklingError)
     assert out[:2] == expected[:2] and out[3] == expected[3]
     assert out[2].startswith("PicklingError: could not pickle task")
+
+
+# ------------------------------------------------- imap on a queue the caller keeps
+
+
+def test_queue_imap_runs_maps_back_to_back_on_the_same_workers():
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ParallelQueue(num_workers=2) as q:
+        processes = set(descendants(os.getpid()))
+        assert set(q.imap(lambda _: os.getpid(), range(200))) <= processes
+        assert list(q.imap(square, range(-300, 300))) == [x * x for x in range(-300, 300)]
+        assert list(q.imap(pow, range(10), [3] * 10, chunksize=3)) == [x**3 for x in range(10)]
+        q.put(abs, -5)  # the queue is the caller's again between maps
+        assert q.get(timeout=60) == 5
+        assert list(q.imap(square, [])) == []
+        assert set(descendants(os.getpid())) == processes  # no process was started
+    with ThreadPoolExecutor(2) as ex, ParallelQueue(executor=ex) as q:
+        assert list(q.imap(square, range(50))) == [x * x for x in range(50)]
+
+
+def test_queue_imap_has_the_queue_to_itself():
+    with ParallelQueue(num_workers=2) as q:
+        it = q.imap(square, range(1000))
+        assert next(it) == 0
+        with pytest.raises(RuntimeError, match="imap"):
+            q.put(abs, -1)
+        with pytest.raises(RuntimeError, match="imap"):
+            q.put("a marker")
+        with pytest.raises(RuntimeError, match="imap"):
+            q.get(timeout=1)
+        with pytest.raises(RuntimeError, match="another imap"):
+            q.imap(square, range(3))
+        assert list(it) == [x * x for x in range(1, 1000)]
+        q.put(abs, -1)
+        with pytest.raises(RuntimeError, match="not yet taken"):
+            q.imap(square, range(3))
+        assert q.get(timeout=60) == 1
+
+
+def test_queue_imap_errors_in_place_and_input_error_last():
+    def broken():
+        yield from range(5)
+        raise KeyError("input broke")
+
+    with ParallelQueue(num_workers=2) as q:
+        assert drain(q.imap(fail_on_3, range(6)), ValueError) == [0, 1, 2, "ValueError: three: 3", 4, 5]
+        it = q.imap(abs, broken())
+        assert [next(it) for _ in range(5)] == [0, 1, 2, 3, 4]
+        with pytest.raises(KeyError, match="input broke"):
+            next(it)
+        q.put(abs, -9)
+        assert q.get(timeout=60) == 9
+
+
+@pytest.mark.parametrize("how", ["close", "drop"])
+def test_queue_imap_closed_early_leaves_no_stale_result(how):
+    # Tasks already sent when the map is closed still run; their results
+    # must never come out of the next get() or map.
+    with ParallelQueue(num_workers=2) as q:
+        it = q.imap(square, itertools.count())
+        assert [next(it) for _ in range(3)] == [0, 1, 4]
+        if how == "close":
+            it.close()
+        else:
+            del it
+            gc.collect()
+        q.put(abs, -7)
+        assert q.get(timeout=60) == 7
+        assert list(q.imap(abs, [-1, -2, -3])) == [1, 2, 3]
+        assert q.stats().in_flight == 0
