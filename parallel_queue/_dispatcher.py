@@ -58,12 +58,17 @@ MAX_STARTUP_DEATHS = 3
 class PacketRecord:
     """A packet the dispatcher sent and the consumer has not yet credited."""
 
-    __slots__ = ("packet_id", "first_task", "items")
+    __slots__ = ("packet_id", "first_task", "items", "form", "map_fn")
 
-    def __init__(self, packet_id: int, first_task: int, items: list[Any]) -> None:
+    def __init__(self, packet_id: int, first_task: int, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
         self.packet_id = packet_id
         self.first_task = first_task  # index of items[0] among all tasks put
         self.items = items
+        self.form = form
+        self.map_fn = map_fn  # a map's function, sent ahead of the items
+
+    def payload_items(self) -> list[Any]:
+        return self.items if self.map_fn is None else [self.map_fn, *self.items]
 
 
 class Dispatcher:
@@ -209,7 +214,8 @@ class Dispatcher:
                     return
                 n = self.batch_size(slot, waiting)
                 items = e.take_tasks(n)
-            rec = PacketRecord(self.next_id, self.dispatched_tasks, items)
+                form, map_fn = e.packet_form()
+            rec = PacketRecord(self.next_id, self.dispatched_tasks, items, form, map_fn)
             self.next_id = (self.next_id + 1) % self.base
             self.packets_total += 1
             self.dispatched_tasks += n
@@ -218,9 +224,9 @@ class Dispatcher:
 
     def send(self, slot: Slot, rec: PacketRecord, individually: bool) -> None:
         if individually:
-            payload = dumps_individually(rec.items)
+            payload = dumps_individually(rec.payload_items())
         else:
-            payload, individually = dumps_tasks(rec.items)
+            payload, individually = dumps_tasks(rec.payload_items())
         size = len(payload) / len(rec.items)
         m = self.item_bytes
         self.item_bytes = size if m == 0 else m + EWMA_WEIGHT * (size - m)
@@ -228,7 +234,7 @@ class Dispatcher:
         writer = slot.writer
         assert writer is not None
         try:
-            done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), individually), payload)
+            done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), individually, rec.form), payload)
         except BrokenPipeError:
             writer.clear()  # the worker is gone; its sentinel tells us next
             return

@@ -298,7 +298,6 @@ class Engine(Front):
             self.opts.worker_init_f,
             self.opts.max_tasks_per_worker,
             self.opts.task_timeout is not None,
-            self.opts.form,
         )
         slot.incarnation += 1
         proc = self.ctx.Process(

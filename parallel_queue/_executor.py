@@ -53,7 +53,7 @@ from ._payload import (
     loads_tasks,
 )
 from ._threads import helper_thread
-from ._worker import capture_error, run_items
+from ._worker import capture_error, packet_function, run_items
 
 # The most tasks in one submitted call, and how much measured work a packet
 # should carry: as for our own workers (see _dispatcher), but a submit costs
@@ -88,6 +88,7 @@ def run_packet_local(
     fn: Optional[Callable[..., Any]], form: int, items: list[Any]
 ) -> tuple[int, list[Any], dict[int, Any]]:
     """In a thread of the executor: run the packet, hand back live objects."""
+    fn, items = packet_function(fn, form, items)
     t0 = time.perf_counter_ns()
     values, errors, _ = run_items(fn, form, items, LiveError)
     return time.perf_counter_ns() - t0, values, errors
@@ -100,6 +101,7 @@ def run_packet_remote(fn_bytes: Optional[bytes], form: int, payload: bytes, indi
     except Exception:
         return 0, _REJECTED  # the dispatcher sends it again, one pickle per task
     fn = cloudpickle.loads(fn_bytes) if fn_bytes is not None else None
+    fn, items = packet_function(fn, form, items)
     t0 = time.perf_counter_ns()
     values, errors, _ = run_items(fn, form, items, capture_error)
     ns = time.perf_counter_ns() - t0
@@ -152,13 +154,18 @@ def describe_executor(executor: Any) -> tuple[str, int]:
 
 
 class _Packet:
-    __slots__ = ("seq", "pid", "items", "individually")
+    __slots__ = ("seq", "pid", "items", "individually", "form", "map_fn")
 
-    def __init__(self, seq: int, pid: int, items: list[Any]) -> None:
+    def __init__(self, seq: int, pid: int, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
         self.seq = seq  # submission order (a plain count: Dask keys, the futures map)
         self.pid = pid  # wrap-around id: the reorder heap's key
         self.items = items
         self.individually = False
+        self.form = form
+        self.map_fn = map_fn  # a map's function, sent ahead of the items
+
+    def payload_items(self) -> list[Any]:
+        return self.items if self.map_fn is None else [self.map_fn, *self.items]
 
 
 class ExecutorEngine(Front):
@@ -258,7 +265,8 @@ class ExecutorEngine(Front):
                 if not waiting:
                     return
                 items = self.take_tasks(self.batch_size(waiting))
-            pkt = _Packet(self.seq, self.next_pid.value, items)
+                form, map_fn = self.packet_form()
+            pkt = _Packet(self.seq, self.next_pid.value, items, form, map_fn)
             self.seq += 1
             self.next_pid = self.next_pid.next()
             self.submit(pkt)
@@ -266,24 +274,24 @@ class ExecutorEngine(Front):
     def submit(self, pkt: _Packet) -> None:
         try:
             if self.kind == "threads":
-                fut = self.executor.submit(run_packet_local, self.task_fn, self.opts.form, pkt.items)
+                fut = self.executor.submit(run_packet_local, self.task_fn, pkt.form, pkt.payload_items())
             else:
                 if pkt.individually:
-                    payload, ind = dumps_individually(pkt.items), True
+                    payload, ind = dumps_individually(pkt.payload_items()), True
                 else:
-                    payload, ind = dumps_tasks(pkt.items)
+                    payload, ind = dumps_tasks(pkt.payload_items())
                 if self.kind == "dask":
                     fut = self.executor.submit(
                         run_packet_remote,
                         self.fn_bytes,
-                        self.opts.form,
+                        pkt.form,
                         payload,
                         ind,
                         pure=False,
                         key=f"parallel_queue-{self.token}-{pkt.seq}",
                     )
                 else:
-                    fut = self.executor.submit(run_packet_remote, self.fn_bytes, self.opts.form, payload, ind)
+                    fut = self.executor.submit(run_packet_remote, self.fn_bytes, pkt.form, payload, ind)
         except BaseException as e:  # noqa: BLE001 - a shut-down or broken executor
             self.finished.append((pkt, None, e))
             return

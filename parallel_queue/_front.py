@@ -41,12 +41,14 @@ if TYPE_CHECKING:
 class MapLease:
     """A map's hold on a queue (see Front.begin_map)."""
 
-    __slots__ = ("start", "end", "cancelled")
+    __slots__ = ("start", "end", "cancelled", "fn", "form")
 
-    def __init__(self, start: int) -> None:
+    def __init__(self, start: int, fn: Callable[..., Any], form: int) -> None:
         self.start = start  # the index of its first task
         self.end: Optional[int] = None  # one past its last, once the input ran out
         self.cancelled = False
+        self.fn = fn  # sent first in each of its packets
+        self.form = form  # what its items are (_worker.ONE or STAR)
 
 
 class Front:
@@ -146,6 +148,14 @@ class Front:
         if self.tasks_at_stop is None:
             return len(self.pending)
         return self.tasks_at_stop - self.dispatched
+
+    def packet_form(self) -> tuple[int, Optional[Callable[..., Any]]]:
+        """(lock held) The form of the tasks in ``pending``, and the function a
+        map's packets carry first (None: the queue's own form)."""
+        lease = self.lease
+        if lease is not None:
+            return lease.form, lease.fn
+        return self.opts.form, None
 
     def take_tasks(self, n: int) -> list[Any]:
         """(lock held) The next ``n`` tasks (n <= takeable()), for the dispatcher."""
@@ -297,7 +307,7 @@ class Front:
 
     # ----------------------------------------------------------------- maps
 
-    def begin_map(self) -> MapLease:
+    def begin_map(self, fn: Callable[..., Any], form: int) -> MapLease:
         """Take the queue over for a map (ParallelQueue.imap): it must be idle,
         every result put before taken, and no map running."""
         d = self.delivery
@@ -307,7 +317,7 @@ class Front:
                 raise RuntimeError("another imap() is running on this queue")
             if self.markers or self.dispatched + len(self.pending) != d.moved + d.discard or d.ready or d.steps:
                 raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
-            self.lease = MapLease(self.dispatched + len(self.pending))
+            self.lease = MapLease(self.dispatched + len(self.pending), fn, form)
             self.fast_put = False
         return self.lease
 
@@ -330,7 +340,10 @@ class Front:
         with d.lock, self.lock:
             if self.lease is not lease:
                 return
-            d.discard += self.dispatched + len(self.pending) - (d.moved + d.discard)
+            # Its tasks not sent yet are withdrawn (their items are in the
+            # map's form, which only its packets carry); the rest run.
+            self.pending.clear()
+            d.discard += self.dispatched - (d.moved + d.discard)
             self.lease = None
             if not self.dispatcher_idle:
                 self.fast_put = self.accepting

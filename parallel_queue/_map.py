@@ -13,7 +13,6 @@ import functools
 import threading
 import weakref
 from collections import deque
-from itertools import repeat
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
 from ._errors import QueueStopped
@@ -85,10 +84,11 @@ class IMapIterator(Iterator[R]):
                 engine.show_progress(_length(iterables))
         else:
             # A map on a queue the caller owns: its workers take any task, so
-            # items carry the function (pickled once per packet).
+            # each of the map's packets carries the function ahead of its
+            # items (pickled once per packet).
             self._q = queue
             engine = queue._engine
-            self._lease = engine.begin_map()
+            self._lease = engine.begin_map(fn, STAR if len(iterables) > 1 else ONE)
             self._saved_batch = (engine.opts.max_batch, engine.opts.exact_batch)
             if chunksize is not None:
                 engine.opts.max_batch, engine.opts.exact_batch = chunksize, True
@@ -106,10 +106,7 @@ class IMapIterator(Iterator[R]):
             # Task items are the inputs themselves (one iterable) or zip's
             # tuples: no Python code runs per item on the way in, and they
             # pickle as compactly as they can.
-            if self._lease is not None:
-                source: Iterator[Any] = zip(repeat(fn), zip(*iterables), repeat(None))
-            else:
-                source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+            source = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
             self._feeder = helper_thread(
                 _feed, "parallel_queue-imap-feeder", (engine, source, self._input_error, self._lease)
             )

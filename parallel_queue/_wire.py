@@ -331,25 +331,28 @@ class TaskPacket(NamedTuple):
     """Dispatcher -> worker: ``n_items`` tasks under one packet id.
 
     ``individually`` packets carry a list of per-item pickles, so one item
-    that cannot be unpickled in the worker fails alone.
+    that cannot be unpickled in the worker fails alone.  ``form`` says what
+    an item is (_worker.CALL, ARGS, STAR, ONE); a map's packet on a queue
+    that runs any task (ParallelQueue.imap) carries its function first.
     """
 
     packet_id: int
     n_items: int
     individually: bool
+    form: int
     payload: bytes | memoryview
 
 
-_TASKS = struct.Struct("<BqIB")
+_TASKS = struct.Struct("<BqIBB")
 
 
-def encode_tasks(packet_id: int, count: int, individually: bool) -> bytes:
-    return _TASKS.pack(Kind.TASKS, packet_id, count, individually)
+def encode_tasks(packet_id: int, count: int, individually: bool, form: int) -> bytes:
+    return _TASKS.pack(Kind.TASKS, packet_id, count, individually, form)
 
 
 def decode_tasks(body: bytearray) -> TaskPacket:
-    _, pid, count, ind = _TASKS.unpack_from(body)
-    return TaskPacket(pid, count, bool(ind), memoryview(body)[_TASKS.size :])
+    _, pid, count, ind, form = _TASKS.unpack_from(body)
+    return TaskPacket(pid, count, bool(ind), form, memoryview(body)[_TASKS.size :])
 
 
 class ResultHeader(NamedTuple):

@@ -101,7 +101,6 @@ class WorkerSpec(NamedTuple):
     init_fn: Optional[Any]
     max_tasks: int  # 0: no limit
     timed: bool  # task_timeout is set: record each task's start (see run_items)
-    form: int  # what a task item is: CALL, ARGS, STAR or ONE
 
 
 def watch_parent(parent_alive: Fd) -> None:
@@ -187,9 +186,8 @@ class _Worker:
         except Exception:
             items = self.fetch_individually(pkt.packet_id)
         t0 = time.perf_counter_ns()
-        values, errors, self.seq = run_items(
-            self.fn, self.spec.form, items, capture_error, prog, p0, self.seq, self.spec.timed
-        )
+        fn, items = packet_function(self.fn, pkt.form, items)
+        values, errors, self.seq = run_items(fn, pkt.form, items, capture_error, prog, p0, self.seq, self.spec.timed)
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
         payload = dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
@@ -229,6 +227,14 @@ class _Worker:
                 os._exit(0)  # the consumer is gone; the main process sees to the rest
 
 
+def packet_function(fn: Optional[Any], form: int, items: list[Any]) -> tuple[Optional[Any], list[Any]]:
+    """``(function, task items)`` of a packet: a map's packet on a queue that
+    runs any task (ParallelQueue.imap) carries its function first."""
+    if fn is None and form >= STAR:
+        return items[0], items[1:]
+    return fn, items
+
+
 def run_items(
     fn: Optional[Callable[..., Any]],
     form: int,
@@ -253,6 +259,8 @@ def run_items(
     """
     if prog is None:
         prog, p0 = [0] * PROGRESS_FIELDS, 0
+    if isinstance(fn, TaskError):  # a map's function that could not be pickled or unpickled
+        return [None] * len(items), dict.fromkeys(range(len(items)), fn), seq
     at_item = p0 + P_ITEM
     if not timed:
         prog[p0 + P_SEQ] = seq + 1

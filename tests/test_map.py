@@ -251,3 +251,21 @@ def test_queue_imap_closed_early_leaves_no_stale_result(how):
         assert q.get(timeout=60) == 7
         assert list(q.imap(abs, [-1, -2, -3])) == [1, 2, 3]
         assert q.stats().in_flight == 0
+
+
+def test_queue_imap_function_that_will_not_pickle_fails_each_task():
+    import pickle
+
+    lock = threading.Lock()
+    with ParallelQueue(num_workers=2) as q:
+        out = drain(q.imap(lambda x: (lock, x), range(3)), pickle.PicklingError)
+        assert len(out) == 3 and all(o.startswith("PicklingError: could not pickle") for o in out)
+        assert list(q.imap(square, range(3))) == [0, 1, 4]  # the queue goes on
+
+
+def test_queue_imap_dead_worker_is_an_error_in_place():
+    with ParallelQueue(num_workers=2) as q:
+        out = drain(q.imap(die_on_5, range(10)), WorkerLostError)
+        kinds = [x if isinstance(x, int) else x.split(":")[0] for x in out]
+        assert kinds == [0, 1, 2, 3, 4, "WorkerLostError", 6, 7, 8, 9]
+        assert list(q.imap(square, range(3))) == [0, 1, 4]
