@@ -369,7 +369,7 @@ def chart(results: dict[str, Result], path: str) -> bool:
     for ax, r in zip(axes, tp):
         names = list(r["peers"])
         vals = [r["peers"][n]["median"] for n in names]
-        colors = ["tab:green" if n.startswith("parallel_queue") else "tab:gray" for n in names]
+        colors = ["tab:green" if n.startswith(("parallel_queue", "ParallelQueue")) else "tab:gray" for n in names]
         ax.barh(range(len(names)), vals, color=colors)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels([n.replace("ProcessPoolExecutor", "PPE") for n in names], fontsize=7)

@@ -17,7 +17,8 @@
                                                                                   |
     get() <-- [delivery: markers merged in their places, payloads unpickled] <-- output
 
-- **put()** (caller's thread) appends a task to ``pending``; a marker (a
+- **put()** (caller's thread) appends a task to ``pending``, without a lock
+  on its common path (the protocol is in ``_front``); a marker (a
   non-callable) never leaves the main process: it waits in ``markers`` with
   the number of tasks put before it, and ``get()`` hands it back (the same
   object) in that place.
@@ -27,7 +28,8 @@
   It also starts replacement workers, kills timed-out tasks and, after a
   worker ends, re-sends the packets it took with it (the task that was
   running gets ``WorkerLostError`` in its slot).  It is the only thread that
-  writes to workers or starts processes after construction.
+  writes to workers or starts processes after construction, and the only
+  one that reaps them: ``join()`` waits for its byte on the ``done`` pipe.
 - **workers** (processes, one per slot) run packets and send results to the
   consumer, never past ``max_packet_id``; past it they WAIT and sleep on
   their wake-up pipe until the consumer wakes them.
