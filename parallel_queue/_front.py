@@ -21,6 +21,7 @@ the rest of put()).  That path is sound because of one protocol:
 
 from __future__ import annotations
 
+import _thread
 import itertools
 import os
 import queue
@@ -62,7 +63,7 @@ class Front:
         self.opts = opts
         # Shared state in the main process, guarded by one lock.
         self.lock = threading.Lock()
-        self.put_cond = threading.Condition(self.lock)  # put() waits here when pending is full
+        self.room_waiters: list[Any] = []  # put()s waiting for room (see room_waiter)
         self.pending: deque[Any] = deque()
         self.dispatched = 0  # tasks taken from ``pending`` (by take_tasks)
         self.markers: deque[tuple[int, Any]] = deque()
@@ -114,7 +115,9 @@ class Front:
 
     def room_freed(self) -> None:
         """Tasks or markers left a full queue: wake put() and aput() (lock held)."""
-        self.put_cond.notify_all()
+        for waiter in self.room_waiters:
+            waiter.release()
+        self.room_waiters.clear()
         if self.async_putters:
             try:
                 os.write(self.room_w.fd, b"\0")
@@ -191,19 +194,22 @@ class Front:
         """put()'s locked path: wait for room, wake the dispatcher, sample latency."""
         if sample is None:
             sample = not next(self.put_ticket) & (SAMPLE_EVERY - 1)
-        with self.put_cond:
-            if not self.accepting:
-                self.check_usable()
-            self.check_no_map()
-            if len(self.pending) >= self.opts.in_q_max:
-                self.wait_for_room(lambda: len(self.pending) < self.opts.in_q_max, timeout)
-                self.check_no_map()
-            if sample:
-                self.latency.put_at(self.dispatched + len(self.pending))
-            self.pending.append(item)
-            if self.dispatcher_idle:
-                self.dispatcher_awake()
-                self.wake_dispatcher()
+        deadline = _deadline(timeout)
+        waited = False
+        while True:
+            with self.lock:
+                self.check_can_put(waited)
+                if len(self.pending) < self.opts.in_q_max:
+                    if sample:
+                        self.latency.put_at(self.dispatched + len(self.pending))
+                    self.pending.append(item)
+                    if self.dispatcher_idle:
+                        self.dispatcher_awake()
+                        self.wake_dispatcher()
+                    return
+                waiter = self.room_waiter()
+            self.wait_for_room(waiter, deadline)
+            waited = True
 
     def settle_put(self, item: Any) -> None:
         """put() appended ``item`` without the lock, then found ``fast_put``
@@ -243,53 +249,84 @@ class Front:
         one lock round per call instead of one per task.  ``lease``: the map
         feeding (QueueStopped once it is closed).
         """
-        with self.put_cond:
-            if not self.accepting:
-                self.check_usable()
-            if lease is None:
-                self.check_no_map()
-            if len(self.pending) >= self.opts.in_q_max:
-                self.wait_for_room(
-                    lambda: len(self.pending) < self.opts.in_q_max or (lease is not None and lease.cancelled), timeout
-                )
-            if lease is not None and lease.cancelled:
-                raise QueueStopped("the map was closed")
-            before = len(self.pending)
-            room = min(count, self.opts.in_q_max - before)
-            try:
-                self.pending.extend(itertools.islice(items, room))
-            finally:
-                # Count what went in even if ``items`` raised half-way.
-                n = len(self.pending) - before
-                if n:
-                    self.latency.put_at(self.dispatched + before)
-                if n and self.dispatcher_idle:
-                    self.dispatcher_awake()
-                    self.wake_dispatcher()
-            return n < room  # islice stops short only at the end of ``items``
+        deadline = _deadline(timeout)
+        waited = False
+        while True:
+            with self.lock:
+                if lease is None:
+                    self.check_can_put(waited)
+                elif lease.cancelled:
+                    raise QueueStopped("the map was closed")
+                elif not self.accepting:
+                    self.check_usable(waited)
+                before = len(self.pending)
+                room = min(count, self.opts.in_q_max - before)
+                if room > 0:
+                    try:
+                        self.pending.extend(itertools.islice(items, room))
+                    finally:
+                        # Count what went in even if ``items`` raised half-way.
+                        n = len(self.pending) - before
+                        if n:
+                            self.latency.put_at(self.dispatched + before)
+                        if n and self.dispatcher_idle:
+                            self.dispatcher_awake()
+                            self.wake_dispatcher()
+                    return n < room  # islice stops short only at the end of ``items``
+                waiter = self.room_waiter()
+            self.wait_for_room(waiter, deadline)
+            waited = True
 
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
-        with self.put_cond:
-            self.check_usable()
-            self.check_no_map()
-            if len(self.markers) >= self.opts.in_q_max:
-                self.wait_for_room(lambda: len(self.markers) < self.opts.in_q_max, timeout)
-            self.markers.append((self.dispatched + len(self.pending), marker))
-            self.markers_put += 1
-            if self.getter_waiting or self.async_getters:
-                self.wake_getter()
+        deadline = _deadline(timeout)
+        waited = False
+        while True:
+            with self.lock:
+                self.check_usable(waited)
+                self.check_no_map()
+                if len(self.markers) < self.opts.in_q_max:
+                    self.markers.append((self.dispatched + len(self.pending), marker))
+                    self.markers_put += 1
+                    if self.getter_waiting or self.async_getters:
+                        self.wake_getter()
+                    return
+                waiter = self.room_waiter()
+            self.wait_for_room(waiter, deadline)
+            waited = True
 
-    def wait_for_room(self, room: Callable[[], bool], timeout: Optional[float]) -> None:
-        """Wait (lock held) until ``room()``; ``queue.Full`` after ``timeout``."""
-        if timeout is not None and timeout < 0:
-            raise ValueError("'timeout' must be a non-negative number")
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while not room():
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                raise queue.Full
-            self.put_cond.wait(remaining)
-            self.check_usable(after_wait=True)
+    # Waiting for room.  Never Condition.wait() under ``with lock``: Python
+    # code moves the lock in and out (Condition.__enter__, _release_save),
+    # and a Ctrl-C landing between its steps either leaks the lock (every
+    # later terminate() hangs on it) or releases it twice.  A waiter here is
+    # a lock of its own, registered under ``lock`` and slept on after it is
+    # released: an interrupt anywhere leaves at most a stale waiter, which
+    # room_freed() releases harmlessly.
+
+    def room_waiter(self) -> Any:
+        """(lock held) A waiter that room_freed() will release."""
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self.room_waiters.append(waiter)
+        return waiter
+
+    def wait_for_room(self, waiter: Any, deadline: Optional[float]) -> None:
+        """Sleep (lock not held) until room_freed(); ``queue.Full`` at ``deadline``."""
+        remaining = None if deadline is None else deadline - time.monotonic()
+        if remaining is None:
+            waiter.acquire()
+            return
+        if remaining > 0 and waiter.acquire(timeout=remaining):
+            return
+        with self.lock:
+            if waiter in self.room_waiters:
+                self.room_waiters.remove(waiter)
+        raise queue.Full
+
+    def check_can_put(self, after_wait: bool) -> None:
+        """(lock held) Raise why put() cannot take a task now, if it cannot."""
+        if not self.accepting:
+            self.check_usable(after_wait)
+        self.check_no_map()
 
     def check_usable(self, after_wait: bool = False) -> None:
         """Raise the reason put() cannot take tasks any more (lock held)."""
@@ -441,3 +478,9 @@ class Front:
     def kill_processes(self) -> None:
         """End the engine's work at once (break_with)."""
         raise NotImplementedError
+
+
+def _deadline(timeout: Optional[float]) -> Optional[float]:
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return None if timeout is None else time.monotonic() + timeout

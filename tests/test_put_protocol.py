@@ -184,3 +184,104 @@ def test_producers_racing_stop_lose_nothing_and_run_nothing_extra():
         assert [x for x in got if x in mine] == a
     with pytest.raises(queue.Empty):
         q.get(block=False)
+
+
+class _InterruptedCondition(threading.Condition):
+    """A Condition whose ``with`` is hit by Ctrl-C just after it took the
+    lock, inside the Python code of __enter__: the interleaving that hung."""
+
+    def __enter__(self) -> bool:
+        self._lock.acquire()  # type: ignore[attr-defined]
+        raise KeyboardInterrupt
+
+
+def full_front(in_q_max: int = 1) -> Front:
+    """A bare Front whose pending is full: put() waits for room forever."""
+    f = Front(Options(1, False, in_q_max, 1000, 100, None, None, None, None, None, None))
+    for i in range(in_q_max):
+        f.pending.append((abs, (i,), None))
+    return f
+
+
+def close_front(f: Front) -> None:
+    for fd in (f.wake_r, f.wake_w, f.room_r, f.room_w, f.get_wake_r, f.get_wake_w):
+        _wire.close_fd(fd)
+
+
+STEPS = ["check_can_put", "room_waiter", "wait_for_room", "signal"]
+
+
+@pytest.mark.parametrize(
+    "call, where",
+    [("put", w) for w in STEPS] + [("put_many", w) for w in STEPS] + [("put_marker", w) for w in STEPS[1:]],
+)
+def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, where):
+    """Regression for a hung Ctrl-C: put() waited with Condition.wait under
+    ``with condition:``, and a KeyboardInterrupt landing inside the Python
+    code of Condition.__enter__ left the queue's lock held; terminate() then
+    waited for it forever.  Interrupt a waiting put() at each of its steps,
+    and with a real SIGINT while it sleeps: the lock is free afterwards, and
+    the waiter it left does no harm."""
+    import signal
+
+    with monkeypatch.context() as m:
+        # Any Condition the queue makes is hit at its worst moment: put()
+        # must not wait through one (a lock held by a Condition's ``with``
+        # when the signal lands is never released).
+        m.setattr(threading, "Condition", _InterruptedCondition)
+        f = full_front()
+    try:
+        if call == "put_marker":
+            f.markers.append((0, "a marker"))
+        timer = None
+        if where == "signal":
+            main = threading.main_thread().ident
+            assert main == threading.get_ident()
+            # Sent once this thread sleeps on its waiter (or, if it comes
+            # early, wherever put() is then: either way it must not leak).
+            timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
+            timer.start()
+        else:
+
+            def interrupted(*args: Any, **kwargs: Any) -> Any:
+                if where != "wait_for_room":  # the step happened, then the signal came
+                    original(*args, **kwargs)
+                raise KeyboardInterrupt  # (in the sleep itself: instead of it)
+
+            original = getattr(Front, where)
+            monkeypatch.setattr(Front, where, interrupted)
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                if call == "put":
+                    put_through(f)(abs, -1)
+                elif call == "put_many":
+                    f.put_many(iter([(abs, (-1,), None)]), 10, None)
+                else:
+                    f.put_marker("another", None)
+        finally:
+            monkeypatch.undo()
+            if timer is not None:
+                timer.cancel()  # (it fired already, unless put() raised before sleeping)
+                timer.join()
+        assert not f.lock.locked()
+        f.stop()  # takes the lock, and releases whatever waiter was left
+        assert f.room_waiters == []
+        with pytest.raises(QueueStopped):
+            put_through(f)(abs, -2)
+    finally:
+        close_front(f)
+
+
+def test_put_timeout_while_waiting_for_room_leaves_no_waiter():
+    f = full_front()
+    try:
+        with pytest.raises(queue.Full):
+            f.put_task((abs, (-1,), None), 0.05)
+        with pytest.raises(queue.Full):
+            f.put_many(iter([1]), 1, 0.05)
+        f.markers.append((0, "m"))
+        with pytest.raises(queue.Full):
+            f.put_marker("another", 0)
+        assert f.room_waiters == [] and not f.lock.locked()
+    finally:
+        close_front(f)
