@@ -18,6 +18,7 @@ breaking queue write to.
 
 from __future__ import annotations
 
+import _thread
 import pickle
 import queue
 import select
@@ -44,9 +45,15 @@ class Delivery:
       it held (CPython runs signal handlers when a call returns), and the
       ``terminate()`` that follows would wait for it forever.
     - One getter thread at a time waits in ``poll()`` (``polling``); other
-      getters wait on ``turn``, a Condition, and look again when the poller
-      is done.  So a marker or ``stop()`` need wake only the poller (and any
+      getters wait for their turn and look again when the poller is done.
+      So a marker or ``stop()`` need wake only the poller (and any
       coroutines, see _aio), one byte each.
+    - Waiting for a turn is never Condition.wait() under ``with lock``: its
+      Python code moves the lock (_release_save, _acquire_restore), and a
+      Ctrl-C between those steps releases it twice.  A waiter is a lock of
+      its own, registered under ``lock`` and slept on after it is released
+      (``turn_waiter``); an interrupt leaves at most a stale waiter, which
+      the next ``end_turn`` releases harmlessly.
     """
 
     def __init__(self, engine: Engine, reader: Any) -> None:
@@ -69,7 +76,7 @@ class Delivery:
         self.markers_delivered = 0
         self.latency = engine.latency
         self.lock = threading.Lock()
-        self.turn = threading.Condition(self.lock)
+        self.turn_waiters: list[Any] = []  # getters waiting for the poller to finish
         self.polling = False  # a getter thread is waiting in poll()
         self.closed = False
 
@@ -98,7 +105,11 @@ class Delivery:
                     return self.take_marker()
                 if found == ERROR:
                     raise self.take_error()
-            self.wait_for_more(block, deadline)
+                waiter = self.turn_waiter() if found == TURN else None
+            if waiter is not None:
+                self.wait_turn(waiter, block, deadline)
+            else:
+                self.wait_for_more(block, deadline)
 
     def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
         """Every task result of the next packet: ``(values, errors)``.
@@ -110,6 +121,7 @@ class Delivery:
         """
         deadline = _deadline(block, timeout)
         while True:
+            waiter = None
             with self.lock:
                 if self.markers:
                     raise TypeError("get_batch() on a queue with markers")
@@ -123,12 +135,37 @@ class Delivery:
                     self.moved += len(values)
                     return values, errors
                 if self.polling:
-                    self.turn.wait(_remaining(block, deadline))
-                    continue
-                if self.read_available():
+                    _remaining(block, deadline)  # queue.Empty if it may not wait
+                    waiter = self.turn_waiter()
+                elif self.read_available():
                     self.tell_waiters()
                     continue
-            self.wait_for_more(block, deadline)
+            if waiter is not None:
+                self.wait_turn(waiter, block, deadline)
+            else:
+                self.wait_for_more(block, deadline)
+
+    def turn_waiter(self) -> Any:
+        """(lock held) A waiter that end_turn() will release."""
+        waiter = _thread.allocate_lock()
+        waiter.acquire()
+        self.turn_waiters.append(waiter)
+        return waiter
+
+    def wait_turn(self, waiter: Any, block: bool, deadline: Optional[float]) -> None:
+        """Sleep (lock not held) until the poller is done, or the deadline."""
+        remaining = _remaining(block, deadline)
+        if not waiter.acquire(timeout=-1 if remaining is None else remaining):
+            with self.lock:
+                if waiter in self.turn_waiters:
+                    self.turn_waiters.remove(waiter)
+            # The caller looks again: queue.Empty there if time is up.
+
+    def end_turn(self) -> None:
+        """(lock held) The poller is done: every getter waiting may look again."""
+        for waiter in self.turn_waiters:
+            waiter.release()
+        self.turn_waiters.clear()
 
     def take_steps(self) -> tuple[list[Any], dict[int, TaskError]]:
         """(lock held) What ``ready`` and ``steps`` hold, as one batch."""
@@ -152,8 +189,8 @@ class Delivery:
     def next_in_hand(self, block: bool, deadline: Optional[float]) -> Optional[str]:
         """(lock held) VALUE if ``ready`` holds one, MARKER if a marker is due,
         ERROR if a task's error is next, None if this thread should poll for
-        more.  While another thread polls, waits for its turn (``queue.Empty``
-        at the deadline)."""
+        more, TURN if another thread polls (wait for its turn; ``queue.Empty``
+        at once if it may not wait)."""
         markers = self.markers
         while True:
             if self.discard:
@@ -173,9 +210,9 @@ class Delivery:
             if self.polling:
                 # Only the poller reads the pipe: a reader that emptied it
                 # under the poller's feet would leave results in hand with
-                # the poller asleep.
-                self.turn.wait(_remaining(block, deadline))
-                continue
+                # the poller asleep.  Wait for its turn (outside the lock).
+                _remaining(block, deadline)  # queue.Empty if it may not wait
+                return TURN
             if self.read_available():
                 self.tell_waiters()
                 continue
@@ -255,7 +292,7 @@ class Delivery:
             if polling:
                 with self.lock:
                     self.polling = False
-                    self.turn.notify_all()
+                    self.end_turn()
 
     def in_hand(self) -> bool:
         """(lock held) Whether a marker is due or a result is there to take."""
@@ -356,16 +393,20 @@ class Delivery:
         # A get() still polling was woken by whoever closes us; it may not
         # poll again (``closed``), and the descriptor is closed only once it
         # left poll().
-        with self.lock:
-            self.closed = True
-            while self.polling:
-                self.turn.wait()
-            _wire.close_fd(self.reader.fd)
+        while True:
+            with self.lock:
+                self.closed = True
+                if not self.polling:
+                    _wire.close_fd(self.reader.fd)
+                    return
+                waiter = self.turn_waiter()
+            waiter.acquire()
 
 
 MARKER = "marker"
 VALUE = "value"
 ERROR = "error"
+TURN = "turn"
 
 
 def _deadline(block: bool, timeout: Optional[float]) -> Optional[float]:

@@ -206,3 +206,59 @@ def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
         assert q.get(timeout=60) == 4  # still works afterwards
     finally:
         q.terminate()  # would wait forever for a poller that is gone
+
+
+def test_interrupt_while_waiting_for_the_pollers_turn(monkeypatch):
+    """Regression for a Ctrl-C that broke the getters' locking: a get() that
+    waits while another thread polls used Condition.wait under ``with
+    lock``, whose Python code releases the lock before it sleeps; a
+    KeyboardInterrupt right after that release left the ``with`` releasing
+    it a second time.  Here every Condition the delivery side makes is hit
+    at that moment, and a real SIGINT reaches the waiting get(): it raises
+    KeyboardInterrupt alone, leaves nothing held, and the queue goes on."""
+    import threading
+    import types
+
+    from parallel_queue import ParallelQueue, QueueStopped, _delivery
+
+    class ReleaseThenInterrupted(threading.Condition):
+        def _release_save(self):  # type: ignore[override]
+            self._lock.release()  # type: ignore[attr-defined]
+            raise KeyboardInterrupt
+
+    polling = threading.Event()
+    original_wait = _delivery.Delivery.wait
+
+    def wait(self, timeout):  # the poller is in poll() from here on
+        polling.set()
+        original_wait(self, timeout)
+
+    with monkeypatch.context() as m:
+        m.setattr(_delivery, "threading", types.SimpleNamespace(Lock=threading.Lock, Condition=ReleaseThenInterrupted))
+        q = ParallelQueue(num_workers=1)
+    monkeypatch.setattr(_delivery.Delivery, "wait", wait)
+    got: list = []
+    poller = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
+    try:
+        d = q._engine.delivery
+        poller.start()
+        assert polling.wait(60)
+        timer = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
+        timer.start()
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                q.get(timeout=60)  # waits for the poller's turn; the signal lands there
+        finally:
+            timer.cancel()
+            timer.join()
+        assert not d.lock.locked()
+        q.put(abs, -4)
+        q.put(abs, -5)
+        poller.join(60)
+        assert got == [4] and q.get(timeout=60) == 5
+        q.stop()
+        with pytest.raises(QueueStopped):
+            q.get(timeout=60)
+    finally:
+        q.terminate()
+        poller.join(60)
