@@ -1,6 +1,8 @@
 """Queue statistics: counters kept where they change, read on demand.
 
-Counting costs an integer add on paths that already hold a lock.  Latency
+Counts are kept where they change anyway (tasks put and delivered are
+derived from the queues' lengths, so put()'s and get()'s fast paths count
+nothing).  Latency
 is sampled: one put() in ``SAMPLE_EVERY`` (by a ticket drawn from an
 ``itertools.count``, one C call) takes the locked path, which records the
 task's put time; its put-to-get latency is kept in a bounded window.
@@ -46,7 +48,7 @@ class QueueStats:
     reorder_buffer_items: int  #: tasks in those packets
     workers_alive: int
     workers_replaced: int  #: workers started to replace dead or recycled ones
-    latency_mean: Optional[float]  #: seconds from put() to get(), sampled tasks
+    latency_mean: Optional[float]  #: seconds from put() until get() reached the result's packet (sampled)
     latency_p50: Optional[float]
     latency_p99: Optional[float]
 
