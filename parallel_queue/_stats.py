@@ -2,10 +2,10 @@
 
 Counts are kept where they change anyway (tasks put and delivered are
 derived from the queues' lengths, so put()'s and get()'s fast paths count
-nothing).  Latency
-is sampled: one put() in ``SAMPLE_EVERY`` (by a ticket drawn from an
-``itertools.count``, one C call) takes the locked path, which records the
-task's put time; its put-to-get latency is kept in a bounded window.
+nothing).  Latency is sampled: one put() in ``SAMPLE_EVERY`` (by a ticket
+drawn from an ``itertools.count``, one C call) takes the locked path, which
+records the task's put time; its latency, taken when get() reaches the
+result's packet, is kept in a bounded window.
 """
 
 from __future__ import annotations
