@@ -113,5 +113,7 @@ def test_dask_client_by_scheduler_address(dask_client):
             for i in range(50):
                 q.put(double, i)
             q.put("done")
+            assert [q.get(timeout=60) for _ in range(51)] == [2 * i for i in range(50)] + ["done"]
+            assert list(q.imap(double, range(40))) == [2 * i for i in range(40)]  # a map on the same queue
             q.stop()
-            assert list(q) == [2 * i for i in range(50)] + ["done"]
+            assert list(q) == []

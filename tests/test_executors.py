@@ -122,6 +122,9 @@ def test_process_pool_with_lambdas_and_single_task_queue():
             q.stop()
             assert list(q) == [2 * i for i in range(100)]
         assert list(imap(double, range(50), executor=ex)) == [2 * i for i in range(50)]
+        with ParallelQueue(executor=ex) as q:  # maps on a kept queue: the function rides in each packet
+            assert list(q.imap(lambda x: x + k, range(30))) == [x + k for x in range(30)]
+            assert list(q.imap(pow, range(10), [2] * 10, chunksize=3)) == [x * x for x in range(10)]
 
 
 def test_options_that_need_our_processes_are_refused():
