@@ -210,49 +210,52 @@ def run_latency(rounds: int) -> Result:
     return out
 
 
+def _pq_first(q: Any) -> None:
+    q.put(abs, -1)
+    q.get()
+
+
+def _pq_end(q: Any) -> None:
+    q.stop()
+    q.join()
+
+
+def _pool_end(pool: Any) -> None:
+    pool.close()
+    pool.join()
+
+
+# Per peer: start it, get a first result from it, stop it and wait for its end.
+LIFECYCLES: dict[str, tuple[Callable[[], Any], Callable[[Any], Any], Callable[[Any], Any]]] = {
+    "parallel_queue": (lambda: ParallelQueue(num_workers=peers.WORKERS), _pq_first, _pq_end),
+    "multiprocessing.Pool": (lambda: multiprocessing.Pool(peers.WORKERS), lambda p: p.apply(abs, (-1,)), _pool_end),
+    "ProcessPoolExecutor": (
+        lambda: concurrent.futures.ProcessPoolExecutor(peers.WORKERS),
+        lambda ex: ex.submit(abs, -1).result(),
+        lambda ex: ex.shutdown(),
+    ),
+}
+
+
 def run_lifecycle(rounds: int) -> Result:
-    """Startup to first result, and stop + join, for a fresh pool each round."""
+    """Startup to first result, and stop + join, for a fresh pool each round
+    (the peers take turns within each round)."""
     out: Result = {"workload": "lifecycle", "what": "start to first result; stop and join", "unit": "ms", "peers": {}}
-    pq_start, pq_stop, pool_start, pool_stop, ex_start, ex_stop = [], [], [], [], [], []
+    times: dict[str, tuple[list[float], list[float]]] = {name: ([], []) for name in LIFECYCLES}
     for _ in range(rounds):
-        t0 = time.perf_counter()
-        q = ParallelQueue(num_workers=peers.WORKERS)
-        q.put(abs, -1)
-        q.get()
-        t1 = time.perf_counter()
-        q.stop()
-        q.join()
-        t2 = time.perf_counter()
-        pq_start.append(t1 - t0)
-        pq_stop.append(t2 - t1)
-        t0 = time.perf_counter()
-        pool = multiprocessing.Pool(peers.WORKERS)
-        pool.apply(abs, (-1,))
-        t1 = time.perf_counter()
-        pool.close()
-        pool.join()
-        t2 = time.perf_counter()
-        pool_start.append(t1 - t0)
-        pool_stop.append(t2 - t1)
-        t0 = time.perf_counter()
-        ex = concurrent.futures.ProcessPoolExecutor(peers.WORKERS)
-        ex.submit(abs, -1).result()
-        t1 = time.perf_counter()
-        ex.shutdown()
-        t2 = time.perf_counter()
-        ex_start.append(t1 - t0)
-        ex_stop.append(t2 - t1)
-    for name, start, stop in (
-        ("parallel_queue", pq_start, pq_stop),
-        ("multiprocessing.Pool", pool_start, pool_stop),
-        ("ProcessPoolExecutor", ex_start, ex_stop),
-    ):
-        out["peers"][name] = {"start": statistics.median(start) * 1e3, "stop": statistics.median(stop) * 1e3}
-        print(
-            f"  {'lifecycle':12s} {name:42s} start {statistics.median(start) * 1e3:7.1f} ms"
-            f"   stop+join {statistics.median(stop) * 1e3:7.1f} ms",
-            flush=True,
-        )
+        for name, (start, first, end) in LIFECYCLES.items():
+            t0 = time.perf_counter()
+            peer = start()
+            first(peer)
+            t1 = time.perf_counter()
+            end(peer)
+            t2 = time.perf_counter()
+            times[name][0].append(t1 - t0)
+            times[name][1].append(t2 - t1)
+    for name, (starts, stops) in times.items():
+        start_ms, stop_ms = statistics.median(starts) * 1e3, statistics.median(stops) * 1e3
+        out["peers"][name] = {"start": start_ms, "stop": stop_ms}
+        print(f"  {'lifecycle':12s} {name:42s} start {start_ms:7.1f} ms   stop+join {stop_ms:7.1f} ms", flush=True)
     return out
 
 
