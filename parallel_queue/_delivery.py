@@ -18,7 +18,6 @@ breaking queue write to.
 
 from __future__ import annotations
 
-import _thread
 import pickle
 import queue
 import select
@@ -30,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from . import _wire
 from ._errors import QueueBrokenError, QueueStopped, fresh_copy
 from ._payload import TaskError, loads_results
+from ._threads import Waiters
 
 if TYPE_CHECKING:
     from ._front import Front as Engine
@@ -48,12 +48,8 @@ class Delivery:
       getters wait for their turn and look again when the poller is done.
       So a marker or ``stop()`` need wake only the poller (and any
       coroutines, see _aio), one byte each.
-    - Waiting for a turn is never Condition.wait() under ``with lock``: its
-      Python code moves the lock (_release_save, _acquire_restore), and a
-      Ctrl-C between those steps releases it twice.  A waiter is a lock of
-      its own, registered under ``lock`` and slept on after it is released
-      (``turn_waiter``); an interrupt leaves at most a stale waiter, which
-      the next ``end_turn`` releases harmlessly.
+    - Waiting for a turn is never Condition.wait() under ``with lock``, which
+      a Ctrl-C can break: see _threads.Waiters (``turns``).
     """
 
     def __init__(self, engine: Engine, reader: Any) -> None:
@@ -76,7 +72,7 @@ class Delivery:
         self.markers_delivered = 0
         self.latency = engine.latency
         self.lock = threading.Lock()
-        self.turn_waiters: list[Any] = []  # getters waiting for the poller to finish
+        self.turns = Waiters(self.lock)  # getters waiting for the poller to finish
         self.polling = False  # a getter thread is waiting in poll()
         self.closed = False
 
@@ -105,11 +101,8 @@ class Delivery:
                     return self.take_marker()
                 if found == ERROR:
                     raise self.take_error()
-                waiter = self.turn_waiter() if found == TURN else None
-            if waiter is not None:
-                self.wait_turn(waiter, block, deadline)
-            else:
-                self.wait_for_more(block, deadline)
+                waiter = self.turns.add() if found == TURN else None
+            self.wait_outside(waiter, block, deadline)
 
     def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
         """Every task result of the next packet: ``(values, errors)``.
@@ -121,51 +114,46 @@ class Delivery:
         """
         deadline = _deadline(block, timeout)
         while True:
-            waiter = None
             with self.lock:
                 if self.markers:
                     raise TypeError("get_batch() on a queue with markers")
-                if self.discard:
-                    self.drop_discarded()
-                if self.ready or self.steps:
-                    return self.take_steps()
-                if self.bodies:
-                    values, errors = self.decode(self.bodies.popleft())
-                    self.latency.got_range(self.moved, len(values))
-                    self.moved += len(values)
-                    return values, errors
-                if self.polling:
-                    _remaining(block, deadline)  # queue.Empty if it may not wait
-                    waiter = self.turn_waiter()
-                elif self.read_available():
-                    self.tell_waiters()
-                    continue
-            if waiter is not None:
-                self.wait_turn(waiter, block, deadline)
-            else:
-                self.wait_for_more(block, deadline)
+                while True:
+                    if self.discard:
+                        self.drop_discarded()
+                    if self.ready or self.steps:
+                        return self.take_steps()
+                    found = self.look_for_more(block, deadline)
+                    if found != MORE:
+                        break
+                waiter = self.turns.add() if found == TURN else None
+            self.wait_outside(waiter, block, deadline)
 
-    def turn_waiter(self) -> Any:
-        """(lock held) A waiter that end_turn() will release."""
-        waiter = _thread.allocate_lock()
-        waiter.acquire()
-        self.turn_waiters.append(waiter)
-        return waiter
+    def look_for_more(self, block: bool, deadline: Optional[float]) -> Optional[str]:
+        """(lock held, nothing in hand) MORE if a packet is now in hand, TURN if
+        another thread polls (``queue.Empty`` at once if this one may not
+        wait), None if this thread should poll."""
+        if self.bodies:
+            self.split(*self.decode(self.bodies.popleft()))
+            return MORE
+        if self.polling:
+            # Only the poller reads the pipe: a reader that emptied it under
+            # the poller's feet would leave results in hand with the poller
+            # asleep.  Wait for its turn (outside the lock).
+            _remaining(block, deadline)
+            return TURN
+        if self.read_available():
+            self.tell_waiters()
+            return MORE
+        return None
 
-    def wait_turn(self, waiter: Any, block: bool, deadline: Optional[float]) -> None:
-        """Sleep (lock not held) until the poller is done, or the deadline."""
-        remaining = _remaining(block, deadline)
-        if not waiter.acquire(timeout=-1 if remaining is None else remaining):
-            with self.lock:
-                if waiter in self.turn_waiters:
-                    self.turn_waiters.remove(waiter)
-            # The caller looks again: queue.Empty there if time is up.
-
-    def end_turn(self) -> None:
-        """(lock held) The poller is done: every getter waiting may look again."""
-        for waiter in self.turn_waiters:
-            waiter.release()
-        self.turn_waiters.clear()
+    def wait_outside(self, waiter: Any, block: bool, deadline: Optional[float]) -> None:
+        """(lock not held) Wait for the poller's turn (``waiter``), or poll for
+        more (no waiter).  Either way the caller then looks again, and
+        raises ``queue.Empty`` there if time is up."""
+        if waiter is None:
+            self.wait_for_more(block, deadline)
+        else:
+            self.turns.sleep(waiter, _remaining(block, deadline))
 
     def take_steps(self) -> tuple[list[Any], dict[int, TaskError]]:
         """(lock held) What ``ready`` and ``steps`` hold, as one batch."""
@@ -204,19 +192,9 @@ class Delivery:
                     return ERROR
                 self.move_run()
                 continue
-            if self.bodies:
-                self.split(*self.decode(self.bodies.popleft()))
-                continue
-            if self.polling:
-                # Only the poller reads the pipe: a reader that emptied it
-                # under the poller's feet would leave results in hand with
-                # the poller asleep.  Wait for its turn (outside the lock).
-                _remaining(block, deadline)  # queue.Empty if it may not wait
-                return TURN
-            if self.read_available():
-                self.tell_waiters()
-                continue
-            return None  # nothing in hand and nobody polls: wait_for_more() polls
+            found = self.look_for_more(block, deadline)
+            if found != MORE:
+                return found
 
     def drop_discarded(self) -> None:
         """(lock held) Drop what is in hand of the results to discard."""
@@ -250,19 +228,12 @@ class Delivery:
         self.moved += len(run)
         self.ready.extend(run)
 
-    def split(self, values: list[Any], errors: dict[int, TaskError]) -> None:
-        """(lock held) A packet's results as steps: runs of values, errors in place."""
-        if not errors:
+    def split(self, values: list[Any], errors: dict[int, Any]) -> None:
+        """(lock held) A packet's results as steps (see split_results)."""
+        if errors:
+            self.steps.extend(split_results(values, errors))
+        else:
             self.steps.append(values)
-            return
-        start = 0
-        for k in sorted(errors):
-            if k > start:
-                self.steps.append(values[start:k])
-            self.steps.append(errors[k])
-            start = k + 1
-        if start < len(values):
-            self.steps.append(values[start:])
 
     def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
         """Become the poller: raise if nothing will ever come, else wait for
@@ -292,7 +263,7 @@ class Delivery:
             if polling:
                 with self.lock:
                     self.polling = False
-                    self.end_turn()
+                    self.turns.release_all()
 
     def in_hand(self) -> bool:
         """(lock held) Whether a marker is due or a result is there to take."""
@@ -332,7 +303,8 @@ class Delivery:
         if self.reader.eof:
             err = QueueBrokenError("the consumer process died; results still in flight are lost")
             e.broken = err
-            e.accepting = e.fast_put = False
+            e.accepting = False
+            e.refresh_fast_put()
             raise err
 
     def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
@@ -399,14 +371,32 @@ class Delivery:
                 if not self.polling:
                     _wire.close_fd(self.reader.fd)
                     return
-                waiter = self.turn_waiter()
-            waiter.acquire()
+                waiter = self.turns.add()
+            self.turns.sleep(waiter, None)
 
 
 MARKER = "marker"
 VALUE = "value"
 ERROR = "error"
 TURN = "turn"
+MORE = "more"
+
+
+def split_results(values: list[Any], errors: dict[int, Any]) -> list[Any]:
+    """A packet's ``(values, errors)`` as steps, in order: runs of plain values
+    (lists), and each task's error (anything but a list) in its place."""
+    if not errors:
+        return [values]
+    steps: list[Any] = []
+    start = 0
+    for k in sorted(errors):
+        if k > start:
+            steps.append(values[start:k])
+        steps.append(errors[k])
+        start = k + 1
+    if start < len(values):
+        steps.append(values[start:])
+    return steps
 
 
 def _deadline(block: bool, timeout: Optional[float]) -> Optional[float]:

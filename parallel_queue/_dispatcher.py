@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, Optional
 from . import _wire
 from ._engine import CREDITS_PER_WORKER, Slot
 from ._errors import QueueBrokenError, TaskTimeoutError, WorkerInitError, WorkerLostError
+from ._front import TaskBatch
 from ._payload import TaskError, describe_task, dumps_individually, dumps_tasks
 from ._wire import Kind
 from ._worker import P_ITEM, P_PACKET, P_SEQ, P_START_NS, PROGRESS_FIELDS
@@ -55,20 +56,15 @@ EWMA_WEIGHT = 0.3
 MAX_STARTUP_DEATHS = 3
 
 
-class PacketRecord:
+class PacketRecord(TaskBatch):
     """A packet the dispatcher sent and the consumer has not yet credited."""
 
-    __slots__ = ("packet_id", "first_task", "items", "form", "map_fn")
+    __slots__ = ("packet_id", "first_task")
 
     def __init__(self, packet_id: int, first_task: int, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
+        super().__init__(items, form, map_fn)
         self.packet_id = packet_id
         self.first_task = first_task  # index of items[0] among all tasks put
-        self.items = items
-        self.form = form
-        self.map_fn = map_fn  # a map's function, sent ahead of the items
-
-    def payload_items(self) -> list[Any]:
-        return self.items if self.map_fn is None else [self.map_fn, *self.items]
 
 
 class Dispatcher:
@@ -114,10 +110,7 @@ class Dispatcher:
         sel.register(e.consumer.sentinel, selectors.EVENT_READ, "consumer")
         for slot in e.slots:
             sel.register(slot.proc.sentinel, selectors.EVENT_READ, ("ended", slot))
-        while True:
-            with e.lock:
-                if e.terminated or e.broken is not None:
-                    return
+        while not e.given_up():
             self.dispatch()
             self.finish_if_stopped()
             if self.all_done():
@@ -213,8 +206,7 @@ class Dispatcher:
                 if not waiting:
                     return
                 n = self.batch_size(slot, waiting)
-                items = e.take_tasks(n)
-                form, map_fn = e.packet_form()
+                items, form, map_fn = e.take_tasks(n)
             rec = PacketRecord(self.next_id, self.dispatched_tasks, items, form, map_fn)
             self.next_id = (self.next_id + 1) % self.base
             self.packets_total += 1

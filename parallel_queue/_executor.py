@@ -41,7 +41,7 @@ import cloudpickle
 
 from . import _wire
 from ._engine import Options
-from ._front import Front
+from ._front import Front, TaskBatch
 from ._packet_id import PacketID
 from ._payload import (
     TaskError,
@@ -153,19 +153,14 @@ def describe_executor(executor: Any) -> tuple[str, int]:
     return kind, workers
 
 
-class _Packet:
-    __slots__ = ("seq", "pid", "items", "individually", "form", "map_fn")
+class _Packet(TaskBatch):
+    __slots__ = ("seq", "pid", "individually")
 
     def __init__(self, seq: int, pid: int, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
+        super().__init__(items, form, map_fn)
         self.seq = seq  # submission order (a plain count: Dask keys, the futures map)
         self.pid = pid  # wrap-around id: the reorder heap's key
-        self.items = items
         self.individually = False
-        self.form = form
-        self.map_fn = map_fn  # a map's function, sent ahead of the items
-
-    def payload_items(self) -> list[Any]:
-        return self.items if self.map_fn is None else [self.map_fn, *self.items]
 
 
 class ExecutorEngine(Front):
@@ -202,10 +197,7 @@ class ExecutorEngine(Front):
         sel = selectors.DefaultSelector()
         sel.register(self.wake_r.fd, selectors.EVENT_READ)
         try:
-            while True:
-                with self.lock:
-                    if self.terminated or self.broken is not None:
-                        return
+            while not self.given_up():
                 self.collect()
                 self.submit_more()
                 if self.finished_all():
@@ -264,8 +256,7 @@ class ExecutorEngine(Front):
                 waiting = self.takeable()
                 if not waiting:
                     return
-                items = self.take_tasks(self.batch_size(waiting))
-                form, map_fn = self.packet_form()
+                items, form, map_fn = self.take_tasks(self.batch_size(waiting))
             pkt = _Packet(self.seq, self.next_pid.value, items, form, map_fn)
             self.seq += 1
             self.next_pid = self.next_pid.next()

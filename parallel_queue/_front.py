@@ -21,7 +21,6 @@ the rest of put()).  That path is sound because of one protocol:
 
 from __future__ import annotations
 
-import _thread
 import itertools
 import os
 import queue
@@ -33,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from . import _wire
 from ._errors import QueueStopped, fresh_copy
 from ._stats import SAMPLE_EVERY, LatencySampler, QueueStats
+from ._threads import Waiters
 
 if TYPE_CHECKING:
     from ._delivery import Delivery
@@ -42,14 +42,28 @@ if TYPE_CHECKING:
 class MapLease:
     """A map's hold on a queue (see Front.begin_map)."""
 
-    __slots__ = ("start", "end", "cancelled", "fn", "form")
+    __slots__ = ("end", "cancelled", "fn", "form")
 
-    def __init__(self, start: int, fn: Callable[..., Any], form: int) -> None:
-        self.start = start  # the index of its first task
+    def __init__(self, fn: Callable[..., Any], form: int) -> None:
         self.end: Optional[int] = None  # one past its last, once the input ran out
         self.cancelled = False
         self.fn = fn  # sent first in each of its packets
         self.form = form  # what its items are (_worker.ONE or STAR)
+
+
+class TaskBatch:
+    """Tasks taken together for one packet (see Front.take_tasks)."""
+
+    __slots__ = ("items", "form", "map_fn")
+
+    def __init__(self, items: list[Any], form: int, map_fn: Optional[Callable[..., Any]]) -> None:
+        self.items = items
+        self.form = form  # what an item is (_worker.CALL, ARGS, STAR, ONE)
+        self.map_fn = map_fn  # a map's function, sent ahead of the items
+
+    def payload_items(self) -> list[Any]:
+        """What is pickled: the items, after a map's function if there is one."""
+        return self.items if self.map_fn is None else [self.map_fn, *self.items]
 
 
 class Front:
@@ -63,13 +77,14 @@ class Front:
         self.opts = opts
         # Shared state in the main process, guarded by one lock.
         self.lock = threading.Lock()
-        self.room_waiters: list[Any] = []  # put()s waiting for room (see room_waiter)
+        self.room = Waiters(self.lock)  # put()s waiting for room in a full queue
         self.pending: deque[Any] = deque()
         self.dispatched = 0  # tasks taken from ``pending`` (by take_tasks)
         self.markers: deque[tuple[int, Any]] = deque()
         self.markers_put = 0
-        # put() may append without the lock: accepting, and no dispatcher
-        # asleep waiting for tasks (see the module docstring).
+        # put() may append without the lock: accepting, no map running and
+        # no dispatcher asleep waiting for tasks (see the module docstring).
+        # One flag for put()'s fast path to read; refresh_fast_put() derives it.
         self.fast_put = True
         # Tickets: every put() draws one; one in SAMPLE_EVERY takes the
         # locked path and has its latency measured.
@@ -88,9 +103,8 @@ class Front:
         self.async_getters = 0
         self.async_putters = 0
         self.closed = False  # everything ended and every descriptor released
-        # put()'s fast path reads these two instead of four conditions.
         self.accepting = True  # not stopped, broken or terminated
-        self.in_q_max = opts.in_q_max
+        self.in_q_max = opts.in_q_max  # for put()'s fast path
 
         self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
         self.room_r, self.room_w = _wire.make_pipe()  # wakes aput(): there is room again
@@ -115,9 +129,7 @@ class Front:
 
     def room_freed(self) -> None:
         """Tasks or markers left a full queue: wake put() and aput() (lock held)."""
-        for waiter in self.room_waiters:
-            waiter.release()
-        self.room_waiters.clear()
+        self.room.release_all()
         if self.async_putters:
             try:
                 os.write(self.room_w.fd, b"\0")
@@ -152,16 +164,10 @@ class Front:
             return len(self.pending)
         return self.tasks_at_stop - self.dispatched
 
-    def packet_form(self) -> tuple[int, Optional[Callable[..., Any]]]:
-        """(lock held) The form of the tasks in ``pending``, and the function a
-        map's packets carry first (None: the queue's own form)."""
-        lease = self.lease
-        if lease is not None:
-            return lease.form, lease.fn
-        return self.opts.form, None
-
-    def take_tasks(self, n: int) -> list[Any]:
-        """(lock held) The next ``n`` tasks (n <= takeable()), for the dispatcher."""
+    def take_tasks(self, n: int) -> tuple[list[Any], int, Optional[Callable[..., Any]]]:
+        """(lock held) The next ``n`` tasks (n <= takeable()), for the dispatcher:
+        ``(items, form, map_fn)``, with the form of the items and the function
+        a map's packets carry first (None: the queue's own)."""
         pending = self.pending
         waiting = len(pending)
         if n == waiting:
@@ -173,43 +179,48 @@ class Front:
         self.dispatched += n
         if waiting >= self.opts.in_q_max:
             self.room_freed()
-        return items
+        lease = self.lease
+        if lease is not None:
+            return items, lease.form, lease.fn
+        return items, self.opts.form, None
+
+    def refresh_fast_put(self) -> None:
+        """(lock held) After a change to what fast_put is derived from.  Every
+        change that can clear it is made before this call, and the caller
+        looks at ``pending`` only after it (module docstring)."""
+        self.fast_put = self.accepting and self.lease is None and not self.dispatcher_idle
 
     def dispatcher_sleeps(self) -> bool:
         """(lock held) The dispatcher would sleep until a put() wakes it:
         False if a task is already there (then it must not sleep)."""
-        self.fast_put = False  # first; then look at pending (module docstring)
-        if self.takeable():
-            self.fast_put = self.accepting and self.lease is None
-            return False
         self.dispatcher_idle = True
+        self.refresh_fast_put()  # first; then look at pending
+        if self.takeable():
+            self.dispatcher_awake()
+            return False
         return True
 
     def dispatcher_awake(self) -> None:
         """(lock held) The dispatcher is running again: put() may go fast."""
         self.dispatcher_idle = False
-        self.fast_put = self.accepting and self.lease is None
+        self.refresh_fast_put()
 
     def put_task(self, item: Any, timeout: Optional[float], sample: Optional[bool] = None) -> None:
         """put()'s locked path: wait for room, wake the dispatcher, sample latency."""
         if sample is None:
             sample = not next(self.put_ticket) & (SAMPLE_EVERY - 1)
-        deadline = _deadline(timeout)
-        waited = False
-        while True:
-            with self.lock:
-                self.check_can_put(waited)
-                if len(self.pending) < self.opts.in_q_max:
-                    if sample:
-                        self.latency.put_at(self.dispatched + len(self.pending))
-                    self.pending.append(item)
-                    if self.dispatcher_idle:
-                        self.dispatcher_awake()
-                        self.wake_dispatcher()
-                    return
-                waiter = self.room_waiter()
-            self.wait_for_room(waiter, deadline)
-            waited = True
+
+        def attempt(waited: bool) -> Any:
+            self.check_can_put(waited)
+            if len(self.pending) >= self.opts.in_q_max:
+                return NO_ROOM
+            if sample:
+                self.latency.put_at(self.dispatched + len(self.pending))
+            self.pending.append(item)
+            self.wake_idle_dispatcher()
+            return None
+
+        self.when_room(timeout, attempt)
 
     def settle_put(self, item: Any) -> None:
         """put() appended ``item`` without the lock, then found ``fast_put``
@@ -219,9 +230,7 @@ class Front:
         put() raises) if not."""
         with self.lock:
             if self.accepting and self.lease is None:
-                if self.dispatcher_idle:
-                    self.dispatcher_awake()
-                    self.wake_dispatcher()
+                self.wake_idle_dispatcher()
                 return
             pending = self.pending
             for k in range(len(pending) - 1, -1, -1):
@@ -249,78 +258,65 @@ class Front:
         one lock round per call instead of one per task.  ``lease``: the map
         feeding (QueueStopped once it is closed).
         """
-        deadline = _deadline(timeout)
-        waited = False
-        while True:
-            with self.lock:
-                if lease is None:
-                    self.check_can_put(waited)
-                elif lease.cancelled:
-                    raise QueueStopped("the map was closed")
-                elif not self.accepting:
-                    self.check_usable(waited)
-                before = len(self.pending)
-                room = min(count, self.opts.in_q_max - before)
-                if room > 0:
-                    try:
-                        self.pending.extend(itertools.islice(items, room))
-                    finally:
-                        # Count what went in even if ``items`` raised half-way.
-                        n = len(self.pending) - before
-                        if n:
-                            self.latency.put_at(self.dispatched + before)
-                        if n and self.dispatcher_idle:
-                            self.dispatcher_awake()
-                            self.wake_dispatcher()
-                    return n < room  # islice stops short only at the end of ``items``
-                waiter = self.room_waiter()
-            self.wait_for_room(waiter, deadline)
-            waited = True
+
+        def attempt(waited: bool) -> Any:
+            if lease is None:
+                self.check_can_put(waited)
+            elif lease.cancelled:
+                raise QueueStopped("the map was closed")
+            elif not self.accepting:
+                self.check_usable(waited)
+            before = len(self.pending)
+            room = min(count, self.opts.in_q_max - before)
+            if room <= 0:
+                return NO_ROOM
+            try:
+                self.pending.extend(itertools.islice(items, room))
+            finally:
+                # Count what went in even if ``items`` raised half-way.
+                if len(self.pending) > before:
+                    self.latency.put_at(self.dispatched + before)
+                    self.wake_idle_dispatcher()
+            return len(self.pending) - before < room  # islice stops short only at the end
+
+        return bool(self.when_room(timeout, attempt))
 
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
+        def attempt(waited: bool) -> Any:
+            self.check_can_put(waited)
+            if len(self.markers) >= self.opts.in_q_max:
+                return NO_ROOM
+            self.markers.append((self.dispatched + len(self.pending), marker))
+            self.markers_put += 1
+            if self.getter_waiting or self.async_getters:
+                self.wake_getter()
+            return None
+
+        self.when_room(timeout, attempt)
+
+    def when_room(self, timeout: Optional[float], attempt: Callable[[bool], Any]) -> Any:
+        """Run ``attempt(waited)`` under the lock until it finds room (returns
+        anything but NO_ROOM), sleeping on a waiter between tries (see
+        _threads.Waiters: never a Condition, which Ctrl-C can break);
+        ``queue.Full`` after ``timeout``."""
         deadline = _deadline(timeout)
         waited = False
         while True:
             with self.lock:
-                self.check_usable(waited)
-                self.check_no_map()
-                if len(self.markers) < self.opts.in_q_max:
-                    self.markers.append((self.dispatched + len(self.pending), marker))
-                    self.markers_put += 1
-                    if self.getter_waiting or self.async_getters:
-                        self.wake_getter()
-                    return
-                waiter = self.room_waiter()
-            self.wait_for_room(waiter, deadline)
+                result = attempt(waited)
+                if result is not NO_ROOM:
+                    return result
+                waiter = self.room.add()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if not self.room.sleep(waiter, remaining):
+                raise queue.Full
             waited = True
 
-    # Waiting for room.  Never Condition.wait() under ``with lock``: Python
-    # code moves the lock in and out (Condition.__enter__, _release_save),
-    # and a Ctrl-C landing between its steps either leaks the lock (every
-    # later terminate() hangs on it) or releases it twice.  A waiter here is
-    # a lock of its own, registered under ``lock`` and slept on after it is
-    # released: an interrupt anywhere leaves at most a stale waiter, which
-    # room_freed() releases harmlessly.
-
-    def room_waiter(self) -> Any:
-        """(lock held) A waiter that room_freed() will release."""
-        waiter = _thread.allocate_lock()
-        waiter.acquire()
-        self.room_waiters.append(waiter)
-        return waiter
-
-    def wait_for_room(self, waiter: Any, deadline: Optional[float]) -> None:
-        """Sleep (lock not held) until room_freed(); ``queue.Full`` at ``deadline``."""
-        remaining = None if deadline is None else deadline - time.monotonic()
-        if remaining is None:
-            waiter.acquire()
-            return
-        if remaining > 0 and waiter.acquire(timeout=remaining):
-            return
-        with self.lock:
-            if waiter in self.room_waiters:
-                self.room_waiters.remove(waiter)
-        raise queue.Full
+    def wake_idle_dispatcher(self) -> None:
+        """(lock held) A task was just appended: wake the dispatcher if it sleeps."""
+        if self.dispatcher_idle:
+            self.dispatcher_awake()
+            self.wake_dispatcher()
 
     def check_can_put(self, after_wait: bool) -> None:
         """(lock held) Raise why put() cannot take a task now, if it cannot."""
@@ -354,8 +350,8 @@ class Front:
                 raise RuntimeError("another imap() is running on this queue")
             if self.markers or self.dispatched + len(self.pending) != d.moved + d.discard or d.ready or d.steps:
                 raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
-            self.lease = MapLease(self.dispatched + len(self.pending), fn, form)
-            self.fast_put = False
+            self.lease = MapLease(fn, form)
+            self.refresh_fast_put()
         return self.lease
 
     def end_map_input(self, lease: MapLease) -> None:
@@ -382,8 +378,7 @@ class Front:
             self.pending.clear()
             d.discard += self.dispatched - (d.moved + d.discard)
             self.lease = None
-            if not self.dispatcher_idle:
-                self.fast_put = self.accepting
+            self.refresh_fast_put()
 
     # ----------------------------------------------------------- lifecycle
 
@@ -394,7 +389,7 @@ class Front:
     def close_the_door(self) -> None:
         """No more tasks (lock held): record where the stream ends, wake everyone."""
         self.accepting = False
-        self.fast_put = False  # first; then count (module docstring)
+        self.refresh_fast_put()  # first; then count (module docstring)
         if self.tasks_at_stop is None:
             self.tasks_at_stop = self.dispatched + len(self.pending)
         self.room_freed()
@@ -410,6 +405,11 @@ class Front:
             self.close_the_door()
         return True
 
+    def given_up(self) -> bool:
+        """Terminated or broken: the dispatcher returns at once."""
+        with self.lock:
+            return self.terminated or self.broken is not None
+
     def end_dispatcher_then_kill(self, thread: threading.Thread) -> None:
         """After begin_terminate(): the dispatcher sees ``terminated`` at its next
         wake-up (just written) and returns; then this thread may reap and close."""
@@ -423,7 +423,7 @@ class Front:
             if self.broken is None and not self.terminated:
                 self.broken = error
             self.accepting = False
-            self.fast_put = False
+            self.refresh_fast_put()
             self.room_freed()
             self.wake_all_getters()
         self.kill_processes()
@@ -478,6 +478,10 @@ class Front:
     def kill_processes(self) -> None:
         """End the engine's work at once (break_with)."""
         raise NotImplementedError
+
+
+# What a when_room() attempt returns when there is no room yet.
+NO_ROOM = object()
 
 
 def _deadline(timeout: Optional[float]) -> Optional[float]:

@@ -15,6 +15,7 @@ import weakref
 from collections import deque
 from typing import Any, Callable, Iterable, Iterator, Optional, TypeVar
 
+from ._delivery import split_results
 from ._errors import QueueStopped
 from ._front import MapLease
 from ._payload import TaskError
@@ -95,8 +96,7 @@ class IMapIterator(Iterator[R]):
         self._engine = engine
         self._delivery = engine.delivery
         # Results in hand: ``_cur`` iterates the current run of plain values;
-        # ``_steps`` holds what follows in the packet (runs, and TaskErrors
-        # each raised in its place).
+        # ``_steps`` holds what follows in the packet (see split_results).
         self._cur: Iterator[Any] = _EMPTY
         self._steps: deque[Any] = deque()
         self._input_error: list[BaseException] = []
@@ -154,19 +154,12 @@ class IMapIterator(Iterator[R]):
             raise StopAsyncIteration
         raise NothingInHand
 
-    def _take(self, values: list[Any], errors: dict[int, TaskError]) -> None:
-        """A packet's results: plain runs of values, and each error in its place."""
+    def _take(self, values: list[Any], errors: dict[int, Any]) -> None:
+        """A packet's results: runs of values, and each error in its place."""
         if not errors:
             self._cur = iter(values)
             return
-        start = 0
-        for k in sorted(errors):
-            if k > start:
-                self._steps.append(iter(values[start:k]))
-            self._steps.append(errors[k])
-            start = k + 1
-        if start < len(values):
-            self._steps.append(iter(values[start:]))
+        self._steps.extend(split_results(values, errors))
         self._cur = _EMPTY
 
     def _advance(self, block: bool) -> R:
@@ -175,10 +168,10 @@ class IMapIterator(Iterator[R]):
         while True:
             if self._steps:
                 step = self._steps.popleft()
-                if isinstance(step, TaskError):
+                if type(step) is not list:  # a task's error (a TaskError, or a thread's LiveError)
                     self._delivery.errors_raised += 1
                     raise step.to_exception()
-                self._cur = step
+                self._cur = iter(step)
             elif not block:
                 raise NothingInHand
             else:

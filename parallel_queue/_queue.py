@@ -142,9 +142,8 @@ class _QueueBase(Generic[R]):
         try:
             return self._ready.popleft()  # type: ignore[no-any-return]
         except IndexError:
-            pass
-        d = self._delivery
-        return d.get(block, timeout)  # type: ignore[no-any-return]
+            pass  # (not the slow path in here: its exceptions would chain this one)
+        return self._delivery.get(block, timeout)  # type: ignore[no-any-return]
 
     def stats(self) -> QueueStats:
         """A snapshot of the queue's counters and put-to-get latency (see ``QueueStats``)."""

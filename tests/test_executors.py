@@ -167,3 +167,31 @@ def test_terminate_does_not_wait_for_stuck_threads():
     finally:
         gate.set()
         ex.shutdown()
+
+
+def fail_on_3(x):
+    if x == 3:
+        raise ValueError(f"three: {x}")
+    return x
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_map_errors_in_place_on_executors(kind):
+    # A thread pool hands errors back as live objects (LiveError), a process
+    # pool as TaskErrors: imap and ParallelQueue.imap raise either in place
+    # and go on after it.
+    def drain(it):
+        out = []
+        while True:
+            try:
+                out.append(next(it))
+            except StopIteration:
+                return out
+            except ValueError as e:
+                out.append(str(e))
+
+    expected = [0, 1, 2, "three: 3", 4, 5]
+    with ThreadPoolExecutor(2) if kind == "threads" else ProcessPoolExecutor(2) as ex:
+        assert drain(imap(fail_on_3, range(6), executor=ex, max_batch=6)) == expected
+        with ParallelQueue(executor=ex) as q:
+            assert drain(q.imap(fail_on_3, range(6))) == expected

@@ -22,6 +22,7 @@ from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped,
 from parallel_queue._engine import Options
 from parallel_queue._front import Front
 from parallel_queue._stats import SAMPLE_EVERY
+from parallel_queue._threads import Waiters
 
 
 class HookedDeque(deque):
@@ -208,13 +209,13 @@ def close_front(f: Front) -> None:
         _wire.close_fd(fd)
 
 
-STEPS = ["check_can_put", "room_waiter", "wait_for_room", "signal"]
+# Where put() is interrupted: after its check, after it added its waiter
+# (both under the lock), in its sleep (outside), and by a real SIGINT.
+STEPS = [(Front, "check_can_put"), (Waiters, "add"), (Waiters, "sleep"), "signal"]
 
 
-@pytest.mark.parametrize(
-    "call, where",
-    [("put", w) for w in STEPS] + [("put_many", w) for w in STEPS] + [("put_marker", w) for w in STEPS[1:]],
-)
+@pytest.mark.parametrize("where", STEPS, ids=lambda w: w if isinstance(w, str) else w[1])
+@pytest.mark.parametrize("call", ["put", "put_many", "put_marker"])
 def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, where):
     """Regression for a hung Ctrl-C: put() waited with Condition.wait under
     ``with condition:``, and a KeyboardInterrupt landing inside the Python
@@ -242,14 +243,15 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
             timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
             timer.start()
         else:
+            owner, name = where
 
             def interrupted(*args: Any, **kwargs: Any) -> Any:
-                if where != "wait_for_room":  # the step happened, then the signal came
+                if name != "sleep":  # the step happened, then the signal came
                     original(*args, **kwargs)
                 raise KeyboardInterrupt  # (in the sleep itself: instead of it)
 
-            original = getattr(Front, where)
-            monkeypatch.setattr(Front, where, interrupted)
+            original = getattr(owner, name)
+            monkeypatch.setattr(owner, name, interrupted)
         try:
             with pytest.raises(KeyboardInterrupt):
                 if call == "put":
@@ -265,7 +267,7 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
                 timer.join()
         assert not f.lock.locked()
         f.stop()  # takes the lock, and releases whatever waiter was left
-        assert f.room_waiters == []
+        assert len(f.room) == 0
         with pytest.raises(QueueStopped):
             put_through(f)(abs, -2)
     finally:
@@ -282,6 +284,6 @@ def test_put_timeout_while_waiting_for_room_leaves_no_waiter():
         f.markers.append((0, "m"))
         with pytest.raises(queue.Full):
             f.put_marker("another", 0)
-        assert f.room_waiters == [] and not f.lock.locked()
+        assert len(f.room) == 0 and not f.lock.locked()
     finally:
         close_front(f)
