@@ -123,17 +123,60 @@ def test_one_ctrl_c_stops_everything(where):
     assert wait_gone(pids, 10) == []
 
 
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
-def test_killed_parent_leaves_no_orphans(method):
-    body = """
+# How a worker learns that the main process is gone: the kernel's signal
+# where it can (Linux), else a thread of the worker's own (forced here by
+# making the kernel route unavailable; under fork the child inherits that).
+WATCHES = {
+    "kernel": "",
+    "thread": "import parallel_queue._worker as w; w._kernel_watch = lambda fd: False\n",
+}
+
+
+@pytest.mark.parametrize(("method", "watch"), [("fork", "kernel"), ("fork", "thread"), ("forkserver", "kernel")])
+def test_killed_parent_leaves_no_orphans(method, watch):
+    body = (
+        WATCHES[watch]
+        + """
 q = ParallelSingleTaskQueue(stuck, num_workers=2, mp_context=ctx)
 q.put(0)
 assert started.wait(60)
 ready(q)
 threading.Event().wait()
 """
+    )
     child, pids = start_child(body, method)
     os.kill(child.pid, signal.SIGKILL)
+    child.wait(30)
+    left = wait_gone(pids, 10)
+    for p in left:  # do not leave them running for the next test either
+        os.kill(p, signal.SIGKILL)
+    assert left == []
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's watch is Linux's")
+@pytest.mark.parametrize("method", ["fork", "forkserver"])
+def test_killed_parent_ends_a_task_that_holds_the_gil(method):
+    """A task deep in C code that never lets go of the GIL (sum over a huge
+    range) still ends the moment the main process dies: the kernel kills the
+    worker; a watcher thread would wait for the GIL for hours.  The worker
+    also starts no thread of its own for the watch."""
+    body = """
+def spin(_):
+    started.set()
+    return sum(range(10**15))
+
+q = ParallelSingleTaskQueue(spin, num_workers=1, mp_context=ctx)
+q.put(0)
+assert started.wait(60)
+ready(q)
+threading.Event().wait()
+"""
+    child, pids = start_child(body, method)
+    worker = pids[0]  # processes(): the workers first, then the consumer
+    try:
+        assert os.listdir(f"/proc/{worker}/task") == [str(worker)]
+    finally:
+        os.kill(child.pid, signal.SIGKILL)
     child.wait(30)
     left = wait_gone(pids, 10)
     for p in left:  # do not leave them running for the next test either
