@@ -123,6 +123,17 @@ def test_one_ctrl_c_stops_everything(where):
     assert wait_gone(pids, 10) == []
 
 
+def kill_parent_then_orphans(child: subprocess.Popen[str], pids: list[int]) -> list[int]:
+    """SIGKILL the child interpreter; which of its ``pids`` outlived it
+    (they are killed too, so they never run on into the next test)."""
+    os.kill(child.pid, signal.SIGKILL)
+    child.wait(30)
+    left = wait_gone(pids, 10)
+    for p in left:
+        os.kill(p, signal.SIGKILL)
+    return left
+
+
 # How a worker learns that the main process is gone: the kernel's signal
 # where it can (Linux), else a thread of the worker's own (forced here by
 # making the kernel route unavailable; under fork the child inherits that).
@@ -132,25 +143,24 @@ WATCHES = {
 }
 
 
-@pytest.mark.parametrize(("method", "watch"), [("fork", "kernel"), ("fork", "thread"), ("forkserver", "kernel")])
-def test_killed_parent_leaves_no_orphans(method, watch):
-    body = (
-        WATCHES[watch]
-        + """
-q = ParallelSingleTaskQueue(stuck, num_workers=2, mp_context=ctx)
+# The main process starts a queue whose task never returns, then waits.
+RUNS_FOREVER = """
+def spin(_):  # deep in C code, never letting go of the GIL
+    started.set()
+    return sum(range(10**15))
+
+q = ParallelSingleTaskQueue({task}, num_workers={n}, mp_context=ctx)
 q.put(0)
 assert started.wait(60)
 ready(q)
 threading.Event().wait()
 """
-    )
-    child, pids = start_child(body, method)
-    os.kill(child.pid, signal.SIGKILL)
-    child.wait(30)
-    left = wait_gone(pids, 10)
-    for p in left:  # do not leave them running for the next test either
-        os.kill(p, signal.SIGKILL)
-    assert left == []
+
+
+@pytest.mark.parametrize(("method", "watch"), [("fork", "kernel"), ("fork", "thread"), ("forkserver", "kernel")])
+def test_killed_parent_leaves_no_orphans(method, watch):
+    child, pids = start_child(WATCHES[watch] + RUNS_FOREVER.format(task="stuck", n=2), method)
+    assert kill_parent_then_orphans(child, pids) == []
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's watch is Linux's")
@@ -160,28 +170,11 @@ def test_killed_parent_ends_a_task_that_holds_the_gil(method):
     range) still ends the moment the main process dies: the kernel kills the
     worker; a watcher thread would wait for the GIL for hours.  The worker
     also starts no thread of its own for the watch."""
-    body = """
-def spin(_):
-    started.set()
-    return sum(range(10**15))
-
-q = ParallelSingleTaskQueue(spin, num_workers=1, mp_context=ctx)
-q.put(0)
-assert started.wait(60)
-ready(q)
-threading.Event().wait()
-"""
-    child, pids = start_child(body, method)
+    child, pids = start_child(RUNS_FOREVER.format(task="spin", n=1), method)
     worker = pids[0]  # processes(): the workers first, then the consumer
-    try:
-        assert os.listdir(f"/proc/{worker}/task") == [str(worker)]
-    finally:
-        os.kill(child.pid, signal.SIGKILL)
-    child.wait(30)
-    left = wait_gone(pids, 10)
-    for p in left:  # do not leave them running for the next test either
-        os.kill(p, signal.SIGKILL)
-    assert left == []
+    threads = os.listdir(f"/proc/{worker}/task")
+    assert kill_parent_then_orphans(child, pids) == []
+    assert threads == [str(worker)]
 
 
 def test_helper_threads_never_take_ctrl_c():
