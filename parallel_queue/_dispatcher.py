@@ -24,16 +24,12 @@ from ._engine import CREDITS_PER_WORKER, Slot
 from ._errors import QueueBrokenError, TaskTimeoutError, WorkerInitError, WorkerLostError
 from ._front import TaskBatch
 from ._payload import TaskError, describe_task, dumps_individually, dumps_tasks
+from ._sizing import packet_limit, running_mean
 from ._wire import Kind
 from ._worker import P_ITEM, P_PACKET, P_SEQ, P_START_NS, PROGRESS_FIELDS
 
 if TYPE_CHECKING:
     from ._engine import Engine
-
-# The most tasks in one packet.  More amortises the per-packet cost (a few
-# system calls and wake-ups) further, but holds more results back at once and
-# makes a crash re-run more neighbours of the task that crashed.
-MAX_BATCH = 1024
 
 # How much work (by measured task time) a packet should carry.  Longer packets
 # cost less per task; shorter ones balance better when tasks are slow or of
@@ -45,10 +41,6 @@ TARGET_PACKET_SECONDS = 0.005
 # arguments (arrays, documents) a cap keeps one packet from holding gigabytes
 # and lets several workers share them.
 TARGET_PACKET_BYTES = 1 << 20
-
-# Weight of the newest measurement in the running mean of task time.  Higher
-# follows changes in the workload faster, lower is steadier.
-EWMA_WEIGHT = 0.3
 
 # A worker that dies this many times in a row without starting a task (a
 # crashing initializer, a broken interpreter) breaks the queue instead of
@@ -177,11 +169,7 @@ class Dispatcher:
         opts = self.e.opts
         if opts.exact_batch and opts.max_batch:
             return min(opts.max_batch, waiting)
-        limit = opts.max_batch or MAX_BATCH
-        if self.item_seconds > 0:
-            limit = min(limit, max(1, int(TARGET_PACKET_SECONDS / self.item_seconds)))
-        else:
-            limit = 1  # nothing measured yet: do not give one worker everything
+        limit = packet_limit(opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
         if self.item_bytes > 0:
             limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
         n = min(limit, waiting)
@@ -220,8 +208,7 @@ class Dispatcher:
         else:
             payload, individually = dumps_tasks(rec.payload_items())
         size = len(payload) / len(rec.items)
-        m = self.item_bytes
-        self.item_bytes = size if m == 0 else m + EWMA_WEIGHT * (size - m)
+        self.item_bytes = running_mean(self.item_bytes, size)
         slot.sent_items += len(rec.items)
         writer = slot.writer
         assert writer is not None
@@ -269,9 +256,7 @@ class Dispatcher:
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
         self.startup_deaths[c.slot] = 0
         if c.n_items:
-            sample = c.compute_ns / c.n_items / 1e9
-            m = self.item_seconds
-            self.item_seconds = sample if m == 0 else m + EWMA_WEIGHT * (sample - m)
+            self.item_seconds = running_mean(self.item_seconds, c.compute_ns / c.n_items / 1e9)
 
     # ------------------------------------------------------------ slow paths
 

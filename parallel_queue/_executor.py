@@ -52,16 +52,14 @@ from ._payload import (
     loads_results,
     loads_tasks,
 )
+from ._sizing import packet_limit, running_mean
 from ._threads import helper_thread
 from ._worker import capture_error, packet_function, run_items
 
-# The most tasks in one submitted call, and how much measured work a packet
-# should carry: as for our own workers (see _dispatcher), but a submit costs
-# more (a future, a callback, for Dask a scheduler round trip), so packets
-# aim a little longer.
-MAX_BATCH = 1024
+# How much measured work a packet should carry: as for our own workers (see
+# _dispatcher), but a submit costs more (a future, a callback, for Dask a
+# scheduler round trip), so packets aim a little longer.
 TARGET_PACKET_SECONDS = 0.01
-EWMA_WEIGHT = 0.3
 
 _REJECTED = b"parallel_queue:rejected"
 
@@ -233,11 +231,7 @@ class ExecutorEngine(Front):
         opts = self.opts
         if opts.exact_batch and opts.max_batch:
             return min(opts.max_batch, waiting)
-        limit = opts.max_batch or MAX_BATCH
-        if self.item_seconds > 0:
-            limit = min(limit, max(1, int(TARGET_PACKET_SECONDS / self.item_seconds)))
-        else:
-            limit = 1
+        limit = packet_limit(opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
         free = max(1, self.window - (self.seq - self.source.taken))
         return max(1, min(limit, waiting, -(-waiting // free)))
 
@@ -347,9 +341,7 @@ class ExecutorEngine(Front):
 
     def measure(self, ns: int, n: int) -> None:
         if n and ns:
-            sample = ns / n / 1e9
-            m = self.item_seconds
-            self.item_seconds = sample if m == 0 else m + EWMA_WEIGHT * (sample - m)
+            self.item_seconds = running_mean(self.item_seconds, ns / n / 1e9)
 
     # ----------------------------------------------------------- lifecycle
 
