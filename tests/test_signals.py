@@ -164,7 +164,7 @@ def test_killed_parent_leaves_no_orphans(method, watch):
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the kernel's watch is Linux's")
-@pytest.mark.parametrize("method", ["fork", "forkserver"])
+@pytest.mark.parametrize("method", ["fork", "forkserver", "spawn"])
 def test_killed_parent_ends_a_task_that_holds_the_gil(method):
     """A task deep in C code that never lets go of the GIL (sum over a huge
     range) still ends the moment the main process dies: the kernel kills the
