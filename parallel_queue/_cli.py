@@ -24,6 +24,10 @@ class CommandLineError(Exception):
     """A mistake in the command line itself: reported in one line, exit status 2."""
 
 
+class InputError(Exception):
+    """An input file that cannot be read to its end: reported in one line, exit status 2."""
+
+
 def load_function(spec: str) -> Callable[..., Any]:
     """``module:function`` (``function`` may be dotted: ``module:Class.method``)."""
     module_name, sep, attr = spec.partition(":")
@@ -57,11 +61,20 @@ def _call(fn: Callable[[Any], Any], jsonl: bool, line: str) -> str:
 def _lines(files: list[str], where: deque[tuple[str, int]]) -> Iterator[str]:
     """Every input line without its line ending; ``where`` gets (file, number) of each."""
     for name in files or ["-"]:
-        stream: TextIO = sys.stdin if name == "-" else open(name, encoding="utf-8")  # noqa: SIM115
+        label = "<stdin>" if name == "-" else name
+        number = 0
+        try:
+            stream: TextIO = sys.stdin if name == "-" else open(name, encoding="utf-8")  # noqa: SIM115
+        except OSError as e:
+            raise InputError(f"cannot open {label}: {e}") from None
         try:
             for number, line in enumerate(stream, 1):
-                where.append(("<stdin>" if name == "-" else name, number))
+                where.append((label, number))
                 yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
+        except (OSError, UnicodeDecodeError) as e:
+            # Raised where the input ends (imap raises the input's error
+            # after every result before it): not any line's own failure.
+            raise InputError(f"cannot read {label} after line {number}: {type(e).__name__}: {e}") from None
         finally:
             if stream is not sys.stdin:
                 stream.close()
@@ -117,6 +130,10 @@ def main(argv: Optional[list[str]] = None) -> int:
                     text = next(results)
                 except StopIteration:
                     break
+                except InputError as e:
+                    out.flush()
+                    print(f"parallel-queue: error: {e}", file=sys.stderr)
+                    return 2
                 except Exception as e:  # the line's own failure
                     name, number = where.popleft()
                     failed += 1

@@ -126,6 +126,21 @@ def test_missing_file_is_exit_2(workdir):
     assert r.returncode == 2 and "no such file: nope.txt" in r.stderr
 
 
+def test_unreadable_input_is_one_line_exit_2_after_the_lines_before_it(workdir):
+    # Undecodable bytes far into the file: the lines before them come out,
+    # then one line says what could not be read (no traceback).
+    lines = [f"line {i}" for i in range(20000)]
+    (workdir / "in.txt").write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
+    r = cli(workdir, "clitools:upper", "in.txt")
+    assert r.returncode == 2
+    out = r.stdout.splitlines()
+    assert 0 < len(out) <= len(lines)
+    assert out == [x.upper() for x in lines[: len(out)]]
+    assert r.stderr.count("\n") == 1, r.stderr
+    assert r.stderr.startswith("parallel-queue: error: cannot read in.txt after line ")
+    assert "UnicodeDecodeError" in r.stderr
+
+
 def test_progress_bar(workdir):
     r = cli(workdir, "--progress", "clitools:upper", stdin="a\nb\nc\n")
     assert r.returncode == 0, r.stderr
