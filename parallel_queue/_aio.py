@@ -18,7 +18,6 @@ from . import _wire
 from ._delivery import take_one_wake_byte
 from ._errors import QueueStopped
 from ._map import NothingInHand
-from ._payload import TaskError
 
 if TYPE_CHECKING:
     from ._front import Front as Engine
@@ -26,17 +25,19 @@ if TYPE_CHECKING:
 R = TypeVar("R")
 
 # One reader callback per fd per event loop is all asyncio allows, so the
-# coroutines of one loop wait on a queue's pipes one at a time.
-_loop_locks: weakref.WeakKeyDictionary[Any, dict[int, asyncio.Lock]] = weakref.WeakKeyDictionary()
+# coroutines of one loop wait on a queue's pipes one at a time: a lock per
+# event loop, per queue, per kind ("get", "put"), gone with either.
+_loop_locks: weakref.WeakKeyDictionary[Any, weakref.WeakKeyDictionary[Any, dict[str, asyncio.Lock]]] = (
+    weakref.WeakKeyDictionary()
+)
 
 
 def _lock_for(engine: Engine, kind: str) -> asyncio.Lock:
-    loop = asyncio.get_running_loop()
-    per_loop = _loop_locks.setdefault(loop, {})
-    key = id(engine) * 2 + (kind == "put")
-    lock = per_loop.get(key)
+    per_loop = _loop_locks.setdefault(asyncio.get_running_loop(), weakref.WeakKeyDictionary())
+    per_queue = per_loop.setdefault(engine, {})
+    lock = per_queue.get(kind)
     if lock is None:
-        lock = per_loop[key] = asyncio.Lock()
+        lock = per_queue[kind] = asyncio.Lock()
     return lock
 
 
@@ -68,6 +69,7 @@ async def _call_when_ready(
     except (queue.Empty, queue.Full) as e:
         if isinstance(e, QueueStopped):
             raise
+    count = "async_getters" if kind == "get" else "async_putters"
     async with _lock_for(engine, kind):
         while True:
             registered = False
@@ -77,10 +79,7 @@ async def _call_when_ready(
                 # (Registered inside the try, with plain attribute updates,
                 # so a Ctrl-C cannot leave the count raised.)
                 with engine.lock:
-                    if kind == "get":
-                        engine.async_getters += 1
-                    else:
-                        engine.async_putters += 1
+                    setattr(engine, count, getattr(engine, count) + 1)
                     registered = True
                 try:
                     return call()
@@ -94,10 +93,7 @@ async def _call_when_ready(
             finally:
                 if registered:
                     with engine.lock:
-                        if kind == "get":
-                            engine.async_getters -= 1
-                        else:
-                            engine.async_putters -= 1
+                        setattr(engine, count, getattr(engine, count) - 1)
 
 
 async def aget(engine: Engine, get: Callable[[], Any]) -> Any:
@@ -150,9 +146,7 @@ class AsyncIMapIterator(AsyncIterator[R]):
                 values, errors = await aget(engine, lambda: it._delivery.get_batch(False, None))
             except QueueStopped:
                 await self._end_feeder()
-                it._finish()
-                if it._input_error:
-                    raise it._input_error.pop() from None
+                it._at_end()
                 raise StopAsyncIteration from None
             except BaseException:
                 await self.aclose()
@@ -219,4 +213,4 @@ def aimap(
     return AsyncIMapIterator(fn, iterable, num_workers, chunksize, options)
 
 
-__all__ = ["aimap", "AsyncIMapIterator", "aget", "aput", "TaskError"]
+__all__ = ["aimap", "AsyncIMapIterator", "aget", "aput"]

@@ -26,9 +26,9 @@ import time
 from collections import deque
 from typing import TYPE_CHECKING, Any, Optional
 
-from . import _wire
+from . import _threads, _wire
 from ._errors import QueueBrokenError, QueueStopped, fresh_copy
-from ._payload import TaskError, loads_results
+from ._payload import TaskError, every_slot_fails, loads_results
 from ._threads import Waiters
 
 if TYPE_CHECKING:
@@ -230,10 +230,7 @@ class Delivery:
 
     def split(self, values: list[Any], errors: dict[int, Any]) -> None:
         """(lock held) A packet's results as steps (see split_results)."""
-        if errors:
-            self.steps.extend(split_results(values, errors))
-        else:
-            self.steps.append(values)
+        self.steps.extend(split_results(values, errors))
 
     def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
         """Become the poller: raise if nothing will ever come, else wait for
@@ -318,7 +315,7 @@ class Delivery:
             return loads_results(memoryview(body)[RESULT.size :])
         except Exception as exc:
             err = TaskError.for_failure(exc, "could not unpickle the result", pickle.UnpicklingError)
-            return [None] * count, {k: err for k in range(count)}
+            return every_slot_fails(count, err)
 
     # --------------------------------------------------------------- reading
 
@@ -400,9 +397,8 @@ def split_results(values: list[Any], errors: dict[int, Any]) -> list[Any]:
 
 
 def _deadline(block: bool, timeout: Optional[float]) -> Optional[float]:
-    if timeout is not None and timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return None if not block or timeout is None else time.monotonic() + timeout
+    until = _threads.deadline(timeout)  # checks ``timeout`` even when not blocking
+    return until if block else None
 
 
 def _remaining(block: bool, deadline: Optional[float]) -> Optional[float]:

@@ -65,7 +65,6 @@ class Dispatcher:
         self.base = 2 * engine.opts.window + 1
         self.next_id = 0
         self.packets_total = 0
-        self.dispatched_tasks = 0
         self.item_seconds = 0.0  # running mean of task time; 0 until measured
         self.item_bytes = 0.0  # running mean of a task's pickled size
         self.credits = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
@@ -166,19 +165,24 @@ class Dispatcher:
         )
 
     def batch_size(self, slot: Slot, waiting: int) -> int:
+        """(lock held) How many of the ``waiting`` tasks ``slot``'s next packet takes."""
         opts = self.e.opts
-        if opts.exact_batch and opts.max_batch:
-            return min(opts.max_batch, waiting)
-        limit = packet_limit(opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
-        if self.item_bytes > 0:
-            limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
-        n = min(limit, waiting)
-        if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
-            # Enough work waiting to matter: spread it over the free credits,
-            # so idle workers all get a share instead of the first one taking
-            # the lot.  (Tiny tasks go in one packet: fewer wake-ups.)
-            n = min(n, -(-waiting // max(1, self.free_credits())))
-        quota = self.e.opts.max_tasks_per_worker
+        fixed = self.e.fixed_batch()
+        if fixed:
+            n = min(fixed, waiting)
+        else:
+            limit = packet_limit(opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
+            if self.item_bytes > 0:
+                limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
+            n = min(limit, waiting)
+            if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
+                # Enough work waiting to matter: spread it over the free
+                # credits, so idle workers all get a share instead of the
+                # first one taking the lot.  (Tiny tasks go in one packet:
+                # fewer wake-ups.)
+                n = min(n, -(-waiting // max(1, self.free_credits())))
+        # A worker recycled after max_tasks_per_worker never takes more.
+        quota = opts.max_tasks_per_worker
         if quota:
             n = min(n, quota - slot.sent_items)
         return max(1, n)
@@ -193,12 +197,11 @@ class Dispatcher:
                 waiting = e.takeable()
                 if not waiting:
                     return
-                n = self.batch_size(slot, waiting)
-                items, form, map_fn = e.take_tasks(n)
-            rec = PacketRecord(self.next_id, self.dispatched_tasks, items, form, map_fn)
+                first_task = e.dispatched
+                items, form, map_fn = e.take_tasks(self.batch_size(slot, waiting))
+            rec = PacketRecord(self.next_id, first_task, items, form, map_fn)
             self.next_id = (self.next_id + 1) % self.base
             self.packets_total += 1
-            self.dispatched_tasks += n
             slot.outstanding.append(rec)
             self.send(slot, rec, individually=False)
 

@@ -122,7 +122,7 @@ class Options:
         self.max_batch = max_batch
         # imap's chunksize: packets of exactly this many tasks (when that many
         # wait), instead of sizes derived from measured task times.
-        self.exact_batch = False
+        self.chunksize: Optional[int] = None
         # What a task item is (_worker.CALL, ARGS, STAR, ONE): set by the
         # queue class before the engine starts.
         self.form = 0

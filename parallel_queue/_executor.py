@@ -45,10 +45,10 @@ from ._front import Front, TaskBatch
 from ._packet_id import PacketID
 from ._payload import (
     TaskError,
-    describe_task,
     dumps_individually,
     dumps_results,
     dumps_tasks,
+    every_slot_fails,
     loads_results,
     loads_tasks,
 )
@@ -103,7 +103,7 @@ def run_packet_remote(fn_bytes: Optional[bytes], form: int, payload: bytes, indi
     t0 = time.perf_counter_ns()
     values, errors, _ = run_items(fn, form, items, capture_error)
     ns = time.perf_counter_ns() - t0
-    return ns, dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
+    return ns, dumps_results(values, errors, items)
 
 
 class LocalSource:
@@ -228,10 +228,11 @@ class ExecutorEngine(Front):
         return stopping and not self.futures and not self.heap and not self.finished
 
     def batch_size(self, waiting: int) -> int:
-        opts = self.opts
-        if opts.exact_batch and opts.max_batch:
-            return min(opts.max_batch, waiting)
-        limit = packet_limit(opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
+        """(lock held) How many of the ``waiting`` tasks the next packet takes."""
+        fixed = self.fixed_batch()
+        if fixed:
+            return min(fixed, waiting)
+        limit = packet_limit(self.opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
         free = max(1, self.window - (self.seq - self.source.taken))
         return max(1, min(limit, waiting, -(-waiting // free)))
 
@@ -333,11 +334,10 @@ class ExecutorEngine(Front):
     def failed_packet(self, pkt: _Packet, error: BaseException) -> tuple[list[Any], dict[int, Any]]:
         """The call itself failed (a lost Dask worker, a broken pool): every task
         of the packet gets that error in its slot."""
-        n = len(pkt.items)
         if self.kind == "threads":
-            return [None] * n, {k: LiveError(error) for k in range(n)}
+            return every_slot_fails(len(pkt.items), LiveError(error))
         err = TaskError.from_exception(error) if error.__traceback__ else TaskError.from_message(error)
-        return [None] * n, {k: err for k in range(n)}
+        return every_slot_fails(len(pkt.items), err)
 
     def measure(self, ns: int, n: int) -> None:
         if n and ns:

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 from . import _wire
 from ._errors import QueueStopped, fresh_copy
 from ._stats import SAMPLE_EVERY, LatencySampler, QueueStats
-from ._threads import Waiters
+from ._threads import Waiters, deadline
 
 if TYPE_CHECKING:
     from ._delivery import Delivery
@@ -42,13 +42,14 @@ if TYPE_CHECKING:
 class MapLease:
     """A map's hold on a queue (see Front.begin_map)."""
 
-    __slots__ = ("end", "cancelled", "fn", "form")
+    __slots__ = ("end", "cancelled", "fn", "form", "chunksize")
 
-    def __init__(self, fn: Callable[..., Any], form: int) -> None:
+    def __init__(self, fn: Callable[..., Any], form: int, chunksize: Optional[int]) -> None:
         self.end: Optional[int] = None  # one past its last, once the input ran out
         self.cancelled = False
         self.fn = fn  # sent first in each of its packets
         self.form = form  # what its items are (_worker.ONE or STAR)
+        self.chunksize = chunksize  # its packets' exact size, if it asked for one
 
 
 class TaskBatch:
@@ -184,6 +185,11 @@ class Front:
             return items, lease.form, lease.fn
         return items, self.opts.form, None
 
+    def fixed_batch(self) -> Optional[int]:
+        """(lock held) The exact packet size asked for (an imap's chunksize), if any."""
+        lease = self.lease
+        return self.opts.chunksize if lease is None else lease.chunksize
+
     def refresh_fast_put(self) -> None:
         """(lock held) After a change to what fast_put is derived from.  Every
         change that can clear it is made before this call, and the caller
@@ -299,7 +305,7 @@ class Front:
         anything but NO_ROOM), sleeping on a waiter between tries (see
         _threads.Waiters: never a Condition, which Ctrl-C can break);
         ``queue.Full`` after ``timeout``."""
-        deadline = _deadline(timeout)
+        until = deadline(timeout)
         waited = False
         while True:
             with self.lock:
@@ -307,7 +313,7 @@ class Front:
                 if result is not NO_ROOM:
                     return result
                 waiter = self.room.add()
-            remaining = None if deadline is None else deadline - time.monotonic()
+            remaining = None if until is None else until - time.monotonic()
             if not self.room.sleep(waiter, remaining):
                 raise queue.Full
             waited = True
@@ -340,7 +346,7 @@ class Front:
 
     # ----------------------------------------------------------------- maps
 
-    def begin_map(self, fn: Callable[..., Any], form: int) -> MapLease:
+    def begin_map(self, fn: Callable[..., Any], form: int, chunksize: Optional[int]) -> MapLease:
         """Take the queue over for a map (ParallelQueue.imap): it must be idle,
         every result put before taken, and no map running."""
         d = self.delivery
@@ -350,7 +356,7 @@ class Front:
                 raise RuntimeError("another imap() is running on this queue")
             if self.markers or self.dispatched + len(self.pending) != d.moved + d.discard or d.ready or d.steps:
                 raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
-            self.lease = MapLease(fn, form)
+            self.lease = MapLease(fn, form, chunksize)
             self.refresh_fast_put()
         return self.lease
 
@@ -482,9 +488,3 @@ class Front:
 
 # What a when_room() attempt returns when there is no room yet.
 NO_ROOM = object()
-
-
-def _deadline(timeout: Optional[float]) -> Optional[float]:
-    if timeout is not None and timeout < 0:
-        raise ValueError("'timeout' must be a non-negative number")
-    return None if timeout is None else time.monotonic() + timeout

@@ -74,13 +74,11 @@ class IMapIterator(Iterator[R]):
             raise ValueError(f"chunksize must be at least 1, got {chunksize}")
         self._lease: Optional[MapLease] = None
         if queue is None:
-            if chunksize is not None:
-                options["max_batch"] = chunksize
             progress = bool(options.pop("progress", False))
             queue_cls = _StarQueue if len(iterables) > 1 else _OneArgQueue
             self._q: Any = queue_cls(fn, num_workers=num_workers, **options)
             engine = self._q._engine
-            engine.opts.exact_batch = chunksize is not None
+            engine.opts.chunksize = chunksize
             if progress:
                 engine.show_progress(_length(iterables))
         else:
@@ -89,10 +87,7 @@ class IMapIterator(Iterator[R]):
             # items (pickled once per packet).
             self._q = queue
             engine = queue._engine
-            self._lease = engine.begin_map(fn, STAR if len(iterables) > 1 else ONE)
-            self._saved_batch = (engine.opts.max_batch, engine.opts.exact_batch)
-            if chunksize is not None:
-                engine.opts.max_batch, engine.opts.exact_batch = chunksize, True
+            self._lease = engine.begin_map(fn, STAR if len(iterables) > 1 else ONE, chunksize)
         self._engine = engine
         self._delivery = engine.delivery
         # Results in hand: ``_cur`` iterates the current run of plain values;
@@ -117,7 +112,7 @@ class IMapIterator(Iterator[R]):
         if self._lease is None:
             self._finalizer = weakref.finalize(self, self._q.terminate)
         else:
-            give_back = functools.partial(_give_back, engine, self._lease, self._feeder, self._saved_batch)
+            give_back = functools.partial(_give_back, engine, self._lease, self._feeder)
             self._finalizer = weakref.finalize(self, give_back)
 
     def __iter__(self) -> Iterator[R]:
@@ -185,13 +180,18 @@ class IMapIterator(Iterator[R]):
         try:
             return self._delivery.get_batch(True, None)
         except QueueStopped:
-            self._finish()
-            if self._input_error:
-                raise self._input_error.pop() from None
+            self._at_end()
             raise StopIteration from None
         except BaseException:
             self.close()
             raise
+
+    def _at_end(self) -> None:
+        """Every result was taken: end the workers (or give the queue back),
+        and raise the input's own error, if reading the input failed."""
+        self._finish()
+        if self._input_error:
+            raise self._input_error.pop() from None
 
     def _finish(self) -> None:
         self._done = True
@@ -248,12 +248,11 @@ def _feed(engine: Any, source: Iterator[Any], input_error: list[BaseException], 
         engine.end_map_input(lease)
 
 
-def _give_back(engine: Any, lease: MapLease, feeder: Optional[threading.Thread], saved_batch: Any) -> None:
+def _give_back(engine: Any, lease: MapLease, feeder: Optional[threading.Thread]) -> None:
     """End a map on a caller's queue: stop its feeder, hand the queue back."""
     engine.cancel_map(lease)
     if feeder is not None and feeder is not threading.current_thread():
         feeder.join()
-    engine.opts.max_batch, engine.opts.exact_batch = saved_batch
     engine.release_map(lease)
 
 

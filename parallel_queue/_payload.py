@@ -13,7 +13,7 @@ from __future__ import annotations
 import pickle
 import traceback
 from types import TracebackType
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import cloudpickle
 from tblib import Traceback
@@ -258,8 +258,14 @@ def describe_task(item: Any) -> str:
 # on the happy path so delivery checks one dict lookup at most.
 
 
-def dumps_results(values: list[Any], errors: dict[int, TaskError], describe: Callable[[int], str]) -> bytes:
-    """Pickle a packet's results; a value that will not pickle fails in its slot."""
+def every_slot_fails(n: int, error: Any) -> tuple[list[Any], dict[int, Any]]:
+    """The ``(values, errors)`` of a packet of ``n`` tasks that all fail with ``error``."""
+    return [None] * n, dict.fromkeys(range(n), error)
+
+
+def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[Any]) -> bytes:
+    """Pickle the results of a packet of ``items``; a value that will not
+    pickle fails in its slot."""
     try:
         return pickle.dumps((values, errors), PROTOCOL)
     except Exception:
@@ -277,7 +283,8 @@ def dumps_results(values: list[Any], errors: dict[int, TaskError], describe: Cal
             try:
                 cloudpickle.dumps(v, PROTOCOL)
             except Exception as e:
-                errors[k] = TaskError.for_failure(e, f"could not pickle the result of {describe(k)}")
+                what = f"task {k} of the packet ({describe_task(items[k])})"
+                errors[k] = TaskError.for_failure(e, f"could not pickle the result of {what}")
                 values[k] = None
     return cloudpickle.dumps((values, errors), PROTOCOL)  # type: ignore[no-any-return]
 

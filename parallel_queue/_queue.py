@@ -71,6 +71,12 @@ def _check_executor_options(executor: Any, opts: Options) -> None:
         opts.consumer_buffer_max = 10 * opts.num_workers
 
 
+def _marker_with_arguments(task: Any) -> ValueError:
+    return ValueError(
+        f"a non-callable put is a marker and takes no arguments; got {type(task).__name__} with arguments"
+    )
+
+
 class _QueueBase(Generic[R]):
     # What the engine's task items are (see _worker): each class's own put().
     _form = CALL
@@ -294,9 +300,7 @@ class ParallelQueue(_QueueBase[Any]):
                 return
             e.put_task(item, timeout)
         elif args or kwargs:
-            raise ValueError(
-                f"a non-callable put is a marker and takes no arguments; got {type(task).__name__} with arguments"
-            )
+            raise _marker_with_arguments(task)
         else:
             self._engine.put_marker(task, timeout)
 
@@ -317,8 +321,6 @@ class ParallelQueue(_QueueBase[Any]):
         """
         from ._map import IMapIterator
 
-        if not iterables:
-            raise TypeError("imap() must have at least two arguments.")
         return IMapIterator(fn, iterables, None, chunksize, {}, queue=self)
 
     async def aput(self, task: Any, *args: Any, **kwargs: Any) -> None:
@@ -327,9 +329,7 @@ class ParallelQueue(_QueueBase[Any]):
             item = (task, args, kwargs or None)
             await _aio.aput(self._engine, lambda: self._engine.put_task(item, 0))
         elif args or kwargs:
-            raise ValueError(
-                f"a non-callable put is a marker and takes no arguments; got {type(task).__name__} with arguments"
-            )
+            raise _marker_with_arguments(task)
         else:
             await _aio.aput(self._engine, lambda: self._engine.put_marker(task, 0))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import _thread
 import signal
 import threading
+import time
 from typing import Any, Callable, Optional
 
 
@@ -25,6 +26,13 @@ def helper_thread(target: Callable[..., Any], name: str, args: tuple[Any, ...] =
         target(*args)
 
     return threading.Thread(target=run, name=name, daemon=True)
+
+
+def deadline(timeout: Optional[float]) -> Optional[float]:
+    """When a wait of ``timeout`` seconds from now ends (None: never)."""
+    if timeout is not None and timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    return None if timeout is None else time.monotonic() + timeout
 
 
 class Waiters:
@@ -48,6 +56,7 @@ class Waiters:
         self._locks: list[Any] = []
 
     def __len__(self) -> int:
+        """Waiters not yet released (the tests check none is left behind)."""
         return len(self._locks)
 
     def add(self) -> Any:

@@ -258,14 +258,7 @@ class FrameWriter:
             except (BlockingIOError, InterruptedError):
                 return False
             self.pending_bytes -= n
-            while n:
-                head = out[0]
-                if len(head) <= n:
-                    n -= len(head)
-                    out.popleft()
-                else:
-                    out[0] = head[n:]
-                    n = 0
+            _written(out, n)
         return True
 
     def clear(self) -> None:
@@ -273,18 +266,23 @@ class FrameWriter:
         self.pending_bytes = 0
 
 
+def _written(bufs: deque[memoryview], n: int) -> None:
+    """Drop from the front of ``bufs`` the ``n`` bytes a writev() took."""
+    while n:
+        head = bufs[0]
+        if len(head) <= n:
+            n -= len(head)
+            bufs.popleft()
+        else:
+            bufs[0] = head[n:]
+            n = 0
+
+
 def write_frame_blocking(fd: int, *body_parts: bytes | memoryview) -> None:
     """Write one whole frame to a blocking pipe (a worker's result pipe)."""
-    bufs = [memoryview(p).cast("B") for p in frame(body_parts)]
+    bufs = deque(memoryview(p).cast("B") for p in frame(body_parts))
     while bufs:
-        n = os.writev(fd, bufs)
-        while n:
-            if len(bufs[0]) <= n:
-                n -= len(bufs[0])
-                bufs.pop(0)
-            else:
-                bufs[0] = bufs[0][n:]
-                n = 0
+        _written(bufs, os.writev(fd, bufs))
 
 
 def read_exact(fd: int, n: int) -> bytearray | None:

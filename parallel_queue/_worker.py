@@ -30,7 +30,7 @@ import cloudpickle
 
 from . import _wire
 from ._packet_id import ahead
-from ._payload import TaskError, describe_task, dumps_results, loads_tasks
+from ._payload import TaskError, dumps_results, every_slot_fails, loads_tasks
 from ._wire import Fd, Kind
 
 # What a task item is, by queue (Options.form):
@@ -232,7 +232,7 @@ class _Worker:
         values, errors, self.seq = run_items(fn, pkt.form, items, capture_error, prog, p0, self.seq, self.spec.timed)
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
-        payload = dumps_results(values, errors, lambda k: f"task {k} of the packet ({describe_task(items[k])})")
+        payload = dumps_results(values, errors, items)
         self.wait_for_window(pkt.packet_id)
         _wire.write_frame_blocking(
             self.spec.results_out.fd, _wire.encode_result(pkt.packet_id, len(items), compute_ns), payload
@@ -302,7 +302,7 @@ def run_items(
     if prog is None:
         prog, p0 = [0] * PROGRESS_FIELDS, 0
     if isinstance(fn, TaskError):  # a map's function that could not be pickled or unpickled
-        return [None] * len(items), dict.fromkeys(range(len(items)), fn), seq
+        return (*every_slot_fails(len(items), fn), seq)
     at_item = p0 + P_ITEM
     if not timed:
         prog[p0 + P_SEQ] = seq + 1

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
 
@@ -55,6 +55,41 @@ def descendants(pid: int) -> list[int]:
                 continue
             out.append(kid)
     return out
+
+
+def drain(it: Iterator[object], *errors: type[BaseException]) -> list[object]:
+    """Every result of ``it``, with each error of the given types as its str()
+    in its place (iteration goes on after a task's error)."""
+    out: list[object] = []
+    while True:
+        try:
+            out.append(next(it))
+        except StopIteration:
+            return out
+        except errors as e:
+            out.append(f"{type(e).__name__}: {e}")
+
+
+def wait_until(condition: Callable[[], object], seconds: float = 30) -> None:
+    """Look at ``condition`` until it holds, for a state the code under test
+    reaches without telling anyone (a thread asleep in poll()).  Not a
+    timing assertion: ``seconds`` is only how long before the test fails."""
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {seconds} s: {condition}")
+        time.sleep(0.001)
+
+
+async def await_until(condition: Callable[[], object], seconds: float = 30) -> None:
+    """``wait_until`` in a coroutine: lets the event loop run in between."""
+    import asyncio
+
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {seconds} s: {condition}")
+        await asyncio.sleep(0.001)
 
 
 @pytest.fixture(autouse=True)

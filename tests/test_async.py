@@ -7,6 +7,7 @@ import multiprocessing
 import time
 
 import pytest
+from conftest import await_until
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap
 
@@ -79,7 +80,7 @@ def test_cancelled_aget_takes_nothing():
         with ParallelQueue(num_workers=1) as q:
             await q.aput(slow, "kept", 0.3)
             waiter = asyncio.create_task(q.aget())
-            await asyncio.sleep(0.05)
+            await await_until(lambda: q._engine.async_getters)  # it waits on the pipes now
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -131,7 +132,7 @@ def test_aput_on_single_task_queue_waits_for_room():
                 returned.append(i)  # no await in between: this is put order
 
             putter = asyncio.gather(*(put(i) for i in range(6)))
-            await asyncio.sleep(0.2)
+            await await_until(lambda: q._engine.async_putters)  # one waits for room now
             assert not putter.done()  # no room: it waits, the loop does not
             ev.set()
             await putter

@@ -9,6 +9,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
+from conftest import drain
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap, imap
 
@@ -180,18 +181,8 @@ def test_map_errors_in_place_on_executors(kind):
     # A thread pool hands errors back as live objects (LiveError), a process
     # pool as TaskErrors: imap and ParallelQueue.imap raise either in place
     # and go on after it.
-    def drain(it):
-        out = []
-        while True:
-            try:
-                out.append(next(it))
-            except StopIteration:
-                return out
-            except ValueError as e:
-                out.append(str(e))
-
-    expected = [0, 1, 2, "three: 3", 4, 5]
+    expected = [0, 1, 2, "ValueError: three: 3", 4, 5]
     with ThreadPoolExecutor(2) if kind == "threads" else ProcessPoolExecutor(2) as ex:
-        assert drain(imap(fail_on_3, range(6), executor=ex, max_batch=6)) == expected
+        assert drain(imap(fail_on_3, range(6), executor=ex, max_batch=6), ValueError) == expected
         with ParallelQueue(executor=ex) as q:
-            assert drain(q.imap(fail_on_3, range(6))) == expected
+            assert drain(q.imap(fail_on_3, range(6)), ValueError) == expected

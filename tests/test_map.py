@@ -8,7 +8,7 @@ import os
 import threading
 
 import pytest
-from conftest import descendants
+from conftest import descendants, drain
 
 from parallel_queue import ParallelQueue, WorkerLostError, imap
 
@@ -54,19 +54,6 @@ def test_endless_input_is_read_lazily():
     assert len(read) < 1000 + 50 + 2 * 2 * 1024 + 40 * 1024
     it.close()
     assert descendants(os.getpid()) == []
-
-
-def drain(it, *errors):
-    """Every result of ``it``, with each error of the given types as its str()
-    in its place (iteration goes on after a task's error)."""
-    out = []
-    while True:
-        try:
-            out.append(next(it))
-        except StopIteration:
-            return out
-        except errors as e:
-            out.append(f"{type(e).__name__}: {e}")
 
 
 def test_exception_in_place_and_iteration_goes_on():
@@ -138,10 +125,50 @@ def test_break_close_and_garbage_collection_stop_workers():
             assert not t.is_alive()
 
 
-def test_chunksize_is_honoured_and_order_kept():
+def packet_sizes(monkeypatch):
+    """The number of tasks in each packet the dispatchers make from now on
+    (they are threads of this process)."""
+    from parallel_queue import _dispatcher, _executor
+
+    sizes = []
+    for module, name in ((_dispatcher, "PacketRecord"), (_executor, "_Packet")):
+        cls = getattr(module, name)
+
+        class Counted(cls):  # type: ignore[misc, valid-type]
+            __slots__ = ()
+
+            def __init__(self, *args, _cls=cls):
+                _cls.__init__(self, *args)
+                sizes.append(len(self.items))
+
+        monkeypatch.setattr(module, name, Counted)
+    return sizes
+
+
+def test_chunksize_is_honoured_and_order_kept(monkeypatch):
+    # Packets take chunksize tasks when that many wait, never more
+    # (automatic sizing would send single tasks first, then far bigger packets).
+    sizes = packet_sizes(monkeypatch)
     assert list(imap(square, range(1000), num_workers=2, chunksize=7)) == [i * i for i in range(1000)]
+    assert sum(sizes) == 1000 and max(sizes) == 7
     with pytest.raises(ValueError):
         imap(square, range(3), chunksize=0)
+
+
+def test_queue_imap_chunksize_is_its_own_and_ends_with_it(monkeypatch):
+    sizes = packet_sizes(monkeypatch)
+    with ParallelQueue(num_workers=2) as q:
+        assert list(q.imap(square, range(500), chunksize=5)) == [i * i for i in range(500)]
+        assert sum(sizes) == 500 and max(sizes) == 5
+        sizes.clear()
+        assert list(q.imap(square, range(3000))) == [i * i for i in range(3000)]
+        assert sum(sizes) == 3000 and max(sizes) > 5  # sized automatically again
+
+
+def test_chunksize_never_overruns_max_tasks_per_worker():
+    pids = list(imap(lambda _: os.getpid(), range(200), num_workers=2, chunksize=7, max_tasks_per_worker=10))
+    assert len(pids) == 200
+    assert max(pids.count(p) for p in set(pids)) <= 10
 
 
 def die_on_5(x):

@@ -10,6 +10,7 @@ import threading
 import time
 
 import pytest
+from conftest import wait_until
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
 
@@ -80,7 +81,7 @@ def test_marker_wakes_a_waiting_get():
         got = []
         t = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
         t.start()
-        time.sleep(0.2)  # let get() start waiting; the result does not depend on it
+        wait_until(lambda: q._engine.getter_waiting)  # get() sleeps in poll() now
         q.put("marker")
         t.join(30)
         assert got == ["marker"]
@@ -213,7 +214,7 @@ def fill(q, gate, n, every):
     # Everything piles up behind task -1, then goes out in packets of
     # max_batch: markers and errors fall inside packets, so the runs of
     # values get() hands out without a lock must stop at each of them.
-    q._engine.opts.exact_batch = True
+    q._engine.opts.chunksize = q._engine.opts.max_batch
     q.put(held_then_sevens, -1)
     for i in range(n):
         q.put(held_then_sevens, i)
