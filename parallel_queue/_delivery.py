@@ -271,7 +271,7 @@ class Delivery:
         with e.lock:
             marker = e.markers.popleft()[1]
             self.markers_delivered += 1
-            if len(e.markers) + 1 >= e.opts.in_q_max:
+            if len(e.markers) + 1 >= e.opts.max_markers:
                 e.room_freed()
         return marker
 

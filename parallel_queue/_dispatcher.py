@@ -307,11 +307,14 @@ class Dispatcher:
         if not lost and not more_work:
             slot.state = "ended"
             return
-        if not started_any and proc.exitcode != 0:
+        if not started_any and not slot.stop_sent:
+            # It ended before running anything, and not because it was told
+            # to (a clean exit counts too: os._exit(0) in worker_init_f would
+            # otherwise be restarted forever).
             self.startup_deaths[slot.index] += 1
             if self.startup_deaths[slot.index] >= MAX_STARTUP_DEATHS:
                 e.break_with(
-                    QueueBrokenError(
+                    WorkerInitError(
                         f"worker processes keep dying before running a task (last exit code {proc.exitcode})"
                     )
                 )

@@ -126,10 +126,24 @@ class Options:
         # What a task item is (_worker.CALL, ARGS, STAR, ONE): set by the
         # queue class before the engine starts.
         self.form = 0
-        # Every id alive at once lies within [next, next + window): the
-        # reorder buffer plus what workers hold, plus one for the packet
-        # being re-sent after a crash.
-        self.window = self.consumer_buffer_max + self.num_workers * CREDITS_PER_WORKER + 1
+
+    @property
+    def window(self) -> int:
+        """Every packet id alive at once lies within [next, next + window): the
+        reorder buffer plus what workers hold, plus one for the packet being
+        re-sent after a crash."""
+        return self.consumer_buffer_max + self.num_workers * CREDITS_PER_WORKER + 1
+
+    @property
+    def max_markers(self) -> int:
+        """Markers that may wait for get() before put(marker) blocks.
+
+        As many as tasks may wait (``in_q_max``) plus the results' window: a
+        marker costs nothing to hold, and 0.5 held markers in its pipeline's
+        buffers, so 0.5 code that puts several markers with small buffers
+        before its first get() runs unchanged.
+        """
+        return self.in_q_max + self.window
 
 
 # ------------------------------------------------------------ parent alive
@@ -388,11 +402,14 @@ class Engine(Front):
         """Wait for every process to end; True if they all did within ``timeout``.
 
         Results still coming out are read into memory meanwhile, so the
-        consumer never waits for a get() that is not coming.
+        consumer never waits for a get() that is not coming.  Once everything
+        has ended, any further join() returns True at once.
         """
         import time
         from multiprocessing.connection import wait
 
+        if self.closed:
+            return True
         deadline = None if timeout is None else time.monotonic() + timeout
         in_dispatcher = self.thread is threading.current_thread()
         while True:

@@ -171,12 +171,11 @@ class Front:
         a map's packets carry first (None: the queue's own)."""
         pending = self.pending
         waiting = len(pending)
-        if n == waiting:
-            items = list(pending)
-            pending.clear()
-        else:
-            take = pending.popleft
-            items = [take() for _ in range(n)]
+        # Exactly n pops from the left, never ``list(pending)`` then
+        # ``clear()``: a put() on its lock-free path may append between the
+        # two, and clear() would drop that task unseen.  (starmap: the pops
+        # run in C.)
+        items = list(itertools.starmap(pending.popleft, itertools.repeat((), n)))
         self.dispatched += n
         if waiting >= self.opts.in_q_max:
             self.room_freed()
@@ -290,7 +289,7 @@ class Front:
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
         def attempt(waited: bool) -> Any:
             self.check_can_put(waited)
-            if len(self.markers) >= self.opts.in_q_max:
+            if len(self.markers) >= self.opts.max_markers:
                 return NO_ROOM
             self.markers.append((self.dispatched + len(self.pending), marker))
             self.markers_put += 1
@@ -390,7 +389,8 @@ class Front:
 
     def stop(self) -> None:
         with self.lock:
-            self.close_the_door()
+            if not self.closed:
+                self.close_the_door()
 
     def close_the_door(self) -> None:
         """No more tasks (lock held): record where the stream ends, wake everyone."""
@@ -409,6 +409,9 @@ class Front:
                 return False
             self.terminated = True
             self.close_the_door()
+            # Tasks not yet sent will never run (a put() settling right now
+            # finds its task gone and counts it as taken, as it was).
+            self.pending.clear()
         return True
 
     def given_up(self) -> bool:
@@ -439,6 +442,7 @@ class Front:
         with self.lock:
             tasks_put, markers_put, pending = self.tasks_put, self.markers_put, len(self.pending)
             mean, p50, p99 = self.latency.summary()
+            terminated = self.terminated
         packets, items = self.reorder_counts()
         delivered = d.delivered
         return QueueStats(
@@ -447,7 +451,8 @@ class Front:
             errors=d.errors_raised,
             markers_put=markers_put,
             markers_delivered=d.markers_delivered,
-            in_flight=tasks_put - delivered,
+            # After terminate() nothing is on its way any more.
+            in_flight=0 if terminated else tasks_put - delivered,
             pending=pending,
             reorder_buffer_packets=packets,
             reorder_buffer_items=items,

@@ -169,12 +169,12 @@ def _pickle_exception(exc: BaseException) -> tuple[Optional[bytes], str]:
         for dumps in (pickle.dumps, cloudpickle.dumps):
             try:
                 data = dumps(exc, PROTOCOL)
-            except Exception as e:
+            except BaseException as e:  # noqa: BLE001 - its __reduce__ is user code
                 reason = f"cannot be pickled: {type(e).__name__}: {_safe_str(e)}"
                 continue
             try:
                 pickle.loads(data)
-            except Exception as e:
+            except BaseException as e:  # noqa: BLE001
                 return None, f"cannot be unpickled: {type(e).__name__}: {_safe_str(e)}"
             return data, ""
         return None, reason
@@ -208,7 +208,7 @@ def dumps_tasks(items: list[Any]) -> tuple[bytes, bool]:
     """
     try:
         return bytes(cloudpickle.dumps(items, PROTOCOL)), False
-    except Exception:
+    except BaseException:  # noqa: BLE001 - user pickling code may raise SystemExit too
         return dumps_individually(items), True
 
 
@@ -220,7 +220,7 @@ def dumps_individually(items: list[Any]) -> bytes:
             continue
         try:
             parts.append(cloudpickle.dumps(item, PROTOCOL))
-        except Exception as e:
+        except BaseException as e:  # noqa: BLE001 - SystemExit from a __reduce__ is that task's error
             parts.append(TaskError.for_failure(e, f"could not pickle task {describe_task(item)}"))
     return pickle.dumps(parts, PROTOCOL)
 
@@ -266,23 +266,25 @@ def every_slot_fails(n: int, error: Any) -> tuple[list[Any], dict[int, Any]]:
 def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[Any]) -> bytes:
     """Pickle the results of a packet of ``items``; a value that will not
     pickle fails in its slot."""
+    # BaseException throughout: a result's __reduce__ raising SystemExit or
+    # KeyboardInterrupt is that task's error, not the worker's end.
     try:
         return pickle.dumps((values, errors), PROTOCOL)
-    except Exception:
+    except BaseException:  # noqa: BLE001
         pass
     try:
         return bytes(cloudpickle.dumps((values, errors), PROTOCOL))
-    except Exception:
+    except BaseException:  # noqa: BLE001
         pass
     for k, v in enumerate(values):
         if k in errors:
             continue
         try:
             pickle.dumps(v, PROTOCOL)
-        except Exception:
+        except BaseException:  # noqa: BLE001
             try:
                 cloudpickle.dumps(v, PROTOCOL)
-            except Exception as e:
+            except BaseException as e:  # noqa: BLE001
                 what = f"task {k} of the packet ({describe_task(items[k])})"
                 errors[k] = TaskError.for_failure(e, f"could not pickle the result of {what}")
                 values[k] = None

@@ -26,8 +26,9 @@ _DOC_OPTIONS = """
     - ``daemon``: make the worker and consumer processes daemonic.
     - ``in_q_max``: tasks that may wait to be sent to a worker; ``put()``
       blocks beyond that (producer threads that pass the check at the same
-      moment may each add one more), and at most this many markers may wait
-      for ``get()``.
+      moment may each add one more).  Markers waiting for ``get()`` are
+      bounded by ``in_q_max`` plus the results' window (see
+      ``consumer_buffer_max``), as in 0.5, where they sat in its buffers.
     - ``out_q_max``, ``worker_q_max``: accepted for 0.5 compatibility.  Here
       results in flight are bounded by the reorder window instead (see
       ``consumer_buffer_max``), so these do not change anything.

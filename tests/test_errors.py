@@ -165,3 +165,60 @@ def test_put_timeout_raises_full_and_loses_nothing():
         assert 1 <= accepted <= 3
         ev.set()
         assert [q.get(timeout=30) for _ in range(accepted)] == list(range(accepted))
+
+
+class RaisesWhenPickled:
+    """An argument whose own pickling code raises ``what``."""
+
+    def __init__(self, what):
+        self.what = what
+
+    def __reduce__(self):
+        raise self.what("from __reduce__")
+
+
+@pytest.mark.parametrize("what", [SystemExit, KeyboardInterrupt, GeneratorExit])
+def test_argument_whose_pickling_raises_a_base_exception_fails_in_its_slot(what):
+    """Regression: SystemExit from an argument's __reduce__ escaped the
+    dispatcher thread, broke the whole queue ("internal error in the
+    dispatcher thread") and lost an earlier task's result.  Any
+    BaseException from user pickling code is that task's error."""
+    with ParallelQueue(num_workers=2) as q:
+        q.put(abs, -1)
+        q.put(abs, RaisesWhenPickled(what))
+        q.put(abs, -3)
+        assert q.get(timeout=60) == 1
+        with pytest.raises(pickle.PicklingError, match=f"could not pickle task builtins.abs.*{what.__name__}"):
+            q.get(timeout=60)
+        assert q.get(timeout=60) == 3
+        q.put(abs, -4)
+        assert q.get(timeout=60) == 4
+
+
+class ResultRaisesWhenPickled:
+    def __init__(self, what):
+        self.what = what
+
+    def __reduce__(self):
+        raise self.what("from the result's __reduce__")
+
+
+def return_raising_result(what):
+    return ResultRaisesWhenPickled(what)
+
+
+@pytest.mark.parametrize("what", [SystemExit, KeyboardInterrupt])
+def test_result_whose_pickling_raises_a_base_exception_fails_in_its_slot(what, capfd):
+    """Regression: SystemExit or KeyboardInterrupt from a result's __reduce__
+    killed the worker, printed its traceback and ran the packet again,
+    forever.  It is that task's error, and the worker goes on."""
+    with ParallelQueue(num_workers=2) as q:
+        q.put(pow, 2, 2)
+        q.put(return_raising_result, what)
+        q.put(pow, 3, 2)
+        assert q.get(timeout=60) == 4
+        with pytest.raises(pickle.PicklingError, match=f"could not pickle the result.*{what.__name__}"):
+            q.get(timeout=60)
+        assert q.get(timeout=60) == 9
+        assert q.stats().workers_replaced == 0
+    assert "Traceback" not in capfd.readouterr().err

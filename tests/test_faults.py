@@ -327,3 +327,21 @@ def test_child_forked_while_another_thread_holds_the_fd_lock_does_not_hang():
     finally:
         release.set()
         t.join()
+
+
+def exit_cleanly_in_init():
+    os._exit(0)
+
+
+def test_initializer_that_exits_cleanly_breaks_instead_of_looping():
+    """Regression: a worker that exited with status 0 before running anything
+    was not counted as a start-up death and was restarted forever (1,226
+    replacements in five seconds)."""
+    q = ParallelQueue(num_workers=2, worker_init_f=exit_cleanly_in_init)
+    try:
+        q.put(abs, -1)
+        with pytest.raises(WorkerInitError, match="exit code 0"):
+            q.get(timeout=60)
+        assert q.stats().workers_replaced < 10
+    finally:
+        q.terminate()

@@ -271,3 +271,47 @@ def test_demo_runs_and_logs_batches_in_order():
     assert "indexed 120 documents" in lines[3]
     assert lines[4].startswith("stats: 120 tasks, 3 batch markers, 0 errors")
     assert "120/120" in r.stderr  # the progress bar
+
+
+def test_join_is_idempotent_after_stop_or_terminate():
+    """Regression: join() after terminate(), or a second join() (the ``with``
+    block's own, after an explicit stop() and join() inside it), raised
+    ``ValueError: file descriptor cannot be a negative integer``."""
+    with ParallelQueue(num_workers=2) as q:
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        q.stop()
+        q.join()
+        q.join()
+        q.join(0)
+    q.join()
+    assert not q.is_alive()
+
+    q = ParallelQueue(num_workers=2)
+    q.put(sleep_forever)
+    q.terminate()
+    q.join()
+    q.join(5)
+    q.terminate()
+    q.stop()
+    q.join()
+    assert not q.is_alive()
+
+    q = ParallelQueue(num_workers=1)
+    q.stop()
+    q.terminate()
+    q.join()
+    q.stop()
+    assert not q.is_alive()
+
+
+def test_stats_after_terminate_count_nothing_in_flight():
+    """Regression: stats() after terminate() said in_flight=5, pending=5 for
+    tasks that will never run."""
+    q = ParallelQueue(num_workers=1, max_batch=1)
+    for _ in range(7):
+        q.put(sleep_forever)
+    q.terminate()
+    s = q.stats()
+    assert s.tasks_put == 7
+    assert s.in_flight == 0 and s.pending == 0 and s.workers_alive == 0

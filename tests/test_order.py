@@ -268,3 +268,21 @@ def test_concurrent_getters_with_markers_and_errors_inside_packets():
     assert sorted((x for p in parts for x in p), key=lambda x: position[repr(x)]) == expected
     for p in parts:
         assert [position[repr(x)] for x in p] == sorted(position[repr(x)] for x in p)
+
+
+def test_markers_beyond_in_q_max_do_not_block_put():
+    """Regression: with in_q_max=2, a third marker put before the first get()
+    blocked put() (queue.Full with a timeout, a hang without).  0.5 held
+    markers in its pipeline's buffers; a marker here is bounded by the same
+    window as results, so 0.5 code with small buffers runs unchanged."""
+    markers = [BatchDone(i) for i in range(6)]
+    with ParallelQueue(num_workers=2, in_q_max=2) as q:
+        q.put(abs, -1)
+        for m in markers[:4]:
+            q.put(m, timeout=30)
+        q.put(abs, -2)
+        for m in markers[4:]:
+            q.put(m, timeout=30)
+        got = [q.get(timeout=60) for _ in range(8)]
+    assert got == [1, *markers[:4], 2, *markers[4:]]
+    assert all(a is b for a, b in zip(got[1:5], markers[:4]))
