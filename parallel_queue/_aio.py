@@ -145,13 +145,14 @@ class AsyncIMapIterator(AsyncIterator[R]):
             try:
                 values, errors = await aget(engine, lambda: it._delivery.get_batch(False, None))
             except QueueStopped:
-                await self._end_feeder()
-                it._at_end()
-                raise StopAsyncIteration from None
+                break  # (ended outside the except, as imap does)
             except BaseException:
                 await self.aclose()
                 raise
             it._take(values, errors)
+        await self._end_feeder()
+        it._at_end()
+        raise StopAsyncIteration
 
     async def _feed(self) -> None:
         engine = self._it._q._engine

@@ -24,10 +24,10 @@ import heapq
 import os
 import select
 import selectors
-import signal
 from typing import Any, NamedTuple, Optional
 
 from . import _wire
+from ._child import start_child
 from ._packet_id import PacketID, ahead
 from ._wire import Credit, Fd, Kind
 
@@ -49,10 +49,14 @@ class ConsumerSpec(NamedTuple):
 
 def consumer_main(spec: ConsumerSpec) -> None:
     keep = {f.fd for f in spec.results_in} | {f.fd for f in spec.go_out}
-    keep |= {spec.ctrl_in.fd, spec.credits_out.fd, spec.output_out.fd, spec.parent_alive.fd}
-    _wire.close_inherited_fds(keep)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    _Consumer(spec).run()
+    keep |= {spec.ctrl_in.fd, spec.credits_out.fd, spec.output_out.fd}
+    start_child(keep, spec.parent_alive)
+    try:
+        _Consumer(spec).run()
+    except BrokenPipeError:
+        # The main process is gone (killed mid-stream: the kernel's signal
+        # is on its way) or has closed its ends: nobody is left to tell.
+        os._exit(3)
 
 
 class _Consumer:

@@ -86,6 +86,7 @@ class Delivery:
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
         """get()'s slow path: ``ready`` was empty."""
+        self.e.check_owner()
         deadline = _deadline(block, timeout)
         if self.e.lease is not None:
             raise RuntimeError("get() on a queue while its imap() runs (finish or close the map first)")
@@ -112,6 +113,7 @@ class Delivery:
         (``imap``): it hands out whole packets, so a caller pays per packet
         what ``get()`` pays per result.
         """
+        self.e.check_owner()
         deadline = _deadline(block, timeout)
         while True:
             with self.lock:

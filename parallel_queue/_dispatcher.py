@@ -98,9 +98,11 @@ class Dispatcher:
         sel = self.sel
         sel.register(e.wake_r.fd, selectors.EVENT_READ, "wake")
         sel.register(e.credits_r.fd, selectors.EVENT_READ, "credits")
-        sel.register(e.consumer.sentinel, selectors.EVENT_READ, "consumer")
+        assert e.consumer is not None
+        sel.register(e.consumer.exit_fd, selectors.EVENT_READ, "consumer")
         for slot in e.slots:
-            sel.register(slot.proc.sentinel, selectors.EVENT_READ, ("ended", slot))
+            assert slot.proc is not None
+            sel.register(slot.proc.exit_fd, selectors.EVENT_READ, ("ended", slot))
         while not e.given_up():
             self.dispatch()
             self.finish_if_stopped()
@@ -122,7 +124,7 @@ class Dispatcher:
             registered = sel.get_map()
             for key, _ in events:
                 # An earlier handler in this batch may have unregistered this
-                # fd (a worker's sentinel and its pipe end together), or even
+                # fd (a worker's exit fd and its pipe end together), or even
                 # registered a new one under the same number.
                 if registered.get(key.fd) is not key:
                     continue
@@ -218,7 +220,7 @@ class Dispatcher:
         try:
             done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), individually, rec.form), payload)
         except BrokenPipeError:
-            writer.clear()  # the worker is gone; its sentinel tells us next
+            writer.clear()  # the worker is gone; its exit fd tells us next
             return
         if not done:
             self.sel.register(writer.fd.fd, selectors.EVENT_WRITE, ("write", slot))
@@ -266,8 +268,9 @@ class Dispatcher:
     def on_worker_end(self, slot: Slot) -> None:
         """A worker process ended: have the consumer read its pipe to the end."""
         proc = slot.proc
+        assert proc is not None
         proc.join()
-        self.sel.unregister(proc.sentinel)
+        self.sel.unregister(proc.exit_fd)
         if slot.writer is not None and slot.writer.pending_bytes:
             self.sel.unregister(slot.writer.fd.fd)
         _wire.close_fd(slot.tasks_w)
@@ -295,6 +298,7 @@ class Dispatcher:
         lost = list(slot.outstanding)
         slot.outstanding.clear()
         proc = slot.proc
+        assert proc is not None
         p0 = slot.index * PROGRESS_FIELDS
         started_any = e.progress[p0 + P_SEQ] > 0
         if lost:
@@ -319,9 +323,12 @@ class Dispatcher:
                     )
                 )
                 return
+        with e.lock:  # see _engine.Child
+            proc.release()
         e.start_worker(slot)
         self.replaced += 1
-        self.sel.register(slot.proc.sentinel, selectors.EVENT_READ, ("ended", slot))
+        assert slot.proc is not None
+        self.sel.register(slot.proc.exit_fd, selectors.EVENT_READ, ("ended", slot))
         for rec in lost:  # in id order, into an empty pipe: nothing waits ahead of them
             slot.outstanding.append(rec)
             self.send(slot, rec, individually=False)
@@ -383,6 +390,7 @@ class Dispatcher:
                 if deadline <= now:
                     slot.kill_seq = seq
                     slot.kill_reason = "timeout"
+                    assert slot.proc is not None
                     slot.proc.kill()
                     continue
             soonest = deadline if soonest is None else min(soonest, deadline)
@@ -398,8 +406,9 @@ class Dispatcher:
 
     def on_consumer_end(self) -> None:
         e = self.e
+        assert e.consumer is not None
         e.consumer.join()
-        self.sel.unregister(e.consumer.sentinel)
+        self.sel.unregister(e.consumer.exit_fd)
         # Its last credits may still be in the pipe: count them first.
         while not self.credits.eof and _wire.readable(e.credits_r.fd, 0):
             self.on_credits()

@@ -47,7 +47,11 @@ its own unfinished work, and that is detected from its process sentinel.
 from __future__ import annotations
 
 import atexit
+import errno
 import multiprocessing
+import multiprocessing.forkserver
+import multiprocessing.process
+import multiprocessing.resource_tracker
 import multiprocessing.util  # before our atexit handler: see _terminate_all_at_exit
 import os
 import threading
@@ -59,7 +63,7 @@ from typing import Any, Callable, Optional, Union
 from . import _wire
 from ._consumer import ConsumerSpec, consumer_main
 from ._front import Front
-from ._threads import helper_thread
+from ._threads import helper_thread, sigint_held_back
 from ._wire import Fd
 from ._worker import PROGRESS_FIELDS, Inherited, WorkerSpec, worker_main
 
@@ -164,10 +168,12 @@ def parent_alive_pipe() -> tuple[Fd, Fd]:
 def _forget_parent_alive() -> None:
     # A forked child is a parent of its own (a task may start a queue): it
     # needs a pipe of its own, not a copy of its parent's, and a lock no
-    # thread of the parent can have left held.
+    # thread of the parent can have left held.  Nor are the parent's queues
+    # its own to end at exit.
     global _parent_alive, _parent_alive_lock
     _parent_alive = None
     _parent_alive_lock = threading.Lock()
+    _live_engines.clear()
 
 
 os.register_at_fork(after_in_child=_forget_parent_alive)
@@ -188,6 +194,80 @@ def _terminate_all_at_exit() -> None:
 
 
 atexit.register(_terminate_all_at_exit)
+
+
+class Child:
+    """A process of ours, and the descriptor that becomes readable when it ends.
+
+    That descriptor is a pidfd where the system has them (Linux 5.3 and
+    later): it belongs to the process itself.  multiprocessing's sentinel is
+    a pipe whose write end the child holds, so a task that forks a helper
+    without exec hands the helper a copy, and the worker's death went
+    unnoticed until the helper exited.  Elsewhere the sentinel is used.
+
+    Only the dispatcher thread reaps (``join``) while it runs: when two
+    threads reap one child, the loser gets ECHILD and multiprocessing reports
+    exit code None, which reads as a crash.  ``ended()`` never reaps.
+    ``release()`` and every ``ended()`` from outside the dispatcher happen
+    under the queue's lock, so no one polls a descriptor number closed (and
+    reused) under its feet.
+    """
+
+    __slots__ = ("proc", "pidfd", "released")
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+        self.pidfd: Optional[int] = None
+        self.released = False
+
+    def watch(self) -> None:
+        """Open the pidfd (kept apart from __init__: the caller records the
+        Child first, so a failure here, EMFILE say, still leaves it killable)."""
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self.pidfd = pidfd_open(self.proc.pid)
+            except OSError as e:
+                if e.errno == errno.EMFILE or e.errno == errno.ENFILE:
+                    raise
+                # ENOSYS and the like: an older kernel, or a sandbox.
+
+    @property
+    def exit_fd(self) -> int:
+        return self.pidfd if self.pidfd is not None else int(self.proc.sentinel)
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self.proc.exitcode  # type: ignore[no-any-return]
+
+    def ended(self) -> bool:
+        """Whether the process has exited (reaped or not)."""
+        return self.released or _wire.readable(self.exit_fd, 0)
+
+    def kill(self) -> None:
+        if not self.ended():
+            self.proc.kill()
+
+    def join(self) -> None:
+        if not self.released:
+            self.proc.join()
+
+    def release(self) -> None:
+        """(it has ended and was reaped) Close its descriptors."""
+        if self.released:
+            return
+        self.released = True
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        try:
+            self.proc.close()
+        except ValueError:  # still running: only after a failed kill
+            pass
 
 
 class Slot:
@@ -213,7 +293,7 @@ class Slot:
         self.index = index
         self.results_w = results_w  # kept to hand to each new worker in this slot
         self.go_r = go_r
-        self.proc: Any = None
+        self.proc: Optional[Child] = None
         self.tasks_w: Optional[Fd] = None
         self.writer: Optional[_wire.FrameWriter] = None
         self.outstanding: deque[Any] = deque()  # PacketRecords, oldest first
@@ -234,26 +314,53 @@ class Engine(Front):
     """
 
     def __init__(self, opts: Options, task_fn: Optional[Callable[..., Any]]) -> None:
+        super().__init__(opts)
+        self.ctx = opts.ctx
+        self.task_fn = task_fn
+        self.slots: list[Slot] = []
+        self.consumer: Optional[Child] = None
+        self.thread = helper_thread(self.run_dispatcher, "parallel_queue-dispatcher")
+        try:
+            method = self.ctx.get_start_method()
+            if method != "fork":
+                # multiprocessing's helper processes, started lazily by the
+                # first spawn or forkserver start, are started now, before
+                # SIGINT is held back: the fork server would hand a blocked
+                # mask to every process it forks (the program's own ones
+                # too), and starting the resource tracker unblocks SIGINT in
+                # the calling thread, which would let it reach our children.
+                multiprocessing.resource_tracker.ensure_running()
+                if method == "forkserver":
+                    multiprocessing.forkserver.ensure_running()
+            with sigint_held_back():
+                self.start()
+        except BaseException:
+            # EMFILE half-way, a worker that cannot start (its function will
+            # not pickle under spawn), a Ctrl-C held back until now: leave
+            # nothing behind, then say why.
+            self.abandon()
+            raise
+
+    def start(self) -> None:
+        """Make the pipes and shared memory, start every process and the
+        dispatcher, and register for exit clean-up (SIGINT held back)."""
         from ._delivery import Delivery
         from ._dispatcher import Dispatcher
 
-        super().__init__(opts)
-        ctx = opts.ctx
-        self.ctx = ctx
-        self.task_fn = task_fn
+        opts, ctx = self.opts, self.ctx
         n = opts.num_workers
         # [packets, tasks] in the consumer's reorder buffer, written by it.
         self.reorder = ctx.RawArray("q", 2)
         self.max_packet_id = ctx.RawValue("q", 0)
         self.progress = ctx.RawArray("q", PROGRESS_FIELDS * n)
         self.alive_r, _ = parent_alive_pipe()
-        self.done_r, self.done_w = _wire.make_pipe()  # the dispatcher has returned
-
-        results = [_wire.make_pipe(big=True) for _ in range(n)]
-        gos = [_wire.make_pipe() for _ in range(n)]
-        ctrl_r, self.ctrl_w = _wire.make_pipe()
-        self.credits_r, credits_w = _wire.make_pipe()
-        self.output_r, output_w = _wire.make_pipe(big=True)
+        pipe = self.fds.pipe
+        self.done_r, self.done_w = pipe()  # the dispatcher has returned
+        results = [pipe(big=True) for _ in range(n)]
+        gos = [pipe() for _ in range(n)]
+        ctrl_r, self.ctrl_w = pipe()
+        self.credits_r, credits_w = pipe()
+        self.output_r, output_w = pipe(big=True)
         self.slots = [Slot(i, results[i][1], gos[i][0]) for i in range(n)]
 
         spec = ConsumerSpec(
@@ -268,30 +375,38 @@ class Engine(Front):
             opts.window,
             opts.consumer_buffer_max,
         )
-        self.consumer = ctx.Process(
-            target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon
-        )
+        consumer = ctx.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
         self.delivery = Delivery(self, _wire.FrameReader(self.output_r))
         self.dispatcher = Dispatcher(self)
-        self.thread = helper_thread(self.dispatcher.run, "parallel_queue-dispatcher")
-        try:
-            self.consumer.start()
-            for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
-                _wire.close_fd(fd)
-            for slot in self.slots:
-                self.start_worker(slot)
-        except BaseException:
-            # A worker that cannot start (its function will not pickle under
-            # spawn, fork failed): leave nothing behind, then say why.
-            for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
-                _wire.close_fd(fd)
-            self.kill_processes()
-            self.close()
-            raise
-        _live_engines.add(self)
+        consumer.start()
+        self.consumer = Child(consumer)
+        self.consumer.watch()
+        for fd in (*spec.results_in, *spec.go_out, ctrl_r, credits_w, output_w):
+            _wire.close_fd(fd)  # the consumer's ends: held by it alone from now on
+        for slot in self.slots:
+            self.start_worker(slot)
         self.thread.start()
+        _live_engines.add(self)
         if opts.progress:
             self.show_progress()
+
+    def abandon(self) -> None:
+        """The construction failed or was interrupted: end every process it
+        started, close every descriptor it opened."""
+        if self.thread.ident is not None:  # it got to the end: the usual way out
+            self.terminate()
+            return
+        self.kill_processes()
+        with self.lock:
+            self.closed = True
+            for p in self.processes():
+                p.release()
+        for slot in self.slots:
+            _wire.close_fd(slot.tasks_w)
+        self.fds.close_all()
+
+    def run_dispatcher(self) -> None:
+        self.dispatcher.run()
 
     # -------------------------------------------------------------- workers
 
@@ -324,13 +439,14 @@ class Engine(Front):
         )
         try:
             proc.start()
+            slot.proc = Child(proc)  # recorded at once: whatever comes next, terminate() sees it
+            slot.proc.watch()
         finally:
             _wire.close_fd(tasks_r)
             if proc.pid is None:
                 _wire.close_fd(tasks_w)
-        _wire.set_nonblocking(tasks_w)
-        slot.proc = proc
         slot.tasks_w = tasks_w
+        _wire.set_nonblocking(tasks_w)
         slot.writer = _wire.FrameWriter(tasks_w)
         slot.sent_items = 0
         slot.state = "running"
@@ -348,10 +464,9 @@ class Engine(Front):
 
     def kill_processes(self) -> None:
         """SIGKILL and reap every process (from the dispatcher, or once it is gone)."""
-        procs = [p for p in self.processes() if _usable(p)]
+        procs = self.processes()
         for p in procs:
-            if not _ended(p):
-                p.kill()
+            p.kill()
         for p in procs:
             p.join()
 
@@ -367,36 +482,34 @@ class Engine(Front):
             # Wake-up writes happen under this lock too, so none can hit a
             # descriptor number reused after this close.
             for slot in self.slots:
-                _wire.close_fd(slot.results_w)
-                _wire.close_fd(slot.go_r)
                 _wire.close_fd(slot.tasks_w)
-            for fd in (
-                self.ctrl_w,
-                self.credits_r,
-                self.wake_r,
-                self.wake_w,
-                self.get_wake_r,
-                self.get_wake_w,
-                self.room_r,
-                self.room_w,
-                self.done_r,
-                self.done_w,
-            ):
-                _wire.close_fd(fd)
-        for p in self.processes():
-            try:
-                p.close()
-            except ValueError:  # still running: only after a failed kill
-                pass
+            self.fds.close_all()
+            for p in self.processes():
+                p.release()
         _live_engines.discard(self)
 
-    def processes(self) -> list[Any]:
-        """Every process started (a failed start leaves some never started)."""
-        procs = [s.proc for s in self.slots if s.proc is not None] + [self.consumer]
-        return [p for p in procs if _started(p)]
+    def processes(self) -> list[Child]:
+        """Every process started: the workers now in their slots, then the consumer."""
+        procs = [s.proc for s in self.slots if s.proc is not None]
+        if self.consumer is not None:
+            procs.append(self.consumer)
+        return procs
 
     def is_alive(self) -> bool:
-        return not all(_ended(p) for p in self.processes())
+        self.check_owner()
+        with self.lock:  # see Child
+            return not all(p.ended() for p in self.processes())
+
+    def left_behind_by_fork(self) -> None:
+        """In a forked child (see Front): also, the child's multiprocessing
+        must not believe it owns our processes.  Its exit handler would
+        SIGTERM the daemonic ones and join the others (an AssertionError, as
+        they are not its children)."""
+        super().left_behind_by_fork()
+        children = getattr(multiprocessing.process, "_children", None)
+        if children is not None:
+            for p in self.processes():
+                children.discard(p.proc)
 
     def join(self, timeout: Optional[float]) -> bool:
         """Wait for every process to end; True if they all did within ``timeout``.
@@ -408,6 +521,7 @@ class Engine(Front):
         import time
         from multiprocessing.connection import wait
 
+        self.check_owner()
         if self.closed:
             return True
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -419,7 +533,7 @@ class Engine(Front):
             # back and forth).  From the dispatcher's own thread (a callback),
             # wait for the processes.
             if in_dispatcher:
-                alive = [p.sentinel for p in self.processes() if not _ended(p)]
+                alive = [p.exit_fd for p in self.processes() if not p.ended()]
                 if not alive:
                     break
             elif _wire.readable(self.done_r.fd, 0) or not self.thread.is_alive():
@@ -437,10 +551,10 @@ class Engine(Front):
             # After a break or terminate() the dispatcher returns before the
             # processes are reaped; kill_processes() reaps them.
             for p in self.processes():
-                if not _ended(p):
+                if not p.ended():
                     remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
-                    wait([p.sentinel], remaining)
-                    if not _ended(p):
+                    wait([p.exit_fd], remaining)
+                    if not p.ended():
                         return False
         while self.delivery.pump():
             _wire.readable(self.output_r.fd, None)
@@ -448,40 +562,11 @@ class Engine(Front):
         return True
 
     def workers_alive(self) -> int:
-        return sum(1 for s in self.slots if s.state == "running" and s.proc is not None and not _ended(s.proc))
+        with self.lock:  # see Child
+            return sum(1 for s in self.slots if s.state == "running" and s.proc is not None and not s.proc.ended())
 
     def workers_replaced(self) -> int:
         return self.dispatcher.replaced
 
     def reorder_counts(self) -> tuple[int, int]:
         return self.reorder[0], self.reorder[1]
-
-
-def _ended(p: Any) -> bool:
-    """Whether process ``p`` has exited, without reaping it.
-
-    Only the dispatcher thread reaps (waitpid) while it runs: when two
-    threads reap one child, the loser gets ECHILD and multiprocessing reports
-    exit code None, which reads as a crash.  A sentinel is readable once the
-    process has exited, reaped or not.
-    """
-    try:
-        sentinel = p.sentinel
-    except ValueError:  # closed: it ended long ago
-        return True
-    return _wire.readable(sentinel, 0)
-
-
-def _started(p: Any) -> bool:
-    try:
-        return p.pid is not None
-    except ValueError:  # closed
-        return True
-
-
-def _usable(p: Any) -> bool:
-    try:
-        p.is_alive()
-        return True
-    except ValueError:  # closed
-        return False

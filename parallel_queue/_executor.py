@@ -53,7 +53,7 @@ from ._payload import (
     loads_tasks,
 )
 from ._sizing import packet_limit, running_mean
-from ._threads import helper_thread
+from ._threads import helper_thread, sigint_held_back
 from ._worker import capture_error, packet_function, run_items
 
 # How much measured work a packet should carry: as for our own workers (see
@@ -114,8 +114,8 @@ class LocalSource:
     back (as the consumer's output pipe does for our own processes).
     """
 
-    def __init__(self, on_taken: Callable[[], None]) -> None:
-        self.fd, self.fd_w = _wire.make_pipe()
+    def __init__(self, on_taken: Callable[[], None], fds: _wire.FdSet) -> None:
+        self.fd, self.fd_w = fds.pipe()
         self.packets: deque[tuple[list[Any], dict[int, Any]]] = deque()
         self.eof = False
         self.taken = 0
@@ -168,13 +168,17 @@ class ExecutorEngine(Front):
         from ._delivery import Delivery
 
         super().__init__(opts)
-        self.executor = executor
-        self.kind, _ = describe_executor(executor)
-        self.task_fn = task_fn
-        self.fn_bytes = cloudpickle.dumps(task_fn) if task_fn is not None and self.kind != "threads" else None
+        try:
+            self.executor = executor
+            self.kind, _ = describe_executor(executor)
+            self.task_fn = task_fn
+            self.fn_bytes = cloudpickle.dumps(task_fn) if task_fn is not None and self.kind != "threads" else None
+            self.source = LocalSource(self.window_freed, self.fds)
+        except BaseException:
+            self.fds.close_all()
+            raise
         self.window = opts.consumer_buffer_max
         self.token = uuid.uuid4().hex  # Dask keys: unique, so no two calls are merged
-        self.source = LocalSource(self.window_freed)
         self.delivery = Delivery(self, self.source)
         self.finished: deque[tuple[_Packet, Any, Optional[BaseException]]] = deque()
         self.futures: dict[int, Any] = {}  # seq -> future, submitted and not finished
@@ -185,9 +189,14 @@ class ExecutorEngine(Front):
         self.delivered_packets = 0
         self.item_seconds = 0.0
         self.thread = helper_thread(self.run, "parallel_queue-executor-dispatcher")
-        self.thread.start()
-        if opts.progress:
-            self.show_progress()
+        try:
+            with sigint_held_back():  # a Ctrl-C comes once the thread is recorded (see _threads)
+                self.thread.start()
+                if opts.progress:
+                    self.show_progress()
+        except BaseException:
+            self.terminate()
+            raise
 
     # ------------------------------------------------------------ the loop
 
@@ -357,6 +366,7 @@ class ExecutorEngine(Front):
 
     def join(self, timeout: Optional[float]) -> bool:
         """Wait until every task put before stop() is done and handed over."""
+        self.check_owner()
         self.thread.join(timeout)
         if self.thread.is_alive():
             return False
@@ -373,18 +383,10 @@ class ExecutorEngine(Front):
             if self.closed:
                 return
             self.closed = True
-            for fd in (
-                self.wake_r,
-                self.wake_w,
-                self.room_r,
-                self.room_w,
-                self.get_wake_r,
-                self.get_wake_w,
-                self.source.fd_w,
-            ):
-                _wire.close_fd(fd)
+            self.fds.close_all()
 
     def is_alive(self) -> bool:
+        self.check_owner()
         return self.thread.is_alive()
 
     def workers_alive(self) -> int:

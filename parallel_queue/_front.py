@@ -26,6 +26,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from collections import deque
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
@@ -76,6 +77,10 @@ class Front:
 
             require_tqdm()  # before anything starts
         self.opts = opts
+        # The process that made the queue, the only one that can use it (a
+        # forked child has copies of its objects, not its processes).
+        self.owner_pid = os.getpid()
+        self.foreign = False  # set in a forked child: see left_behind_by_fork()
         # Shared state in the main process, guarded by one lock.
         self.lock = threading.Lock()
         self.room = Waiters(self.lock)  # put()s waiting for room in a full queue
@@ -107,11 +112,39 @@ class Front:
         self.accepting = True  # not stopped, broken or terminated
         self.in_q_max = opts.in_q_max  # for put()'s fast path
 
-        self.wake_r, self.wake_w = _wire.make_pipe()  # wakes the dispatcher
-        self.room_r, self.room_w = _wire.make_pipe()  # wakes aput(): there is room again
-        self.get_wake_r, self.get_wake_w = _wire.make_pipe()  # wakes a waiting get()
+        self.fds = _wire.FdSet()  # every pipe of this queue's: closed by close()
+        try:
+            self.wake_r, self.wake_w = self.fds.pipe()  # wakes the dispatcher
+            self.room_r, self.room_w = self.fds.pipe()  # wakes aput(): there is room again
+            self.get_wake_r, self.get_wake_w = self.fds.pipe()  # wakes a waiting get()
+        except BaseException:
+            self.fds.close_all()  # EMFILE half-way: close what was opened
+            raise
         self.progress_bar: Any = None
         self.delivery: Delivery  # made by the engine, with its source of packets
+        _fronts.add(self)
+
+    def left_behind_by_fork(self) -> None:
+        """In a child forked from the owner: the queue is not the child's.
+
+        Runs in the child right after the fork, where no other thread exists
+        and a lock may have been copied held, so it takes none.  Both fast
+        paths are shut (``fast_put`` cleared, ``ready`` emptied of copied
+        values), and every slow path starts with ``check_owner()``.
+        """
+        self.foreign = True
+        self.fast_put = False
+        delivery = getattr(self, "delivery", None)
+        if delivery is not None:
+            delivery.ready.clear()
+
+    def check_owner(self) -> None:
+        """Raise RuntimeError in a forked child: only the owner can use the queue."""
+        if self.foreign:
+            raise RuntimeError(
+                f"this queue belongs to process {self.owner_pid}, which made it; a process forked from"
+                " there cannot use it (make a new queue in the child)"
+            )
 
     def show_progress(self, total: Optional[int] = None) -> None:
         """Start the progress bar (``total``: the number of results, if known)."""
@@ -212,6 +245,7 @@ class Front:
 
     def put_task(self, item: Any, timeout: Optional[float], sample: Optional[bool] = None) -> None:
         """put()'s locked path: wait for room, wake the dispatcher, sample latency."""
+        self.check_owner()
         if sample is None:
             sample = not next(self.put_ticket) & (SAMPLE_EVERY - 1)
 
@@ -233,6 +267,7 @@ class Front:
         it), or stop(), terminate() or a break came in between the append and
         that read: the task stays if stop() counted it, and is withdrawn (and
         put() raises) if not."""
+        self.check_owner()
         with self.lock:
             if self.accepting and self.lease is None:
                 self.wake_idle_dispatcher()
@@ -263,6 +298,7 @@ class Front:
         one lock round per call instead of one per task.  ``lease``: the map
         feeding (QueueStopped once it is closed).
         """
+        self.check_owner()
 
         def attempt(waited: bool) -> Any:
             if lease is None:
@@ -287,6 +323,8 @@ class Front:
         return bool(self.when_room(timeout, attempt))
 
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
+        self.check_owner()
+
         def attempt(waited: bool) -> Any:
             self.check_can_put(waited)
             if len(self.markers) >= self.opts.max_markers:
@@ -388,6 +426,7 @@ class Front:
     # ----------------------------------------------------------- lifecycle
 
     def stop(self) -> None:
+        self.check_owner()
         with self.lock:
             if not self.closed:
                 self.close_the_door()
@@ -403,7 +442,10 @@ class Front:
         self.wake_dispatcher()
 
     def begin_terminate(self) -> bool:
-        """Mark the queue terminated; False if it already was (or is closed)."""
+        """Mark the queue terminated; False if it already was (or is closed, or
+        belongs to another process: a forked child's finalizers end quietly)."""
+        if self.foreign:
+            return False
         with self.lock:
             if self.terminated or self.closed:
                 return False
@@ -422,7 +464,7 @@ class Front:
     def end_dispatcher_then_kill(self, thread: threading.Thread) -> None:
         """After begin_terminate(): the dispatcher sees ``terminated`` at its next
         wake-up (just written) and returns; then this thread may reap and close."""
-        if thread is not threading.current_thread():
+        if thread is not threading.current_thread() and thread.ident is not None:
             thread.join()
         self.kill_processes()
 
@@ -438,6 +480,7 @@ class Front:
         self.kill_processes()
 
     def stats(self) -> QueueStats:
+        self.check_owner()
         d = self.delivery
         with self.lock:
             tasks_put, markers_put, pending = self.tasks_put, self.markers_put, len(self.pending)
@@ -493,3 +536,15 @@ class Front:
 
 # What a when_room() attempt returns when there is no room yet.
 NO_ROOM = object()
+
+# Every queue of this process, for the after-fork hook below.
+_fronts: weakref.WeakSet[Front] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    for front in list(_fronts):
+        front.left_behind_by_fork()
+    _fronts.clear()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -180,11 +180,12 @@ class IMapIterator(Iterator[R]):
         try:
             return self._delivery.get_batch(True, None)
         except QueueStopped:
-            self._at_end()
-            raise StopIteration from None
+            pass  # (ended outside the except: a Ctrl-C in the join must not chain onto this)
         except BaseException:
             self.close()
             raise
+        self._at_end()
+        raise StopIteration
 
     def _at_end(self) -> None:
         """Every result was taken: end the workers (or give the queue back),

@@ -1,5 +1,5 @@
-"""Helper threads that never take the process's Ctrl-C, and waiting that a
-Ctrl-C cannot break.
+"""Helper threads that never take the process's Ctrl-C, waiting that a
+Ctrl-C cannot break, and Ctrl-C held back while a queue starts its processes.
 
 The kernel hands a process-directed signal to any thread that does not block
 it.  When SIGINT lands on one of our helper threads (a dispatcher asleep in
@@ -12,10 +12,11 @@ kernel delivers it to a thread that handles it.
 from __future__ import annotations
 
 import _thread
+import contextlib
 import signal
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 
 def helper_thread(target: Callable[..., Any], name: str, args: tuple[Any, ...] = ()) -> threading.Thread:
@@ -26,6 +27,62 @@ def helper_thread(target: Callable[..., Any], name: str, args: tuple[Any, ...] =
         target(*args)
 
     return threading.Thread(target=run, name=name, daemon=True)
+
+
+@contextlib.contextmanager
+def sigint_held_back() -> Iterator[None]:
+    """Hold Ctrl-C back until the block is over, then deliver it.
+
+    A queue starting up forks children and records them: a press landing in
+    between used to break it in four ways (seen in stack dumps, under fork):
+    a fresh child took the SIGINT before it could ignore it (a traceback, or
+    a dead consumer); the KeyboardInterrupt was raised inside an after-fork
+    hook, which swallows it; it came inside ``Process.start()`` after the
+    fork, before the process was recorded (an unkillable worker); or between
+    registering the queue for exit clean-up and starting its thread (a join
+    of a thread never started, then a hang).  So:
+
+    - SIGINT is blocked in this thread at the OS level: a child forked here
+      inherits the mask, and the signal stays pending in it until it has set
+      SIGINT to ignored (``_worker``, ``_consumer``), which discards it.
+    - In the main thread, where Python runs its handlers, the Python-level
+      handler only records a press while the block runs: a press the kernel
+      gave to another thread of the program cannot raise in the middle.
+
+    At the end the handler is put back and the signal unblocked: a pending
+    press is delivered there, and a recorded one is handed to the handler,
+    so the block raises ``KeyboardInterrupt`` once everything it started is
+    recorded and can be cleaned up.  If the block failed meanwhile, the
+    KeyboardInterrupt does not show that failure as its context: it is the
+    press's doing (a fork server that took the same press and died makes
+    ``Process.start()`` fail, for one), and one press shows one traceback.
+    """
+    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    pressed: list[int] = []
+    handler: Any = None
+    if threading.current_thread() is threading.main_thread():
+        handler = signal.getsignal(signal.SIGINT)
+        if callable(handler):
+            signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+        else:
+            handler = None  # SIG_IGN, SIG_DFL or a handler set outside Python: the mask suffices
+    failed = False
+    try:
+        yield
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if handler is not None:
+            signal.signal(signal.SIGINT, handler)
+        try:
+            if signal.SIGINT not in old_mask:
+                signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending press lands here
+            if pressed and handler is not None:
+                handler(signal.SIGINT, None)
+        except KeyboardInterrupt as interrupt:
+            interrupt.__suppress_context__ = failed
+            raise
 
 
 def deadline(timeout: Optional[float]) -> Optional[float]:

@@ -119,6 +119,32 @@ def close_fd(fd: Fd | None) -> None:
         pass
 
 
+class FdSet:
+    """The pipe ends one queue owns: made through it, closed together.
+
+    A construction that fails half-way closes exactly what it had opened so
+    far (under a low ``ulimit -n``, the pipes made before EMFILE); a queue
+    that ends closes everything at once.  Closing one end early (a child's
+    end, once handed over) is fine: ``close_fd`` is idempotent.
+    """
+
+    __slots__ = ("_fds",)
+
+    def __init__(self) -> None:
+        self._fds: list[Fd] = []
+
+    def pipe(self, big: bool = False) -> tuple[Fd, Fd]:
+        """A new pipe (see make_pipe) that ``close_all()`` will close."""
+        r, w = make_pipe(big)
+        self._fds += (r, w)
+        return r, w
+
+    def close_all(self) -> None:
+        for fd in self._fds:
+            close_fd(fd)
+        self._fds.clear()
+
+
 def close_inherited_fds(keep: set[int]) -> None:
     """In a freshly forked child: close every inherited queue fd not in ``keep``."""
     with _OWNED_LOCK:

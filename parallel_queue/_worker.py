@@ -19,8 +19,6 @@ from __future__ import annotations
 import io
 import os
 import pickle
-import signal
-import threading
 import time
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
@@ -29,6 +27,7 @@ from typing import Any, Callable, NamedTuple, Optional
 import cloudpickle
 
 from . import _wire
+from ._child import start_child
 from ._packet_id import ahead
 from ._payload import TaskError, dumps_results, every_slot_fails, loads_tasks
 from ._wire import Fd, Kind
@@ -38,6 +37,9 @@ CALL = 0  # ParallelQueue: (fn, args, kwargs or None)
 ARGS = 1  # ParallelSingleTaskQueue: (args, kwargs or None)
 STAR = 2  # imap over several iterables: the args tuple
 ONE = 3  # imap over one iterable: the one argument itself (cheapest to pickle)
+
+# The exit status of a worker whose own pipes failed (see worker_main).
+EXIT_PIPE_LOST = 3
 
 # Layout of one slot in the shared progress array.
 PROGRESS_FIELDS = 4
@@ -103,67 +105,6 @@ class WorkerSpec(NamedTuple):
     timed: bool  # task_timeout is set: record each task's start (see run_items)
 
 
-def watch_parent(parent_alive: Fd) -> None:
-    """Make this process exit as soon as the main process is gone.
-
-    The main process holds the only write end of the pipe; when it dies,
-    however it dies, the read end reports end-of-file.  Where the kernel can
-    deliver that as a signal it does the watching (see ``_kernel_watch``);
-    elsewhere a thread blocked in read() notices it, even while a task runs
-    for hours.
-    """
-    if _kernel_watch(parent_alive):
-        return
-
-    def watch() -> None:
-        try:
-            while os.read(parent_alive.fd, 64):
-                pass
-        except OSError:
-            pass
-        os._exit(3)
-
-    threading.Thread(target=watch, name="parallel_queue-parent-watch", daemon=True).start()
-
-
-def _kernel_watch(parent_alive: Fd) -> bool:
-    """On Linux: have the kernel SIGKILL this process when the pipe hangs up.
-
-    A read end in async mode (O_ASYNC) makes the kernel signal its owner when
-    the last writer closes; F_SETSIG makes that signal SIGKILL, which no task
-    can catch, block or delay, even deep in C code.  The owner belongs to the
-    open file description, which every child of the main process shares, so
-    this process first opens one of its own (through /proc).  No thread: a
-    thread start was about 1 ms of each worker's start-up, on the way to the
-    first result.  False where any step is unavailable (no /proc, another
-    kernel): the caller then watches with a thread.
-    """
-    import fcntl
-
-    setsig = getattr(fcntl, "F_SETSIG", None)
-    o_async = getattr(os, "O_ASYNC", None)
-    if setsig is None or o_async is None:
-        return False
-    try:
-        # O_NONBLOCK: opening a pipe's read end must not wait for a writer.
-        fd = os.open(f"/proc/self/fd/{parent_alive.fd}", os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return False
-    try:
-        fcntl.fcntl(fd, fcntl.F_SETOWN, os.getpid())
-        fcntl.fcntl(fd, setsig, signal.SIGKILL)
-        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) | o_async)
-    except OSError:
-        os.close(fd)
-        return False
-    # The main process may have gone before O_ASYNC was set, and then no
-    # signal comes: look once, now that a later hang-up cannot be missed.
-    if _wire.readable(fd, 0):
-        os._exit(3)
-    # ``fd`` stays open for the life of this process: closing it ends the watch.
-    return True
-
-
 def worker_main(handed: Inherited) -> None:
     """The worker process's entry point.
 
@@ -173,18 +114,22 @@ def worker_main(handed: Inherited) -> None:
     over twice makes a ``spawn`` start fail).
     """
     spec: WorkerSpec = handed.obj
-    _wire.close_inherited_fds({spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd, spec.parent_alive.fd})
-    # Ctrl-C reaches the whole process group; the main process decides what
-    # stops, so a worker never dies of it half-way through a task.
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    watch_parent(spec.parent_alive)
+    start_child({spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd}, spec.parent_alive)
     if spec.init_fn is not None:
         try:
             spec.init_fn()
         except BaseException as e:  # noqa: BLE001 - report whatever it was
             _report_init_failure(spec, e)
             return
-    _Worker(spec).run()
+    try:
+        _Worker(spec).run()
+    except OSError:
+        # One of our own pipes failed (task errors never get here): the
+        # consumer is gone (the main process sees to that), or a task closed
+        # our descriptors (the dispatcher blames it, see its stage in the
+        # progress array).  Either way there is nobody to tell: leave
+        # quietly, without a traceback on the terminal.
+        os._exit(EXIT_PIPE_LOST)
 
 
 def _report_init_failure(spec: WorkerSpec, e: BaseException) -> None:

@@ -345,3 +345,35 @@ def test_initializer_that_exits_cleanly_breaks_instead_of_looping():
         assert q.stats().workers_replaced < 10
     finally:
         q.terminate()
+
+
+def fork_a_helper():
+    """Fork a helper that lives on (no exec) and holds every descriptor the
+    worker had: multiprocessing's sentinel pipe included."""
+    pid = os.fork()
+    if pid == 0:
+        time.sleep(120)
+        os._exit(0)
+    return pid
+
+
+@pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3+, Python 3.9+)")
+def test_worker_death_is_seen_while_a_forked_helper_lives_on():
+    """Regression: a task that forked a helper (no exec) handed it the write
+    end of its worker's sentinel pipe, so when the worker later died nothing
+    was noticed until the helper exited (forever, for a daemon).  The death
+    is now seen from the process itself."""
+    helper = None
+    with ParallelQueue(num_workers=1) as q:
+        try:
+            q.put(fork_a_helper)
+            helper = q.get(timeout=60)
+            q.put(die, "sigkill")
+            q.put(abs, -5)
+            with pytest.raises(WorkerLostError):
+                q.get(timeout=60)  # not 120 s: the helper is still alive
+            assert q.get(timeout=60) == 5
+            assert os.path.exists(f"/proc/{helper}")
+        finally:
+            if helper is not None:
+                os.kill(helper, signal.SIGKILL)

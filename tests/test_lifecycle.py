@@ -315,3 +315,90 @@ def test_stats_after_terminate_count_nothing_in_flight():
     s = q.stats()
     assert s.tasks_put == 7
     assert s.in_flight == 0 and s.pending == 0 and s.workers_alive == 0
+
+
+FORK_CHILD = """
+import os, sys
+from parallel_queue import ParallelQueue
+q = ParallelQueue(num_workers=2, daemon={daemon})
+q.put(abs, -1)
+assert q.get(timeout=60) == 1
+pid = os.fork()
+if pid == 0:
+    {child}
+    sys.exit(0)  # a normal exit: atexit handlers and finalizers run
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+q.put(abs, -2)  # the parent's queue is untouched by the child's exit
+assert q.get(timeout=60) == 2
+q.stop()
+q.join()
+print("parent ok")
+"""
+
+
+@pytest.mark.parametrize("daemon", [False, True])
+def test_forked_child_exiting_normally_leaves_the_parents_queue_alone(daemon):
+    """Regression: a child of the user's program made by os.fork() that
+    exits normally printed ``AssertionError: can only test a child process``
+    from our exit handler; with daemon=True its multiprocessing exit handler
+    believed it owned the parent's daemonic processes and SIGTERMed the
+    consumer, breaking the parent's queue."""
+    r = run_python(FORK_CHILD.format(daemon=daemon, child="pass"))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "parent ok"
+    assert r.stderr == ""
+
+
+def test_queue_used_from_a_forked_child_says_it_belongs_to_another_process():
+    """Regression: in a forked child, put() was accepted and get() then waited
+    forever.  Every call says the queue belongs to another process."""
+    child = """
+    import queue
+    for call in (lambda: q.put(abs, -3), lambda: q.get(timeout=5), lambda: q.put("marker"), q.stop, q.join):
+        try:
+            call()
+        except RuntimeError as e:
+            assert "belongs to process" in str(e), e
+        else:
+            raise AssertionError("no RuntimeError")
+    print("child ok", flush=True)"""
+    r = run_python(FORK_CHILD.format(daemon=False, child=child))
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.split() == ["child", "ok", "parent", "ok"]
+    assert r.stderr == ""
+
+
+def test_failed_construction_closes_what_it_opened():
+    """Regression: under ``ulimit -n 200``, ParallelQueue(num_workers=60)
+    failed with EMFILE and leaked every pipe it had opened, so that even a
+    2-worker queue could no longer be built in that process."""
+    code = """
+import errno, gc, os, resource
+from parallel_queue import ParallelQueue
+with ParallelQueue(num_workers=1) as q:  # lazily made globals, once
+    q.put(abs, -1)
+    assert q.get(timeout=60) == 1
+resource.setrlimit(resource.RLIMIT_NOFILE, (200, 200))
+before = sorted(os.listdir("/proc/self/fd"))
+for _ in range(3):
+    try:
+        ParallelQueue(num_workers=60)
+    except OSError as e:
+        assert e.errno == errno.EMFILE, e
+    else:
+        raise AssertionError("60 workers fit in 200 descriptors?")
+    # The half-built queue is garbage (its parts refer to each other); once
+    # collected, its shared memory goes back to multiprocessing's heap, which
+    # then needs no new arena (an arena is a file in /dev/shm, so a
+    # descriptor) for the next attempt.
+    gc.collect()
+    assert sorted(os.listdir("/proc/self/fd")) == before
+with ParallelQueue(num_workers=2) as q:
+    q.put(abs, -2)
+    assert q.get(timeout=60) == 2
+print("ok")
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok" and r.stderr == ""
