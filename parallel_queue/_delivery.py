@@ -28,8 +28,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 from . import _threads, _wire
 from ._errors import QueueBrokenError, QueueStopped, fresh_copy
-from ._payload import TaskError, every_slot_fails, loads_results
+from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
+from ._salvage import salvage_results
 from ._threads import Waiters
+from ._wire import RESULT, decode_result
 
 if TYPE_CHECKING:
     from ._front import Front as Engine
@@ -66,6 +68,7 @@ class Delivery:
         # Plain values get() may hand out as they are, lock-free.
         self.ready: deque[Any] = deque()
         self.moved = 0  # task results moved into ``ready``, raised or dropped
+        self.decoded = 0  # task results unpickled (the next packet's first task)
         # Results to drop as they come: those of a closed map's tasks.
         self.discard = 0
         self.errors_raised = 0
@@ -307,17 +310,32 @@ class Delivery:
             raise err
 
     def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
-        """A packet's ``(values, errors)``; if it will not unpickle, every slot fails."""
-        from ._wire import RESULT, decode_result
+        """(lock held, packets in order) A packet's ``(values, errors)``.
 
+        A value that will not unpickle here fails in its own slot: the fast
+        load of the whole packet is tried first, then each value on its own
+        (a careful packet's are pickled one by one; any other is salvaged,
+        see _salvage)."""
         if type(body) is tuple:  # from the executor engine: already (values, errors)
             return body
-        count = decode_result(body).n_items
+        header = decode_result(body)
+        first = self.decoded
+        self.decoded += header.n_items
+        payload = memoryview(body)[RESULT.size :]
         try:
-            return loads_results(memoryview(body)[RESULT.size :])
-        except Exception as exc:
-            err = TaskError.for_failure(exc, "could not unpickle the result", pickle.UnpicklingError)
-            return every_slot_fails(count, err)
+            if header.careful:
+                return loads_results_careful(payload, first)
+            return loads_results(payload)
+        except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
+            salvaged = salvage_results(payload, header.n_items)
+            if salvaged is None:
+                err = TaskError.for_failure(exc, "could not unpickle the results", pickle.UnpicklingError)
+                return every_slot_fails(header.n_items, err)
+            values, errors = salvaged
+            for k, err in errors.items():
+                if isinstance(err, BaseException):
+                    errors[k] = result_unpickling_error(err, first + k)
+            return values, errors
 
     # --------------------------------------------------------------- reading
 

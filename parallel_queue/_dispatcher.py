@@ -26,7 +26,18 @@ from ._front import TaskBatch
 from ._payload import TaskError, describe_task, dumps_individually, dumps_tasks
 from ._sizing import packet_limit, running_mean
 from ._wire import Kind
-from ._worker import P_ITEM, P_PACKET, P_SEQ, P_START_NS, PROGRESS_FIELDS
+from ._worker import (
+    P_ITEM,
+    P_PACKET,
+    P_SEQ,
+    P_STAGE,
+    P_START_NS,
+    PROGRESS_FIELDS,
+    STAGE_IDLE,
+    STAGE_LOADING,
+    STAGE_RUNNING,
+    STAGE_SAVING,
+)
 
 if TYPE_CHECKING:
     from ._engine import Engine
@@ -48,15 +59,26 @@ TARGET_PACKET_BYTES = 1 << 20
 MAX_STARTUP_DEATHS = 3
 
 
+# A packet whose worker died this many times with no task to blame (the
+# results were being sent: the OOM killer, a kill from outside) fails every
+# task left in it, instead of being sent forever.
+MAX_UNEXPLAINED_DEATHS = 3
+
+
 class PacketRecord(TaskBatch):
     """A packet the dispatcher sent and the consumer has not yet credited."""
 
-    __slots__ = ("packet_id", "first_task")
+    __slots__ = ("packet_id", "first_task", "careful", "deaths")
 
     def __init__(self, packet_id: int, first_task: int, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
         super().__init__(items, form, map_fn)
         self.packet_id = packet_id
         self.first_task = first_task  # index of items[0] among all tasks put
+        # Sent one task at a time (see _worker.run_careful): after it would
+        # not unpickle as a batch, or its worker died where no one task could
+        # be blamed yet.
+        self.careful = False
+        self.deaths = 0  # its workers' deaths that no task could be blamed for
 
 
 class Dispatcher:
@@ -205,20 +227,20 @@ class Dispatcher:
             self.next_id = (self.next_id + 1) % self.base
             self.packets_total += 1
             slot.outstanding.append(rec)
-            self.send(slot, rec, individually=False)
+            self.send(slot, rec)
 
-    def send(self, slot: Slot, rec: PacketRecord, individually: bool) -> None:
-        if individually:
+    def send(self, slot: Slot, rec: PacketRecord) -> None:
+        if rec.careful:
             payload = dumps_individually(rec.payload_items())
         else:
-            payload, individually = dumps_tasks(rec.payload_items())
+            payload, rec.careful = dumps_tasks(rec.payload_items())
         size = len(payload) / len(rec.items)
         self.item_bytes = running_mean(self.item_bytes, size)
         slot.sent_items += len(rec.items)
         writer = slot.writer
         assert writer is not None
         try:
-            done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), individually, rec.form), payload)
+            done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form), payload)
         except BrokenPipeError:
             writer.clear()  # the worker is gone; its exit fd tells us next
             return
@@ -255,7 +277,9 @@ class Dispatcher:
         if c.rejected:
             # The worker could not unpickle the batch as a whole: send it
             # again, one pickle per task, so only the guilty task fails.
-            self.send(slot, slot.outstanding[0], individually=True)
+            rec = slot.outstanding[0]
+            rec.careful = True
+            self.send(slot, rec)
             return
         rec = slot.outstanding.popleft()
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
@@ -300,9 +324,10 @@ class Dispatcher:
         proc = slot.proc
         assert proc is not None
         p0 = slot.index * PROGRESS_FIELDS
-        started_any = e.progress[p0 + P_SEQ] > 0
+        # Whether it got as far as a packet (past worker_init_f, that is).
+        started_any = e.progress[p0 + P_SEQ] > 0 or e.progress[p0 + P_STAGE] != STAGE_IDLE
         if lost:
-            self.blame_running_task(slot, lost[0], proc)
+            self.diagnose_death(slot, lost[0], proc)
         # Wake-ups the dead worker never read (end-of-file once the consumer is gone).
         while _wire.readable(slot.go_r.fd, 0) and os.read(slot.go_r.fd, 4096):
             pass
@@ -331,29 +356,71 @@ class Dispatcher:
         self.sel.register(slot.proc.exit_fd, selectors.EVENT_READ, ("ended", slot))
         for rec in lost:  # in id order, into an empty pipe: nothing waits ahead of them
             slot.outstanding.append(rec)
-            self.send(slot, rec, individually=False)
+            self.send(slot, rec)
 
-    def blame_running_task(self, slot: Slot, rec: PacketRecord, proc: Any) -> None:
-        """Put an error in the slot of the task that was running when the worker died."""
+    def diagnose_death(self, slot: Slot, rec: PacketRecord, proc: Any) -> None:
+        """The worker died holding ``rec``, the oldest packet whose results had
+        not left it.  From the stage it had reached (its slot of the progress
+        array, see _worker), blame one task with an error in its slot, or
+        send the packet careful, so that a next death names its task.
+
+        Every death of a careful packet either blames one task or counts
+        towards MAX_UNEXPLAINED_DEATHS, so no packet is sent forever.
+        """
         prog = self.e.progress
         p0 = slot.index * PROGRESS_FIELDS
-        k = prog[p0 + P_ITEM]
-        if prog[p0 + P_PACKET] != rec.packet_id or not 0 <= k < len(rec.items):
-            return  # it died between tasks: every task of the packet runs again
-        if isinstance(rec.items[k], TaskError):
-            return
+        stage, k = prog[p0 + P_STAGE], prog[p0 + P_ITEM]
+        if prog[p0 + P_PACKET] != rec.packet_id or stage == STAGE_IDLE:
+            return  # it had not started this packet: it goes again as it was
+        n = len(rec.items)
+        if slot.kill_reason == "timeout":
+            if stage == STAGE_RUNNING and 0 <= k < n and slot.kill_seq == prog[p0 + P_SEQ]:
+                self.blame(rec, k, proc, "timeout")
+            return  # (else the slow task finished in time; the packet goes again)
+        if stage == STAGE_RUNNING and 0 <= k < n and not isinstance(rec.items[k], TaskError):
+            self.blame(rec, k, proc, "was running in worker pid {pid}, which {how}")
+        elif not rec.careful:
+            # Unpickling the batch, pickling the results, or sending them:
+            # one of its tasks may be the cause, but which?  Again, one task
+            # at a time.  (Its tasks that had run, run again.)
+            rec.careful = True
+        elif stage == STAGE_LOADING and k == -1 and rec.map_fn is not None:
+            how = _how_it_ended(proc)
+            rec.map_fn = TaskError.from_message(
+                WorkerLostError(f"the worker (pid {proc.pid}) {how} while unpickling the map's function")
+            )
+        elif stage == STAGE_LOADING and 0 <= k < n and not isinstance(rec.items[k], TaskError):
+            self.blame(rec, k, proc, "could not be unpickled: its worker (pid {pid}) {how} while unpickling it")
+        elif stage == STAGE_SAVING and 0 <= k < n and not isinstance(rec.items[k], TaskError):
+            self.blame(
+                rec,
+                k,
+                proc,
+                "returned, then its worker (pid {pid}) {how} before the result could leave it"
+                " (killed while pickling it, or the task closed the worker's pipes)",
+            )
+        else:
+            rec.deaths += 1
+            if rec.deaths >= MAX_UNEXPLAINED_DEATHS:
+                for j in range(n):
+                    if not isinstance(rec.items[j], TaskError):
+                        self.blame(
+                            rec,
+                            j,
+                            proc,
+                            f"ran, but the workers running its packet died {rec.deaths} times before the"
+                            " results could leave them (last: pid {pid}, which {how})",
+                        )
+
+    def blame(self, rec: PacketRecord, k: int, proc: Any, how: str) -> None:
+        """Task ``k`` of ``rec`` fails in its slot: WorkerLostError, saying
+        ``how`` (with ``{pid}`` and ``{how}`` filled in), or TaskTimeoutError
+        (``how`` is "timeout").  The task does not run again."""
         index = rec.first_task + k
         what = f"task #{index} ({describe_task(rec.items[k])})"
         code = proc.exitcode
-        how = (
-            f"was killed by signal {_signal_name(-code)}"
-            if code is not None and code < 0
-            else f"exited with code {code}"
-        )
         err: Exception
-        if slot.kill_reason == "timeout":
-            if slot.kill_seq != prog[p0 + P_SEQ]:
-                return  # the slow task finished in time; the one we killed runs again
+        if how == "timeout":
             err = TaskTimeoutError(
                 f"{what} ran longer than task_timeout={self.e.opts.task_timeout}s"
                 f" and was killed with its worker (pid {proc.pid})",
@@ -362,7 +429,8 @@ class Dispatcher:
                 code,
             )
         else:
-            err = WorkerLostError(f"{what} was running in worker pid {proc.pid}, which {how}", index, proc.pid, code)
+            message = f"{what} " + how.format(pid=proc.pid, how=_how_it_ended(proc))
+            err = WorkerLostError(message, index, proc.pid, code)
         rec.items[k] = TaskError.from_message(err)
 
     def timeouts(self) -> Optional[float]:
@@ -380,10 +448,18 @@ class Dispatcher:
             p0 = slot.index * PROGRESS_FIELDS
             seq = prog[p0 + P_SEQ]
             packet, k, start = prog[p0 + P_PACKET], prog[p0 + P_ITEM], prog[p0 + P_START_NS]
+            running = prog[p0 + P_STAGE] == STAGE_RUNNING
             first = slot.outstanding[0]
-            if seq != prog[p0 + P_SEQ] or packet != first.packet_id or k >= len(first.items) or seq == 0:
-                # Between tasks (or just switching): no event tells us when
-                # the next task starts, so look again one timeout from now.
+            if (
+                seq == 0
+                or seq != prog[p0 + P_SEQ]
+                or packet != first.packet_id
+                or not running
+                or not 0 <= k < len(first.items)
+            ):
+                # Between tasks, or switching (see _worker._mark_start): no
+                # event tells us when the next task starts, so look again one
+                # timeout from now.
                 deadline = now + limit_ns
             else:
                 deadline = start + limit_ns
@@ -441,6 +517,13 @@ class Dispatcher:
                         self.sel.register(slot.writer.fd.fd, selectors.EVENT_WRITE, ("write", slot))
                 except BrokenPipeError:
                     slot.writer.clear()
+
+
+def _how_it_ended(proc: Any) -> str:
+    code = proc.exitcode
+    if code is not None and code < 0:
+        return f"was killed by signal {_signal_name(-code)}"
+    return f"exited with code {code}"
 
 
 def _signal_name(num: int) -> str:

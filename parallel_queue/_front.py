@@ -58,10 +58,12 @@ class TaskBatch:
 
     __slots__ = ("items", "form", "map_fn")
 
-    def __init__(self, items: list[Any], form: int, map_fn: Optional[Callable[..., Any]]) -> None:
+    def __init__(self, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
         self.items = items
         self.form = form  # what an item is (_worker.CALL, ARGS, STAR, ONE)
-        self.map_fn = map_fn  # a map's function, sent ahead of the items
+        # A map's function, sent ahead of the items (a TaskError once it
+        # killed the worker that unpickled it: every task then fails).
+        self.map_fn = map_fn
 
     def payload_items(self) -> list[Any]:
         """What is pickled: the items, after a map's function if there is one."""

@@ -200,11 +200,12 @@ def _rebuild_traceback(d: Optional[dict[str, Any]]) -> Optional[TracebackType]:
 
 
 def dumps_tasks(items: list[Any]) -> tuple[bytes, bool]:
-    """Pickle a batch; returns (payload, individually).
+    """Pickle a batch; returns (payload, careful).
 
     The fast path pickles the whole list at once.  If that fails, each item
-    is pickled on its own and the ones that fail become TaskErrors, so one
-    unpicklable argument costs only its own slot.
+    is pickled on its own (a careful packet, see _worker) and the ones that
+    fail become TaskErrors, so one unpicklable argument costs only its own
+    slot.
     """
     try:
         return bytes(cloudpickle.dumps(items, PROTOCOL)), False
@@ -213,6 +214,7 @@ def dumps_tasks(items: list[Any]) -> tuple[bytes, bool]:
 
 
 def dumps_individually(items: list[Any]) -> bytes:
+    """A careful packet's payload: one pickle per item, in a plain list."""
     parts: list[Any] = []
     for item in items:
         if isinstance(item, TaskError):
@@ -225,20 +227,28 @@ def dumps_individually(items: list[Any]) -> bytes:
     return pickle.dumps(parts, PROTOCOL)
 
 
-def loads_tasks(payload: bytes | memoryview, individually: bool) -> list[Any]:
-    """Unpickle a batch in the worker.  Raises if a whole batch cannot be loaded."""
-    if not individually:
+def loads_tasks(payload: bytes | memoryview, careful: bool) -> list[Any]:
+    """Unpickle a batch in the worker.  Raises if a whole batch cannot be
+    loaded; a careful one fails item by item instead."""
+    if not careful:
         return pickle.loads(payload)  # type: ignore[no-any-return]
-    items: list[Any] = []
-    for part in pickle.loads(payload):
-        if isinstance(part, TaskError):
-            items.append(part)
-            continue
-        try:
-            items.append(pickle.loads(part))
-        except Exception as e:
-            items.append(TaskError.for_failure(e, "could not unpickle the task in the worker", pickle.UnpicklingError))
-    return items
+    return [load_one_task(part) for part in loads_tasks_envelope(payload)]
+
+
+def loads_tasks_envelope(payload: bytes | memoryview) -> list[Any]:
+    """A careful packet's list of per-task pickles (or TaskErrors): our own
+    plain list, so it always loads."""
+    return pickle.loads(payload)  # type: ignore[no-any-return]
+
+
+def load_one_task(part: Any) -> Any:
+    """One task of a careful packet; a TaskError if it will not unpickle."""
+    if isinstance(part, TaskError):
+        return part
+    try:
+        return pickle.loads(part)
+    except BaseException as e:  # noqa: BLE001 - a loader's SystemExit is that task's error too
+        return TaskError.for_failure(e, "could not unpickle the task in the worker", pickle.UnpicklingError)
 
 
 def describe_task(item: Any) -> str:
@@ -293,3 +303,46 @@ def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[A
 
 def loads_results(payload: bytes | memoryview) -> tuple[list[Any], dict[int, TaskError]]:
     return pickle.loads(payload)  # type: ignore[no-any-return]
+
+
+def dump_one_result(value: Any, item: Any) -> tuple[Optional[bytes], Optional[TaskError]]:
+    """One result of a careful packet, pickled on its own: ``(pickle, None)``,
+    or ``(None, error)`` if it will not pickle."""
+    try:
+        return pickle.dumps(value, PROTOCOL), None
+    except BaseException:  # noqa: BLE001 - see dumps_results
+        pass
+    try:
+        return bytes(cloudpickle.dumps(value, PROTOCOL)), None
+    except BaseException as e:  # noqa: BLE001
+        return None, TaskError.for_failure(e, f"could not pickle the result of {describe_task(item)}")
+
+
+def dumps_results_envelope(results: list[Optional[bytes]], errors: dict[int, TaskError]) -> bytes:
+    """A careful packet's results: one pickle per value (None where it failed)."""
+    return pickle.dumps((results, errors), PROTOCOL)
+
+
+def loads_results_careful(payload: bytes | memoryview, first: int) -> tuple[list[Any], dict[int, TaskError]]:
+    """A careful packet's ``(values, errors)``: each value unpickled on its own,
+    so one that will not load here fails in its own slot (``first``: the
+    index of the packet's first task, for the message)."""
+    parts, errors = pickle.loads(payload)
+    values: list[Any] = []
+    for k, part in enumerate(parts):
+        value = None
+        if part is not None and k not in errors:
+            try:
+                value = pickle.loads(part)
+            except BaseException as e:  # noqa: BLE001 - a loader's SystemExit is that slot's error
+                errors[k] = result_unpickling_error(e, first + k)
+        values.append(value)
+    return values, errors
+
+
+def result_unpickling_error(exc: BaseException, index: int) -> TaskError:
+    """The error in the slot of task ``index``, whose result would not
+    unpickle in the main process (``exc``: why)."""
+    return TaskError.for_failure(
+        exc, f"could not unpickle the result of task #{index} in the main process", pickle.UnpicklingError
+    )

@@ -346,7 +346,7 @@ class Kind:
     STOP = 2  # dispatcher -> worker: exit after the packets before this
     RESULT = 3  # worker -> consumer -> main: a packet's results
     WAIT = 4  # worker -> consumer: my finished packet is past max_packet_id; wake me
-    REJECT = 5  # worker -> consumer: the packet's batch could not be unpickled here
+    REJECT = 5  # worker -> consumer: the packet's batch could not be unpickled here; send it careful
     INIT_FAILED = 6  # worker -> consumer: worker_init_f raised
     CREDIT = 7  # consumer -> dispatcher: slot's worker is done with a packet
     DRAINED = 8  # consumer -> dispatcher: a dead worker's pipe is read to the end
@@ -358,15 +358,16 @@ class Kind:
 class TaskPacket(NamedTuple):
     """Dispatcher -> worker: ``n_items`` tasks under one packet id.
 
-    ``individually`` packets carry a list of per-item pickles, so one item
-    that cannot be unpickled in the worker fails alone.  ``form`` says what
-    an item is (_worker.CALL, ARGS, STAR, ONE); a map's packet on a queue
-    that runs any task (ParallelQueue.imap) carries its function first.
+    ``careful`` packets carry a list of per-item pickles, and the worker
+    takes each step one task at a time, so a failure, or a death, is pinned
+    on one task (see _worker.run_careful).  ``form`` says what an item is
+    (_worker.CALL, ARGS, STAR, ONE); a map's packet on a queue that runs any
+    task (ParallelQueue.imap) carries its function first.
     """
 
     packet_id: int
     n_items: int
-    individually: bool
+    careful: bool
     form: int
     payload: bytes | memoryview
 
@@ -374,8 +375,8 @@ class TaskPacket(NamedTuple):
 _TASKS = struct.Struct("<BqIBB")
 
 
-def encode_tasks(packet_id: int, count: int, individually: bool, form: int) -> bytes:
-    return _TASKS.pack(Kind.TASKS, packet_id, count, individually, form)
+def encode_tasks(packet_id: int, count: int, careful: bool, form: int) -> bytes:
+    return _TASKS.pack(Kind.TASKS, packet_id, count, careful, form)
 
 
 def decode_tasks(body: bytearray) -> TaskPacket:
@@ -387,24 +388,26 @@ class ResultHeader(NamedTuple):
     """Worker -> consumer -> main: the results of packet ``packet_id``.
 
     ``compute_ns`` is the time the worker spent running the packet's tasks
-    (the dispatcher sizes batches from it).
+    (the dispatcher sizes batches from it).  ``careful``: the payload holds
+    one pickle per result (see TaskPacket).
     """
 
     packet_id: int
     n_items: int
     compute_ns: int
+    careful: bool
 
 
-RESULT = struct.Struct("<BqIQ")
+RESULT = struct.Struct("<BqIQB")
 
 
-def encode_result(packet_id: int, count: int, compute_ns: int) -> bytes:
-    return RESULT.pack(Kind.RESULT, packet_id, count, compute_ns)
+def encode_result(packet_id: int, count: int, compute_ns: int, careful: bool = False) -> bytes:
+    return RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, careful)
 
 
 def decode_result(body: bytes | bytearray) -> ResultHeader:
-    _, pid, count, ns = RESULT.unpack_from(body)
-    return ResultHeader(pid, count, ns)
+    _, pid, count, ns, careful = RESULT.unpack_from(body)
+    return ResultHeader(pid, count, ns, bool(careful))
 
 
 _ID = struct.Struct("<Bq")  # WAIT, REJECT (+payload), LAST

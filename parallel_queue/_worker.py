@@ -29,7 +29,16 @@ import cloudpickle
 from . import _wire
 from ._child import start_child
 from ._packet_id import ahead
-from ._payload import TaskError, dumps_results, every_slot_fails, loads_tasks
+from ._payload import (
+    TaskError,
+    dump_one_result,
+    dumps_results,
+    dumps_results_envelope,
+    every_slot_fails,
+    load_one_task,
+    loads_tasks,
+    loads_tasks_envelope,
+)
 from ._wire import Fd, Kind
 
 # What a task item is, by queue (Options.form):
@@ -41,9 +50,17 @@ ONE = 3  # imap over one iterable: the one argument itself (cheapest to pickle)
 # The exit status of a worker whose own pipes failed (see worker_main).
 EXIT_PIPE_LOST = 3
 
-# Layout of one slot in the shared progress array.
-PROGRESS_FIELDS = 4
-P_PACKET, P_ITEM, P_START_NS, P_SEQ = range(PROGRESS_FIELDS)
+# Layout of one slot in the shared progress array: where its worker is, so
+# that after a crash or a timeout kill the dispatcher knows which task to
+# blame.  P_PACKET: the packet; P_ITEM: the task's index in it (-1: none,
+# or a map's function); P_START_NS: when it started (with task_timeout);
+# P_SEQ: tasks started so far; P_STAGE: what the worker was doing.
+PROGRESS_FIELDS = 5
+P_PACKET, P_ITEM, P_START_NS, P_SEQ, P_STAGE = range(PROGRESS_FIELDS)
+
+# Stages (P_STAGE).  Between packets; unpickling the tasks; running task
+# P_ITEM; pickling results (a careful packet: task P_ITEM's); sending them.
+STAGE_IDLE, STAGE_LOADING, STAGE_RUNNING, STAGE_SAVING, STAGE_SENDING = range(5)
 
 
 class Inherited:
@@ -150,9 +167,12 @@ class _Worker:
         self.p0 = spec.slot * PROGRESS_FIELDS
         self.seq = 0
         self.done = 0
-        # Packets read while waiting for a re-sent (individually pickled)
-        # packet: they are run after it, in the order they came.
+        # Packets read while waiting for a re-sent (careful) packet: they are
+        # run after it, in the order they came.
         self.stash: list[bytearray] = []
+        # What our own pipes are: a task may close them (os.closerange) and
+        # even open files that take their numbers (see check_own_pipes).
+        self.pipes = {fd: _identity(fd) for fd in (spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd)}
 
     def run(self) -> None:
         fd = self.spec.tasks_in.fd
@@ -160,31 +180,114 @@ class _Worker:
             body = self.stash.pop(0) if self.stash else _wire.read_frame_blocking(fd)
             if body is None or body[0] == Kind.STOP:
                 return
-            self.run_packet(_wire.decode_tasks(body))
+            pkt = _wire.decode_tasks(body)
+            if pkt.careful:
+                self.run_careful(pkt)
+            else:
+                self.run_packet(pkt)
+            self.prog[self.p0 + P_STAGE] = STAGE_IDLE
             if self.spec.max_tasks and self.done >= self.spec.max_tasks:
                 return
 
     def run_packet(self, pkt: _wire.TaskPacket) -> None:
+        """The hot path: load the whole batch, run it, pickle all the results.
+
+        Should the worker die after the tasks ran (a result that kills it
+        while pickled, a task that closed our pipes), the stage it was in
+        tells the dispatcher to send the packet again as a careful one,
+        which pins the death on one task (see run_careful)."""
         prog, p0 = self.prog, self.p0
-        prog[p0 + P_ITEM] = 0
+        prog[p0 + P_ITEM] = -1
         prog[p0 + P_PACKET] = pkt.packet_id
+        prog[p0 + P_STAGE] = STAGE_LOADING
         try:
-            items = loads_tasks(pkt.payload, pkt.individually)
+            items = loads_tasks(pkt.payload, False)
         except Exception:
-            items = self.fetch_individually(pkt.packet_id)
+            self.run_careful(self.fetch_careful(pkt.packet_id))
+            return
+        prog[p0 + P_STAGE] = STAGE_RUNNING
         t0 = time.perf_counter_ns()
         fn, items = packet_function(self.fn, pkt.form, items)
         values, errors, self.seq = run_items(fn, pkt.form, items, capture_error, prog, p0, self.seq, self.spec.timed)
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
+        prog[p0 + P_STAGE] = STAGE_SAVING
         payload = dumps_results(values, errors, items)
-        self.wait_for_window(pkt.packet_id)
+        self.send(pkt.packet_id, len(items), compute_ns, False, payload)
+
+    def run_careful(self, pkt: _wire.TaskPacket) -> None:
+        """A careful packet: every step one task at a time, each recorded.
+
+        Each task was pickled on its own.  The worker unpickles each, runs
+        it, pickles its result on its own and checks that its pipes are
+        still its own, with the stage and the task's index in the progress
+        array at every step: whatever kills it, the dispatcher knows which
+        task it was doing.  An argument or a result that fails without
+        killing it fails in its own slot.
+        """
+        prog, p0 = self.prog, self.p0
+        prog[p0 + P_PACKET] = pkt.packet_id
+        prog[p0 + P_ITEM] = -1
+        prog[p0 + P_STAGE] = STAGE_LOADING
+        parts = loads_tasks_envelope(pkt.payload)
+        # A map's packet on a queue that runs any task carries its function
+        # first: its index is -1, the tasks' are 0, 1, ...
+        first = -1 if (self.fn is None and pkt.form >= STAR) else 0
+        loaded = []
+        for k, part in enumerate(parts, first):
+            prog[p0 + P_ITEM] = k
+            loaded.append(load_one_task(part))
+        fn, items = packet_function(self.fn, pkt.form, loaded)
+        t0 = time.perf_counter_ns()
+        results: list[Optional[bytes]] = []
+        errors: dict[int, Any] = {}
+        timed = self.spec.timed
+        for k, item in enumerate(items):
+            prog[p0 + P_STAGE] = STAGE_RUNNING
+            if timed:
+                self.seq = _mark_start(prog, p0, k, self.seq)
+            else:
+                prog[p0 + P_ITEM] = k
+                self.seq += 1
+                prog[p0 + P_SEQ] = self.seq
+            value, error = run_one(fn, pkt.form, item)
+            prog[p0 + P_STAGE] = STAGE_SAVING
+            if error is None:
+                value, error = dump_one_result(value, item)
+            results.append(value)
+            if error is not None:
+                errors[k] = error
+            self.check_own_pipes()
+        compute_ns = time.perf_counter_ns() - t0
+        self.done += len(items)
+        self.send(pkt.packet_id, len(items), compute_ns, True, dumps_results_envelope(results, errors))
+
+    def send(self, packet_id: int, count: int, compute_ns: int, careful: bool, payload: bytes) -> None:
+        """Send a packet's results, once the consumer will take them."""
+        self.prog[self.p0 + P_STAGE] = STAGE_SENDING
+        self.check_own_pipes()
+        self.wait_for_window(packet_id)
         _wire.write_frame_blocking(
-            self.spec.results_out.fd, _wire.encode_result(pkt.packet_id, len(items), compute_ns), payload
+            self.spec.results_out.fd, _wire.encode_result(packet_id, count, compute_ns, careful), payload
         )
 
-    def fetch_individually(self, packet_id: int) -> list[Any]:
-        """The batch would not unpickle here: ask for it again, one pickle per task.
+    def check_own_pipes(self) -> None:
+        """Exit if a task closed our pipes, or replaced them with its own files.
+
+        Writing our frames into a file a task opened under a reused
+        descriptor number would corrupt it; exiting here, with the stage and
+        the task recorded, lets the dispatcher blame that task."""
+        for fd, identity in self.pipes.items():
+            try:
+                same = _identity(fd) == identity
+            except OSError:
+                same = False
+            if not same:
+                os._exit(EXIT_PIPE_LOST)
+
+    def fetch_careful(self, packet_id: int) -> _wire.TaskPacket:
+        """The batch would not unpickle here: ask for it again, as a careful
+        packet (one pickle per task).
 
         The re-sent packet comes down the same pipe, possibly behind packets
         sent after it; those are kept and run after it, so ids still go out
@@ -198,8 +301,8 @@ class _Worker:
                 os._exit(0)
             if body[0] == Kind.TASKS:
                 pkt = _wire.decode_tasks(body)
-                if pkt.packet_id == packet_id and pkt.individually:
-                    return loads_tasks(pkt.payload, True)
+                if pkt.packet_id == packet_id and pkt.careful:
+                    return pkt
             self.stash.append(body)
 
     def wait_for_window(self, packet_id: int) -> None:
@@ -212,6 +315,11 @@ class _Worker:
         while ahead(packet_id, spec.max_packet_id.value, self.base, spec.window):
             if not os.read(spec.go_in.fd, 1):
                 os._exit(0)  # the consumer is gone; the main process sees to the rest
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def packet_function(fn: Optional[Any], form: int, items: list[Any]) -> tuple[Optional[Any], list[Any]]:
@@ -254,11 +362,10 @@ def run_items(
     values: list[Any] = []
     errors: dict[int, Any] = {}
     for k, item in enumerate(items):
-        prog[at_item] = k
         if timed:
-            prog[p0 + P_START_NS] = time.monotonic_ns()
-            seq += 1
-            prog[p0 + P_SEQ] = seq
+            seq = _mark_start(prog, p0, k, seq)
+        else:
+            prog[at_item] = k
         if type(item) is TaskError:
             errors[k] = item
             values.append(None)
@@ -282,6 +389,28 @@ def run_items(
         seq += len(items)
         prog[p0 + P_SEQ] = seq
     return values, errors, seq
+
+
+def _mark_start(prog: Any, p0: int, k: int, seq: int) -> int:
+    """Record that task ``k`` starts now (task_timeout is set); the new seq.
+
+    The dispatcher reads these fields while the worker writes them, as a
+    sequence lock: P_SEQ is 0 while they change, and a reading counts only
+    if P_SEQ was the same non-zero number before and after it.  Without the
+    0, a reading could pair the next task's index with the previous task's
+    start time, and blame the wrong task for a timeout.
+    """
+    prog[p0 + P_SEQ] = 0
+    prog[p0 + P_ITEM] = k
+    prog[p0 + P_START_NS] = time.monotonic_ns()
+    prog[p0 + P_SEQ] = seq + 1
+    return seq + 1
+
+
+def run_one(fn: Optional[Callable[..., Any]], form: int, item: Any) -> tuple[Any, Optional[TaskError]]:
+    """Run one task (of a careful packet): ``(value, error)``."""
+    values, errors, _ = run_items(fn, form, [item], capture_error)
+    return values[0], errors.get(0)
 
 
 def capture_error(e: BaseException) -> TaskError:

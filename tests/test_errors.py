@@ -222,3 +222,51 @@ def test_result_whose_pickling_raises_a_base_exception_fails_in_its_slot(what, c
         assert q.get(timeout=60) == 9
         assert q.stats().workers_replaced == 0
     assert "Traceback" not in capfd.readouterr().err
+
+
+WORKER_ONLY_MODULE = '''
+class Thing:
+    def __init__(self, v):
+        self.v = v
+'''
+
+
+def make_worker_only_thing(i):
+    if i % 50 == 7:
+        import workeronly  # importable in the workers only
+
+        return workeronly.Thing(i)
+    if i % 50 == 9:
+        import workeronly
+
+        return [i, {"nested": workeronly.Thing(i)}]
+    return i
+
+
+@pytest.mark.parametrize("batch", [None, 1])
+def test_result_that_will_not_unpickle_here_fails_in_its_slot_only(tmp_path, batch):
+    """Regression: one result that could not be unpickled in the main process
+    (its class importable only in the workers: worker_init_f extends
+    sys.path) failed its whole packet, 191 slots where 1 should fail.  Now
+    only the results that hold such an object fail, each in its own slot."""
+    import functools
+    import sys
+
+    (tmp_path / "workeronly.py").write_text(WORKER_ONLY_MODULE)
+    init = functools.partial(sys.path.insert, 0, str(tmp_path))
+    with ParallelQueue(num_workers=2, worker_init_f=init, max_batch=batch) as q:
+        for i in range(200):
+            q.put(make_worker_only_thing, i)
+        got = []
+        for _ in range(200):
+            try:
+                got.append(q.get(timeout=60))
+            except pickle.UnpicklingError as e:
+                got.append(str(e))
+    assert "workeronly" not in sys.modules
+    for i, x in enumerate(got):
+        if i % 50 in (7, 9):
+            assert x.startswith(f"could not unpickle the result of task #{i} in the main process"), x
+            assert "No module named 'workeronly'" in x
+        else:
+            assert x == i

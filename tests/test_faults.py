@@ -377,3 +377,72 @@ def test_worker_death_is_seen_while_a_forked_helper_lives_on():
         finally:
             if helper is not None:
                 os.kill(helper, signal.SIGKILL)
+
+
+class KillsWhenPickled:
+    """A result whose pickling kills its worker (a segfault in a C
+    extension's __reduce__, the OOM killer while pickling)."""
+
+    def __reduce__(self):
+        os._exit(9)
+
+
+def return_killer():
+    return KillsWhenPickled()
+
+
+def close_inherited_descriptors():
+    os.closerange(3, 1000)
+    return "closed"
+
+
+@pytest.mark.parametrize("batch", [1, 50])
+@pytest.mark.parametrize("task", [return_killer, close_inherited_descriptors])
+def test_worker_dying_after_its_task_returned_is_one_error_in_its_slot(task, batch):
+    """Regression: a worker that died after the task returned but before the
+    result left it (killed while pickling the result, or the task closed the
+    worker's pipes) was blamed on nobody: the packet ran again, and again
+    (workers_replaced past 1,000 in seconds), and the next get() never
+    returned.  Now the task gets WorkerLostError in its slot, and its
+    neighbours, in its packet or not, come out."""
+    with ParallelQueue(num_workers=2, max_batch=batch) as q:
+        for i in range(20):
+            q.put(pow, i, 2)
+        q.put(task)
+        for i in range(20, 40):
+            q.put(pow, i, 2)
+        got = []
+        for _ in range(41):
+            try:
+                got.append(q.get(timeout=60))
+            except WorkerLostError as e:
+                got.append(("lost", e.task_index, str(e)))
+        assert q.stats().workers_replaced <= 10
+    assert got[:20] == [i * i for i in range(20)] and got[21:] == [i * i for i in range(20, 40)]
+    lost, index, message = got[20]
+    assert (lost, index) == ("lost", 20)
+    assert task.__name__ in message
+    assert not q.is_alive()
+
+
+class CrashesWhenLoaded:
+    """An argument whose loader crashes the worker that unpickles it."""
+
+    def __reduce__(self):
+        return os._exit, (9,)
+
+
+@pytest.mark.parametrize("chunksize", [1, 10])
+def test_worker_dying_while_unpickling_an_argument_is_one_error_in_its_slot(chunksize):
+    """Regression: in ``imap(str, items, chunksize=10)``, item 7's argument
+    crashed the worker that unpickled it; item 0 of the packet was blamed,
+    the retries found nothing to blame, and after three tries the queue
+    broke with no result at all.  Now item 7 alone gets WorkerLostError."""
+    from conftest import drain
+
+    from parallel_queue import imap
+
+    items = [CrashesWhenLoaded() if i == 7 else i for i in range(30)]
+    got = drain(imap(str, items, num_workers=2, chunksize=chunksize), WorkerLostError)
+    assert got[:7] == [str(i) for i in range(7)] and got[8:] == [str(i) for i in range(8, 30)]
+    assert got[7].startswith("WorkerLostError: task #7 (") and "unpickl" in got[7]
