@@ -14,8 +14,6 @@ import queue
 import weakref
 from typing import TYPE_CHECKING, Any, AsyncIterable, AsyncIterator, Callable, Iterable, Optional, TypeVar, Union
 
-from . import _wire
-from ._delivery import take_one_wake_byte
 from ._errors import QueueStopped
 from ._map import NothingInHand
 
@@ -59,51 +57,76 @@ async def wait_readable(*fds: int) -> None:
             loop.remove_reader(fd)
 
 
-async def _call_when_ready(
-    engine: Engine, call: Callable[[], Any], kind: str, fds: Callable[[], tuple[int, ...]]
-) -> Any:
+async def _call_when_ready(engine: Engine, call: Callable[[], Any], kind: str) -> Any:
     """Run ``call`` (non-blocking; raises ``queue.Empty``/``queue.Full`` when it
-    would wait) until it succeeds, sleeping on ``fds`` in between."""
+    would wait) until it succeeds, sleeping in between on this event loop's
+    bell (see _wakeups) and, for a get, the output pipe."""
     try:
         return call()  # the common case: no wait
     except (queue.Empty, queue.Full) as e:
         if isinstance(e, QueueStopped):
             raise
-    count = "async_getters" if kind == "get" else "async_putters"
+    loop = asyncio.get_running_loop()
+    getting = kind == "get"
+    bells = engine.getters if getting else engine.putters
+    delivery = engine.delivery
     async with _lock_for(engine, kind):
         while True:
-            registered = False
+            bell = None
+            watching = False
             try:
-                # Registered as waiting first, then one more try: whatever
-                # happens from now on writes to a pipe we are about to watch.
-                # (Registered inside the try, with plain attribute updates,
-                # so a Ctrl-C cannot leave the count raised.)
+                # Listening first, then one more try: whatever happens from
+                # now on rings the bell we are about to watch.  (Each step is
+                # recorded in the statement that makes it, so the finally
+                # below undoes exactly what was done, whenever a Ctrl-C or a
+                # cancellation comes.)
+                if getting:
+                    with delivery.lock:
+                        if delivery.closed:
+                            raise QueueStopped("the queue was closed")
+                        delivery.watchers += 1
+                        watching = True
                 with engine.lock:
-                    setattr(engine, count, getattr(engine, count) + 1)
-                    registered = True
+                    bell = bells.for_owner(loop)
+                    bells.listen(bell)
                 try:
                     return call()
                 except (queue.Empty, queue.Full) as e:
                     if isinstance(e, QueueStopped):
                         raise
-                watched = fds()
-                await wait_readable(*watched)
-                if _wire.readable(watched[-1], 0):
-                    take_one_wake_byte(watched[-1])  # ours; others may be waiting for theirs
+                if getting:
+                    await wait_readable(bell.fileno(), delivery.reader.fd.fd)
+                else:
+                    await wait_readable(bell.fileno())
             finally:
-                if registered:
-                    with engine.lock:
-                        setattr(engine, count, getattr(engine, count) - 1)
+                # Repeated until it ran whole (each step is idempotent): a
+                # Ctrl-C landing in here must not leave the output pipe
+                # watched for ever (see Delivery.wait_for_more).
+                interrupted: Optional[BaseException] = None
+                while True:
+                    try:
+                        if bell is not None:
+                            with engine.lock:
+                                bells.stop_listening(bell)
+                        with delivery.lock:
+                            if watching:
+                                watching = False
+                                delivery.unwatch()
+                        break
+                    except KeyboardInterrupt as k:
+                        interrupted = k
+                if interrupted is not None:
+                    raise interrupted
 
 
 async def aget(engine: Engine, get: Callable[[], Any]) -> Any:
     """``get()`` for coroutines (``get`` must not block)."""
-    return await _call_when_ready(engine, get, "get", lambda: (engine.delivery.reader.fd.fd, engine.get_wake_r.fd))
+    return await _call_when_ready(engine, get, "get")
 
 
 async def aput(engine: Engine, put: Callable[[], None]) -> None:
     """``put()`` for coroutines (``put`` raises ``queue.Full`` instead of waiting)."""
-    await _call_when_ready(engine, put, "put", lambda: (engine.room_r.fd,))
+    await _call_when_ready(engine, put, "put")
 
 
 class AsyncIMapIterator(AsyncIterator[R]):
@@ -135,7 +158,8 @@ class AsyncIMapIterator(AsyncIterator[R]):
     async def __anext__(self) -> R:
         it = self._it
         if self._async_source and self._feeder is None:
-            self._feeder = asyncio.get_running_loop().create_task(self._feed())
+            feed = _feed(it._q._engine, self._source, it._input_error)  # type: ignore[arg-type]
+            self._feeder = asyncio.get_running_loop().create_task(feed)
         while True:
             try:
                 return it._next_in_hand()
@@ -153,18 +177,6 @@ class AsyncIMapIterator(AsyncIterator[R]):
         await self._end_feeder()
         it._at_end()
         raise StopAsyncIteration
-
-    async def _feed(self) -> None:
-        engine = self._it._q._engine
-        try:
-            async for x in self._source:  # type: ignore[union-attr]
-                # imap's queue over one iterable: the item is the argument.
-                await aput(engine, lambda x=x: _put_nowait(engine, x))  # type: ignore[misc]
-        except QueueStopped:
-            return
-        except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
-            self._it._input_error.append(e)
-        engine.stop()
 
     async def _end_feeder(self) -> None:
         if self._feeder is not None and not self._feeder.done():
@@ -185,6 +197,25 @@ class AsyncIMapIterator(AsyncIterator[R]):
 
     async def __aexit__(self, *exc: object) -> None:
         await self.aclose()
+
+
+async def _feed(engine: Engine, source: AsyncIterable[Any], input_error: list[BaseException]) -> None:
+    """The feeder task of an aimap over an async input.
+
+    It holds the queue's engine, never the iterator: an iterator dropped
+    after ``break`` is collected, its finalizer ends the queue, and this
+    task's aput() then raises QueueStopped and it returns.  (Holding the
+    iterator, it kept it alive, and the queue, as long as the loop ran.)
+    """
+    try:
+        async for x in source:
+            # imap's queue over one iterable: the item is the argument.
+            await aput(engine, lambda x=x: _put_nowait(engine, x))  # type: ignore[misc]
+    except QueueStopped:
+        return
+    except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
+        input_error.append(e)
+    engine.stop()
 
 
 def _put_nowait(engine: Engine, item: Any) -> None:

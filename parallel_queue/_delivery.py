@@ -12,8 +12,8 @@ position, so ``ready`` never holds a value that must wait for a marker (a
 marker put later comes after every task already in a packet).
 
 Nothing here waits on a timer: a blocked ``get()`` sleeps in ``poll()`` on
-the output pipe and a wake-up pipe that ``put(marker)``, ``stop()`` and a
-breaking queue write to.
+the output pipe and its bell (see _wakeups), which ``put(marker)``,
+``stop()``, a breaking queue and a reader of the pipe ring.
 """
 
 from __future__ import annotations
@@ -31,6 +31,7 @@ from ._errors import QueueBrokenError, QueueStopped, fresh_copy
 from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
 from ._salvage import salvage_results
 from ._threads import Waiters
+from ._wakeups import Bell
 from ._wire import RESULT, decode_result
 
 if TYPE_CHECKING:
@@ -46,12 +47,16 @@ class Delivery:
       a Ctrl-C arriving just after a bare ``acquire()`` returns would leave
       it held (CPython runs signal handlers when a call returns), and the
       ``terminate()`` that follows would wait for it forever.
-    - One getter thread at a time waits in ``poll()`` (``polling``); other
-      getters wait for their turn and look again when the poller is done.
-      So a marker or ``stop()`` need wake only the poller (and any
-      coroutines, see _aio), one byte each.
+    - One getter thread at a time waits in ``poll()`` (``poller``); other
+      blocking getters wait for their turn and look again when the poller is
+      done.  A non-blocking get() (``aget`` is one) reads the pipe itself,
+      and rings everyone listening when it found something.
     - Waiting for a turn is never Condition.wait() under ``with lock``, which
       a Ctrl-C can break: see _threads.Waiters (``turns``).
+    - The output pipe is closed by close() only if nobody watches it
+      (``watchers``: the poller, coroutines); otherwise by the last watcher
+      to leave.  Closing a descriptor that a poll() or an event loop still
+      watches would let its number be reused under their feet.
     """
 
     def __init__(self, engine: Engine, reader: Any) -> None:
@@ -76,7 +81,9 @@ class Delivery:
         self.latency = engine.latency
         self.lock = threading.Lock()
         self.turns = Waiters(self.lock)  # getters waiting for the poller to finish
-        self.polling = False  # a getter thread is waiting in poll()
+        self.poller: Optional[int] = None  # the thread waiting in poll(), if any
+        self.bell = Bell()  # the poller's (one poller at a time)
+        self.watchers = 0  # threads and coroutines watching the output pipe now
         self.closed = False
 
     @property
@@ -140,21 +147,26 @@ class Delivery:
         if self.bodies:
             self.split(*self.decode(self.bodies.popleft()))
             return MORE
-        if self.polling:
-            # Only the poller reads the pipe: a reader that emptied it under
-            # the poller's feet would leave results in hand with the poller
-            # asleep.  Wait for its turn (outside the lock).
+        if self.poller is not None and block:
+            # A blocking getter waits for the poller's turn (outside the
+            # lock) instead of polling too: one thread in poll() at a time.
             _remaining(block, deadline)
             return TURN
         if self.read_available():
-            self.tell_waiters()
+            self.tell_waiters()  # the poller, asleep, must look again
             return MORE
         return None
 
     def wait_outside(self, waiter: Any, block: bool, deadline: Optional[float]) -> None:
         """(lock not held) Wait for the poller's turn (``waiter``), or poll for
         more (no waiter).  Either way the caller then looks again, and
-        raises ``queue.Empty`` there if time is up."""
+        raises ``queue.Empty`` there if time is up.  A non-blocking get()
+        found nothing: ``QueueStopped`` if nothing will ever come, else
+        ``queue.Empty``."""
+        if not block:
+            with self.e.lock:
+                self.raise_if_finished()
+            raise queue.Empty
         if waiter is None:
             self.wait_for_more(block, deadline)
         else:
@@ -239,33 +251,55 @@ class Delivery:
 
     def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
         """Become the poller: raise if nothing will ever come, else wait for
-        the output pipe or a wake-up byte (or the deadline).
+        the output pipe or the bell (or the deadline).
 
-        Each flag is set inside the ``try`` whose ``finally`` clears it, in
-        one statement with the local that says it is ours: a Ctrl-C can land
-        at any call, and a flag left set would make close() wait forever.
+        Ctrl-C can land at any call, including in a ``finally``, and a
+        poller left marked would keep every other getter waiting for its
+        turn.  So the mark is made inside the ``try`` whose ``finally``
+        clears it, and the clearing is repeated until it has run whole (it
+        is idempotent); a KeyboardInterrupt raised in it is raised after.
         """
         e = self.e
-        polling = waiting = False
+        me = threading.get_ident()
         try:
             with self.lock:
-                if self.polling or self.in_hand():
+                if self.poller is not None or self.in_hand():
                     return  # someone else polls, or something arrived: look again
-                self.polling = polling = True
+                self.poller = me
+                self.watchers += 1
             with e.lock:
+                e.getters.listen(self.bell)
                 if self.markers and self.markers[0][0] == self.moved:
                     return  # a marker came in meanwhile
                 self.raise_if_finished()
-                e.getter_waiting = waiting = True
             self.wait(_remaining(block, deadline))
         finally:
-            if waiting:
-                with e.lock:
-                    e.getter_waiting = False
-            if polling:
-                with self.lock:
-                    self.polling = False
-                    self.turns.release_all()
+            interrupted: Optional[BaseException] = None
+            while True:
+                try:
+                    with e.lock:
+                        e.getters.stop_listening(self.bell)
+                    with self.lock:
+                        if self.poller == me:
+                            self.poller = None
+                            self.unwatch()
+                            self.turns.release_all()
+                    break
+                except KeyboardInterrupt as k:
+                    interrupted = k
+            if interrupted is not None:
+                raise interrupted
+
+    def unwatch(self) -> None:
+        """(lock held) A watcher of the output pipe left; the last one out
+        after close() closes the pipe and the poller's bell."""
+        self.watchers -= 1
+        if self.closed and not self.watchers:
+            self.close_descriptors()
+
+    def close_descriptors(self) -> None:
+        _wire.close_fd(self.reader.fd)
+        self.bell.close()
 
     def in_hand(self) -> bool:
         """(lock held) Whether a marker is due or a result is there to take."""
@@ -308,6 +342,8 @@ class Delivery:
             e.accepting = False
             e.refresh_fast_put()
             raise err
+        if self.closed:  # (an executor engine's join() closes it once all is handed over)
+            raise QueueStopped("the queue was closed")
 
     def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
         """(lock held, packets in order) A packet's ``(values, errors)``.
@@ -348,15 +384,13 @@ class Delivery:
         return bool(got) or self.reader.eof
 
     def wait(self, timeout: Optional[float]) -> None:
-        if self.closed:
-            return
+        """(the poller, listening) Sleep until the output pipe or the bell is
+        readable, or ``timeout`` seconds pass.  The bell is emptied when the
+        poller listens again."""
         p = select.poll()
         p.register(self.reader.fd.fd, _POLL_IN)
-        p.register(self.e.get_wake_r.fd, _POLL_IN)
-        ms = None if timeout is None else max(0, int(timeout * 1000 + 0.999))
-        for fd, _ in p.poll(ms):
-            if fd == self.e.get_wake_r.fd:
-                take_one_wake_byte(fd)
+        p.register(self.bell.fileno(), _POLL_IN)
+        p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
 
     def pump(self) -> bool:
         """Move what the output pipe holds into memory; False once at end-of-file.
@@ -379,17 +413,14 @@ class Delivery:
             self.e.wake_all_getters()
 
     def close(self) -> None:
-        # A get() still polling was woken by whoever closes us; it may not
-        # poll again (``closed``), and the descriptor is closed only once it
-        # left poll().
-        while True:
-            with self.lock:
-                self.closed = True
-                if not self.polling:
-                    _wire.close_fd(self.reader.fd)
-                    return
-                waiter = self.turns.add()
-            self.turns.sleep(waiter, None)
+        """No more reading.  Whoever still watches the output pipe was woken by
+        whoever closes the queue; the last of them closes it (see unwatch)."""
+        with self.lock:
+            if self.closed:
+                return
+            self.closed = True
+            if not self.watchers:
+                self.close_descriptors()
 
 
 MARKER = "marker"
@@ -431,13 +462,3 @@ def _remaining(block: bool, deadline: Optional[float]) -> Optional[float]:
     if remaining <= 0:
         raise queue.Empty
     return remaining
-
-
-def take_one_wake_byte(fd: int) -> None:
-    """Consume one wake-up byte: one per waiter, so several waiters each get theirs."""
-    import os
-
-    try:
-        os.read(fd, 1)
-    except OSError:
-        pass

@@ -377,6 +377,7 @@ class Engine(Front):
         )
         consumer = ctx.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
         self.delivery = Delivery(self, _wire.FrameReader(self.output_r))
+        self.fds.disown(self.output_r)  # the delivery's to close (see Delivery.close)
         self.dispatcher = Dispatcher(self)
         consumer.start()
         self.consumer = Child(consumer)
@@ -404,6 +405,9 @@ class Engine(Front):
         for slot in self.slots:
             _wire.close_fd(slot.tasks_w)
         self.fds.close_all()
+        delivery = getattr(self, "delivery", None)
+        if delivery is not None:
+            delivery.close()  # (nobody can be watching yet)
 
     def run_dispatcher(self) -> None:
         self.dispatcher.run()
@@ -474,7 +478,7 @@ class Engine(Front):
         """Release every descriptor and process handle (all processes have ended)."""
         if self.progress_bar is not None:
             self.progress_bar.close()
-        self.delivery.close()  # waits for a get() in progress to leave
+        self.delivery.close()
         with self.lock:
             if self.closed:
                 return
@@ -484,6 +488,8 @@ class Engine(Front):
             for slot in self.slots:
                 _wire.close_fd(slot.tasks_w)
             self.fds.close_all()
+            self.getters.close()
+            self.putters.close()
             for p in self.processes():
                 p.release()
         _live_engines.discard(self)

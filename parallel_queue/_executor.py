@@ -180,6 +180,7 @@ class ExecutorEngine(Front):
         self.window = opts.consumer_buffer_max
         self.token = uuid.uuid4().hex  # Dask keys: unique, so no two calls are merged
         self.delivery = Delivery(self, self.source)
+        self.fds.disown(self.source.fd)  # the delivery's to close (see Delivery.close)
         self.finished: deque[tuple[_Packet, Any, Optional[BaseException]]] = deque()
         self.futures: dict[int, Any] = {}  # seq -> future, submitted and not finished
         self.heap: list[tuple[PacketID, int, Any]] = []
@@ -384,6 +385,8 @@ class ExecutorEngine(Front):
                 return
             self.closed = True
             self.fds.close_all()
+            self.getters.close()
+            self.putters.close()
 
     def is_alive(self) -> bool:
         self.check_owner()

@@ -34,6 +34,7 @@ from . import _wire
 from ._errors import QueueStopped, fresh_copy
 from ._stats import SAMPLE_EVERY, LatencySampler, QueueStats
 from ._threads import Waiters, deadline
+from ._wakeups import Bells
 
 if TYPE_CHECKING:
     from ._delivery import Delivery
@@ -105,23 +106,17 @@ class Front:
         self.terminated = False
         self.broken: Optional[BaseException] = None
         self.dispatcher_idle = False  # waiting for tasks, with credit to send them
-        self.getter_waiting = False
-        # Coroutines waiting in aget() / aput(): they sleep on the get wake-up
-        # pipe and on the room pipe through the event loop.
-        self.async_getters = 0
-        self.async_putters = 0
+        # Who sleeps watching descriptors, for a result (a getter thread in
+        # poll(), coroutines in aget()) or for room (coroutines in aput()):
+        # each listens to a bell of its own (see _wakeups).
+        self.getters = Bells()
+        self.putters = Bells()
         self.closed = False  # everything ended and every descriptor released
         self.accepting = True  # not stopped, broken or terminated
         self.in_q_max = opts.in_q_max  # for put()'s fast path
 
         self.fds = _wire.FdSet()  # every pipe of this queue's: closed by close()
-        try:
-            self.wake_r, self.wake_w = self.fds.pipe()  # wakes the dispatcher
-            self.room_r, self.room_w = self.fds.pipe()  # wakes aput(): there is room again
-            self.get_wake_r, self.get_wake_w = self.fds.pipe()  # wakes a waiting get()
-        except BaseException:
-            self.fds.close_all()  # EMFILE half-way: close what was opened
-            raise
+        self.wake_r, self.wake_w = self.fds.pipe()  # wakes the dispatcher
         self.progress_bar: Any = None
         self.delivery: Delivery  # made by the engine, with its source of packets
         _fronts.add(self)
@@ -166,23 +161,12 @@ class Front:
     def room_freed(self) -> None:
         """Tasks or markers left a full queue: wake put() and aput() (lock held)."""
         self.room.release_all()
-        if self.async_putters:
-            try:
-                os.write(self.room_w.fd, b"\0")
-            except OSError:
-                pass
-
-    def wake_getter(self, waiters: int = 1) -> None:
-        """One byte per waiter to wake: each waiter takes one (see _delivery)."""
-        if waiters > 0:
-            try:
-                os.write(self.get_wake_w.fd, b"\0" * waiters)
-            except OSError:
-                pass
+        self.putters.ring()
 
     def wake_all_getters(self) -> None:
-        """Everyone waiting for a result must look again (stop, break, terminate)."""
-        self.wake_getter(int(self.getter_waiting) + self.async_getters)
+        """(lock held) Everyone waiting for a result must look again (a marker,
+        results read, stop, break, terminate)."""
+        self.getters.ring()
 
     # ------------------------------------------------------------- putting
 
@@ -333,8 +317,7 @@ class Front:
                 return NO_ROOM
             self.markers.append((self.dispatched + len(self.pending), marker))
             self.markers_put += 1
-            if self.getter_waiting or self.async_getters:
-                self.wake_getter()
+            self.wake_all_getters()
             return None
 
         self.when_room(timeout, attempt)

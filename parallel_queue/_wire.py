@@ -139,6 +139,10 @@ class FdSet:
         self._fds += (r, w)
         return r, w
 
+    def disown(self, fd: Fd) -> None:
+        """``fd`` is closed by another owner from now on (see Delivery.close)."""
+        self._fds.remove(fd)
+
     def close_all(self) -> None:
         for fd in self._fds:
             close_fd(fd)

@@ -7,7 +7,7 @@ import multiprocessing
 import time
 
 import pytest
-from conftest import await_until
+from conftest import await_until, wait_until
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap
 
@@ -80,7 +80,7 @@ def test_cancelled_aget_takes_nothing():
         with ParallelQueue(num_workers=1) as q:
             await q.aput(slow, "kept", 0.3)
             waiter = asyncio.create_task(q.aget())
-            await await_until(lambda: q._engine.async_getters)  # it waits on the pipes now
+            await await_until(lambda: len(q._engine.getters))  # it waits on the pipes now
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -132,7 +132,7 @@ def test_aput_on_single_task_queue_waits_for_room():
                 returned.append(i)  # no await in between: this is put order
 
             putter = asyncio.gather(*(put(i) for i in range(6)))
-            await await_until(lambda: q._engine.async_putters)  # one waits for room now
+            await await_until(lambda: len(q._engine.putters))  # one waits for room now
             assert not putter.done()  # no room: it waits, the loop does not
             ev.set()
             await putter
@@ -200,3 +200,111 @@ def test_aimap_aclose_stops_workers():
         return first
 
     assert run(main()) == list(range(10))
+
+
+def test_breaking_out_of_aimap_over_an_async_input_leaves_nothing_running():
+    """Regression: after ``break`` out of ``async for r in aimap(fn, agen)``
+    the queue (2 workers, the consumer) and the feeder task lived on for as
+    long as the event loop ran: the feeder waited forever in aput() and held
+    the iterator.  Dropping the iterator now ends them all."""
+    import gc
+    import os
+
+    from conftest import descendants
+
+    async def endless():
+        i = 0
+        while True:
+            yield i
+            i += 1
+
+    async def main():
+        before = asyncio.all_tasks()
+        for _ in range(3):
+            async for r in aimap(abs, endless(), num_workers=2):
+                if r >= 5:
+                    break
+            gc.collect()
+            await await_until(lambda: descendants(os.getpid()) == [])
+            # The feeder task ends too.
+            await await_until(lambda: all(t.done() for t in asyncio.all_tasks() - before))
+
+    run(main())
+
+
+def kernel_wait_channel(thread):
+    """Where in the kernel ``thread`` sleeps ("poll_schedule_timeout", say)."""
+    with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+        return f.read()
+
+
+def test_thread_and_coroutine_getters_never_take_each_others_wake_up(monkeypatch):
+    """Regression: with get() in a thread and aget() in coroutines on one
+    queue, a coroutine could take the wake-up byte the thread's poll() had
+    seen; the thread then blocked in a read of the wake-up pipe, ignoring
+    its timeout, results stayed stranded and the event loop spun.  Forced
+    here: a marker wakes both, and the coroutine runs between the thread's
+    poll() returning and the thread acting on it."""
+    import select
+    import threading
+
+    q = ParallelQueue(num_workers=1)
+    loop = asyncio.new_event_loop()
+    real_poll = select.poll
+    thread_polls = threading.Event()
+    let_go = threading.Event()  # the coroutine ran; the thread goes on
+    hooked: list[int] = []
+    outcome: list[object] = []
+
+    async def let_the_loop_run():
+        for _ in range(10):
+            await asyncio.sleep(0)
+
+    class PollThenLetTheCoroutineRun:
+        def __init__(self):
+            self.p = real_poll()
+
+        def register(self, *args):
+            self.p.register(*args)
+
+        def poll(self, timeout=None):
+            mine = threading.current_thread() is getter and (timeout is None or timeout > 0)
+            if mine:
+                thread_polls.set()
+            events = self.p.poll(timeout)
+            if mine and events and not hooked:
+                hooked.append(1)
+                asyncio.run_coroutine_threadsafe(let_the_loop_run(), loop).result(30)
+                let_go.set()
+            return events
+
+    def get_in_a_thread():
+        try:
+            outcome.append(q.get(timeout=3))
+        except Exception as e:
+            outcome.append(type(e).__name__)
+
+    getter = threading.Thread(target=get_in_a_thread)
+
+    async def main():
+        waiter = asyncio.ensure_future(asyncio.wait_for(q.aget(), 30))
+        await let_the_loop_run()  # the coroutine now sleeps on the pipes
+        getter.start()
+        assert await loop.run_in_executor(None, thread_polls.wait, 30)
+        # Inside the poll() system call, not just about to make it:
+        await loop.run_in_executor(None, wait_until, lambda: "poll" in kernel_wait_channel(getter))
+        q.put("marker")  # wakes both getters
+        got = await waiter
+        assert await loop.run_in_executor(None, let_go.wait, 30)
+        return got
+
+    monkeypatch.setattr(select, "poll", PollThenLetTheCoroutineRun)
+    try:
+        got = loop.run_until_complete(main())
+        getter.join(30)
+        assert not getter.is_alive(), "get(timeout=3) in the thread did not return"
+        assert got == "marker" and outcome == ["Empty"]
+    finally:
+        q.terminate()  # (also lets a thread stuck in a read go)
+        getter.join(30)
+        loop.close()

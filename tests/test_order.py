@@ -81,7 +81,7 @@ def test_marker_wakes_a_waiting_get():
         got = []
         t = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
         t.start()
-        wait_until(lambda: q._engine.getter_waiting)  # get() sleeps in poll() now
+        wait_until(lambda: len(q._engine.getters))  # get() sleeps in poll() now
         q.put("marker")
         t.join(30)
         assert got == ["marker"]

@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 
 import pytest
 
-from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, _wire
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
 from parallel_queue._engine import Options
 from parallel_queue._front import Front
 from parallel_queue._stats import SAMPLE_EVERY
@@ -50,8 +50,7 @@ def front():
     while not (next(f.put_ticket) + 1) & (SAMPLE_EVERY - 1):
         pass
     yield f
-    for fd in (f.wake_r, f.wake_w, f.room_r, f.room_w, f.get_wake_r, f.get_wake_w):
-        _wire.close_fd(fd)
+    close_front(f)
 
 
 def put_through(front: Front, cls: type = ParallelQueue) -> Callable[..., None]:
@@ -205,8 +204,9 @@ def full_front(in_q_max: int = 1) -> Front:
 
 
 def close_front(f: Front) -> None:
-    for fd in (f.wake_r, f.wake_w, f.room_r, f.room_w, f.get_wake_r, f.get_wake_w):
-        _wire.close_fd(fd)
+    f.fds.close_all()
+    f.getters.close()
+    f.putters.close()
 
 
 # Where put() is interrupted: after its check, after it added its waiter

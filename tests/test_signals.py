@@ -237,7 +237,7 @@ def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
             m.setattr(Delivery, where, interrupted)
             with pytest.raises(KeyboardInterrupt):
                 q.get()
-        assert not d.polling and not e.getter_waiting
+        assert d.poller is None and not len(e.getters)
         assert not d.lock.locked() and not e.lock.locked()
         q.put(abs, -4)
         assert q.get(timeout=60) == 4  # still works afterwards
