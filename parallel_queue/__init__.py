@@ -7,7 +7,6 @@
 3
 """
 
-from ._aio import AsyncIMapIterator, aimap
 from ._errors import (
     ParallelQueueError,
     QueueBrokenError,
@@ -17,7 +16,8 @@ from ._errors import (
     WorkerInitError,
     WorkerLostError,
 )
-from ._map import IMapIterator, imap
+from ._imap import aimap, imap
+from ._maps import AsyncIMapIterator, IMapIterator
 from ._packet_id import PacketID
 from ._queue import ParallelQueue, ParallelSingleTaskQueue
 from ._stats import QueueStats

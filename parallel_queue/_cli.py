@@ -17,7 +17,7 @@ import sys
 from collections import deque
 from typing import Any, Callable, Iterator, Optional, TextIO
 
-from ._map import imap
+from ._imap import imap
 
 
 class CommandLineError(Exception):

@@ -1,8 +1,8 @@
 """The consumer process: the reorder buffer that puts results back in order.
 
 It reads result packets from every worker's pipe, keeps those that arrive
-early in a priority queue keyed by their wrap-around ``PacketID``, and
-forwards packets to the main process strictly in id order.  It publishes
+early in the reorder buffer (``_reorder``), and forwards packets to the main
+process strictly in id order.  It publishes
 ``max_packet_id`` (the highest id it will accept: ``next + buffer - 1``),
 so the priority queue never holds more than ``buffer`` packets; a worker
 whose packet is past it has sent a WAIT and sleeps until the consumer writes
@@ -20,7 +20,6 @@ ready for more and which packets a dead worker took with it.
 
 from __future__ import annotations
 
-import heapq
 import os
 import select
 import selectors
@@ -28,7 +27,8 @@ from typing import Any, NamedTuple, Optional
 
 from . import _wire
 from ._child import start_child
-from ._packet_id import PacketID, ahead
+from ._packet_id import ahead
+from ._reorder import ReorderBuffer
 from ._wire import Credit, Fd, Kind
 
 
@@ -62,10 +62,10 @@ def consumer_main(spec: ConsumerSpec) -> None:
 class _Consumer:
     def __init__(self, spec: ConsumerSpec) -> None:
         self.spec = spec
-        self.next = PacketID(spec.window, 0)
+        self.buffer: ReorderBuffer[bytes] = ReorderBuffer(spec.window)
+        self.modulus = self.buffer.next_id.modulus
         self.delivered = 0
         self.last_total: Optional[int] = None
-        self.heap: list[tuple[PacketID, bytes]] = []
         self.waiting: dict[int, int] = {}  # slot -> packet id it waits to send
         scratch = _wire.scratch_buffer()  # one thread here: all readers share it
         self.readers = [_wire.FrameReader(fd, scratch) for fd in spec.results_in]
@@ -78,7 +78,7 @@ class _Consumer:
         self.publish_max()
 
     def publish_max(self) -> int:
-        m = (self.next + (self.spec.buffer_max - 1)).value
+        m = (self.buffer.next_id + (self.spec.buffer_max - 1)).value
         self.spec.max_packet_id.value = m
         return m
 
@@ -124,13 +124,12 @@ class _Consumer:
         kind = body[0]
         if kind == Kind.RESULT:
             h = _wire.decode_result(body)
-            heapq.heappush(self.heap, (PacketID(self.spec.window, h.packet_id), body))
-            self.spec.reorder[0] += 1
-            self.spec.reorder[1] += h.n_items
+            self.buffer.add(h.packet_id, h.n_items, body)
+            self.count_buffer()
             self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False))
         elif kind == Kind.WAIT:
             pid = _wire.decode_id(body)
-            if ahead(pid, self.spec.max_packet_id.value, self.next._base, self.spec.window):
+            if ahead(pid, self.spec.max_packet_id.value, self.modulus, self.spec.window):
                 self.waiting[slot] = pid
             else:
                 self.wake(slot)
@@ -148,25 +147,26 @@ class _Consumer:
         except OSError:
             pass  # that worker is gone; a DRAIN for its slot is on the way
 
+    def count_buffer(self) -> None:
+        """Publish what the buffer holds, for stats() in the main process."""
+        self.spec.reorder[0] = len(self.buffer)
+        self.spec.reorder[1] = self.buffer.items
+
     def deliver(self) -> None:
-        heap = self.heap
+        buffer = self.buffer
         moved = False
         # One packet at a time, and only when the output pipe took the last
         # one: the window only advances as fast as get() reads.
-        while heap and heap[0][0] == self.next and not self.output.pending_bytes:
-            _, body = heapq.heappop(heap)
-            self.spec.reorder[0] -= 1
-            self.spec.reorder[1] -= _wire.decode_result(body).n_items
-            self.output.send(body)
-            self.next = self.next.next()
+        while buffer.next_is_ready() and not self.output.pending_bytes:
+            self.output.send(buffer.pop_next())
             self.delivered += 1
             moved = True
         if moved:
+            self.count_buffer()
             m = self.publish_max()
             if self.waiting:
-                base, window = self.next._base, self.spec.window
                 for slot, pid in list(self.waiting.items()):
-                    if not ahead(pid, m, base, window):
+                    if not ahead(pid, m, self.modulus, self.spec.window):
                         del self.waiting[slot]
                         self.wake(slot)
 

@@ -24,18 +24,31 @@ import select
 import threading
 import time
 from collections import deque
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Optional, Protocol
 
 from . import _threads, _wire
-from ._errors import QueueBrokenError, QueueStopped, fresh_copy
+from ._errors import QueueBrokenError, QueueStopped
+from ._intake import Intake
+from ._lifecycle import Lifecycle
 from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
 from ._salvage import salvage_results
+from ._stats import LatencySampler
 from ._threads import Waiters
-from ._wakeups import Bell
+from ._wakeups import Bell, Wakeups
 from ._wire import RESULT, decode_result
 
-if TYPE_CHECKING:
-    from ._front import Front as Engine
+
+class Parts(Protocol):
+    """What the delivery asks of the rest of the queue (``_core.Core`` is it)."""
+
+    lock: Any  # the queue's lock (the delivery's own comes first, when both are held)
+    lifecycle: Lifecycle
+    intake: Intake  # markers, the map's lease
+    wakeups: Wakeups
+    latency: LatencySampler
+
+    def fail_locked(self, error: BaseException) -> None:
+        """(lock held) The queue cannot go on (its consumer died)."""
 
 _POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
 
@@ -59,12 +72,13 @@ class Delivery:
       watches would let its number be reused under their feet.
     """
 
-    def __init__(self, engine: Engine, reader: Any) -> None:
+    def __init__(self, parts: Parts, reader: Any) -> None:
         """``reader``: where packets come from, in order.  A ``FrameReader``
         on the consumer's output pipe, or the executor engine's local
-        source; either has ``fd`` (to poll), ``read_ready()`` and ``eof``."""
-        self.e = engine
-        self.markers = engine.markers
+        source; either has ``fd`` (to poll), ``read_ready()`` and ``eof``.
+        ``parts``: the queue's other parts that it asks (see _core)."""
+        self.core = parts
+        self.markers = parts.intake.markers
         self.reader = reader
         self.bodies: deque[bytes] = deque()  # packets read but not yet unpickled
         # Unpickled, in order: runs of plain values (lists) and task errors
@@ -78,7 +92,7 @@ class Delivery:
         self.discard = 0
         self.errors_raised = 0
         self.markers_delivered = 0
-        self.latency = engine.latency
+        self.latency = parts.latency
         self.lock = threading.Lock()
         self.turns = Waiters(self.lock)  # getters waiting for the poller to finish
         self.poller: Optional[int] = None  # the thread waiting in poll(), if any
@@ -96,9 +110,9 @@ class Delivery:
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
         """get()'s slow path: ``ready`` was empty."""
-        self.e.check_owner()
+        self.core.lifecycle.check_owner()
         deadline = _deadline(block, timeout)
-        if self.e.lease is not None:
+        if self.core.intake.lease is not None:
             raise RuntimeError("get() on a queue while its imap() runs (finish or close the map first)")
         while True:
             with self.lock:
@@ -123,7 +137,7 @@ class Delivery:
         (``imap``): it hands out whole packets, so a caller pays per packet
         what ``get()`` pays per result.
         """
-        self.e.check_owner()
+        self.core.lifecycle.check_owner()
         deadline = _deadline(block, timeout)
         while True:
             with self.lock:
@@ -164,7 +178,7 @@ class Delivery:
         found nothing: ``QueueStopped`` if nothing will ever come, else
         ``queue.Empty``."""
         if not block:
-            with self.e.lock:
+            with self.core.lock:
                 self.raise_if_finished()
             raise queue.Empty
         if waiter is None:
@@ -259,7 +273,7 @@ class Delivery:
         clears it, and the clearing is repeated until it has run whole (it
         is idempotent); a KeyboardInterrupt raised in it is raised after.
         """
-        e = self.e
+        core = self.core
         me = threading.get_ident()
         try:
             with self.lock:
@@ -267,8 +281,8 @@ class Delivery:
                     return  # someone else polls, or something arrived: look again
                 self.poller = me
                 self.watchers += 1
-            with e.lock:
-                e.getters.listen(self.bell)
+            with core.lock:
+                core.wakeups.getters.listen(self.bell)
                 if self.markers and self.markers[0][0] == self.moved:
                     return  # a marker came in meanwhile
                 self.raise_if_finished()
@@ -277,8 +291,8 @@ class Delivery:
             interrupted: Optional[BaseException] = None
             while True:
                 try:
-                    with e.lock:
-                        e.getters.stop_listening(self.bell)
+                    with core.lock:
+                        core.wakeups.getters.stop_listening(self.bell)
                     with self.lock:
                         if self.poller == me:
                             self.poller = None
@@ -289,6 +303,16 @@ class Delivery:
                     interrupted = k
             if interrupted is not None:
                 raise interrupted
+
+    def idle(self, tasks_put: int) -> bool:
+        """(both locks held) Every result of the ``tasks_put`` tasks was taken,
+        and nothing is in hand (a map may take the queue over)."""
+        return self.moved + self.discard == tasks_put and not self.ready and not self.steps
+
+    def discard_up_to(self, tasks: int) -> None:
+        """(both locks held) The results of the first ``tasks`` tasks that were
+        not taken yet are dropped as they come (those of a closed map)."""
+        self.discard += tasks - (self.moved + self.discard)
 
     def unwatch(self) -> None:
         """(lock held) A watcher of the output pipe left; the last one out
@@ -306,12 +330,11 @@ class Delivery:
         return bool(self.ready or (self.markers and self.markers[0][0] == self.moved) or self.steps or self.bodies)
 
     def take_marker(self) -> Any:
-        e = self.e
-        with e.lock:
-            marker = e.markers.popleft()[1]
+        """(lock held) The marker that is due: the very object that was put."""
+        with self.core.lock:
+            marker = self.markers.popleft()[1]
             self.markers_delivered += 1
-            if len(e.markers) + 1 >= e.opts.max_markers:
-                e.room_freed()
+            self.core.intake.marker_taken()
         return marker
 
     def take_error(self) -> BaseException:
@@ -324,23 +347,19 @@ class Delivery:
         return exc
 
     def raise_if_finished(self) -> None:
-        """Nothing in hand and nothing in the pipe: raise if nothing ever will be (lock held)."""
-        e = self.e
-        stop_at = e.tasks_at_stop
-        if e.broken is not None:
-            raise fresh_copy(e.broken)
-        if stop_at is not None and self.moved >= stop_at and not self.ready:
-            raise QueueStopped("the queue was stopped and every result was delivered")
-        lease = e.lease
-        if lease is not None and lease.end is not None and self.moved >= lease.end:
+        """(both locks held) Nothing in hand and nothing in the pipe: raise if
+        nothing ever will be."""
+        core = self.core
+        delivered = self.moved - len(self.ready)
+        end = core.lifecycle.end_of_results(delivered)
+        if end is not None:
+            raise end
+        lease = core.intake.lease
+        if lease is not None and lease.end is not None and delivered >= lease.end:
             raise QueueStopped("the map's every result was delivered")
-        if e.terminated:
-            raise QueueStopped("the queue was terminated")
         if self.reader.eof:
             err = QueueBrokenError("the consumer process died; results still in flight are lost")
-            e.broken = err
-            e.accepting = False
-            e.refresh_fast_put()
+            core.fail_locked(err)
             raise err
         if self.closed:  # (an executor engine's join() closes it once all is handed over)
             raise QueueStopped("the queue was closed")
@@ -409,8 +428,8 @@ class Delivery:
     def tell_waiters(self) -> None:
         """(lock held) Results were just read from the pipe, which is empty again:
         whoever sleeps watching it (the poller, coroutines) must look again."""
-        with self.e.lock:
-            self.e.wake_all_getters()
+        with self.core.lock:
+            self.core.wakeups.getters.ring()
 
     def close(self) -> None:
         """No more reading.  Whoever still watches the output pipe was woken by

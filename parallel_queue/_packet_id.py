@@ -11,7 +11,12 @@ from __future__ import annotations
 
 from typing import Union
 
-__all__ = ["PacketID", "ahead", "distance"]
+__all__ = ["PacketID", "ahead", "distance", "modulus"]
+
+
+def modulus(window: int) -> int:
+    """The base ids live modulo, for ``window`` ids alive at once: ``2 * window + 1``."""
+    return 2 * window + 1
 
 
 def distance(earlier: int, later: int, base: int) -> int:
@@ -48,13 +53,18 @@ class PacketID:
         if window < 1:
             raise ValueError(f"window must be at least 1, got {window}")
         self._window = window
-        self._base = 2 * window + 1
+        self._base = modulus(window)  # (``_base``: the 0.5 name, kept)
         self.value = value % self._base
 
     @property
     def window(self) -> int:
         """How far apart two ids may be and still compare correctly."""
         return self._window
+
+    @property
+    def modulus(self) -> int:
+        """The base ids live modulo: ``2 * window + 1``."""
+        return self._base
 
     def next(self) -> PacketID:
         """The id that follows this one."""

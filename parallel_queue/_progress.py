@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import sys
 import threading
-from typing import TYPE_CHECKING, Any, Optional
+from typing import Any, Callable, Optional
 
 from ._threads import helper_thread
-
-if TYPE_CHECKING:
-    from ._front import Front as Engine
 
 # Seconds between redraws: a display rate, not a wait for anything.
 REFRESH_SECONDS = 0.1
@@ -32,9 +29,19 @@ def require_tqdm() -> Any:
 
 
 class ProgressBar:
-    def __init__(self, engine: Engine, total: Optional[int] = None, desc: Optional[str] = None) -> None:
+    def __init__(
+        self,
+        delivered: Callable[[], int],
+        tasks_put: Callable[[], int],
+        total: Optional[int] = None,
+        desc: Optional[str] = None,
+    ) -> None:
+        """``delivered()`` and ``tasks_put()``: the queue's counts, read ten
+        times a second; ``total``: the number of results, if known (else
+        the bar's total grows as tasks are put)."""
         tqdm = require_tqdm()
-        self.engine = engine
+        self.delivered = delivered
+        self.tasks_put = tasks_put
         self.fixed_total = total
         self.bar: Any = tqdm(total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True)
         self.done = threading.Event()
@@ -42,10 +49,10 @@ class ProgressBar:
         self.thread.start()
 
     def update(self) -> None:
-        e = self.engine
-        if self.fixed_total is None and self.bar.total != e.tasks_put:
-            self.bar.total = e.tasks_put  # grows as tasks are put
-        self.bar.n = e.delivery.delivered
+        tasks_put = self.tasks_put()
+        if self.fixed_total is None and self.bar.total != tasks_put:
+            self.bar.total = tasks_put  # grows as tasks are put
+        self.bar.n = self.delivered()
         self.bar.refresh()
 
     def run(self) -> None:

@@ -1,4 +1,10 @@
-"""The public queue classes: ParallelQueue and ParallelSingleTaskQueue."""
+"""The public queue classes: ParallelQueue and ParallelSingleTaskQueue.
+
+Each is a thin face over a ``_core.Core`` and the engine that runs its
+tasks: our own processes (``_engine``) or an executor the caller owns
+(``_executor``).  ``put()`` and ``get()`` keep their common paths here, in
+a handful of C calls each (see ``_intake`` and ``_delivery``).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +14,17 @@ from types import TracebackType
 from typing import Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
 
 from . import _aio
-from ._engine import Engine, Options
+from ._backends import backend_for
+from ._core import Core
+from ._engine import ProcessEngine
 from ._errors import QueueStopped
-from ._front import Front
+from ._executor import ExecutorEngine
+from ._maps import IMapIterator, source_of
+from ._options import Options
 from ._stats import SAMPLE_EVERY, QueueStats
-from ._worker import ARGS, CALL
+from ._tasks import ARGS, CALL, ONE, STAR
+
+__all__ = ["ParallelQueue", "ParallelSingleTaskQueue"]
 
 _SAMPLE_MASK = SAMPLE_EVERY - 1
 
@@ -52,24 +64,26 @@ _DOC_OPTIONS = """
       never shuts it down.  ``num_workers`` defaults to its size.
 """
 
+# The options of both constructors, by name: each public class writes its
+# signature once (ParallelSingleTaskQueue's starts with task_fn), and hands
+# its arguments on by these names (``locals()``) to the queue's making.
+_OPTIONS = (
+    "num_workers",
+    "daemon",
+    "in_q_max",
+    "out_q_max",
+    "worker_q_max",
+    "worker_init_f",
+    "consumer_buffer_max",
+    "mp_context",
+    "task_timeout",
+    "max_tasks_per_worker",
+    "max_batch",
+    "progress",
+)
 
-def _check_executor_options(executor: Any, opts: Options) -> None:
-    """Options that need the queue's own processes make no sense with an executor."""
-    from ._executor import describe_executor
-
-    _, workers = describe_executor(executor)
-    for name, value in (
-        ("task_timeout", opts.task_timeout),
-        ("max_tasks_per_worker", opts.max_tasks_per_worker or None),
-        ("worker_init_f", opts.worker_init_f),
-        ("daemon", opts.daemon or None),
-    ):
-        if value is not None:
-            raise ValueError(f"{name} needs the queue's own worker processes; it cannot be used with executor=")
-    if opts.explicit_workers is None:
-        opts.num_workers = workers
-    if opts.explicit_buffer is None:
-        opts.consumer_buffer_max = 10 * opts.num_workers
+# Options that need the queue's own processes: refused with an executor.
+_PROCESS_ONLY = ("task_timeout", "max_tasks_per_worker", "worker_init_f", "daemon")
 
 
 def _marker_with_arguments(task: Any) -> ValueError:
@@ -79,60 +93,35 @@ def _marker_with_arguments(task: Any) -> ValueError:
 
 
 class _QueueBase(Generic[R]):
-    # What the engine's task items are (see _worker): each class's own put().
+    # What the engine's task items are (see _tasks): each class's own put().
     _form = CALL
 
-    def __init__(
-        self,
-        task_fn: Optional[Callable[..., Any]],
-        num_workers: Optional[int] = None,
-        daemon: bool = False,
-        in_q_max: int = 1000,
-        out_q_max: int = 1000,
-        worker_q_max: int = 100,
-        worker_init_f: Optional[Callable[[], Any]] = None,
-        consumer_buffer_max: Optional[int] = None,
-        *,
-        mp_context: Union[None, str, BaseContext] = None,
-        task_timeout: Optional[float] = None,
-        max_tasks_per_worker: Optional[int] = None,
-        max_batch: Optional[int] = None,
-        progress: bool = False,
-        executor: Any = None,
-    ) -> None:
-        opts = Options(
-            num_workers,
-            daemon,
-            in_q_max,
-            out_q_max,
-            worker_q_max,
-            worker_init_f,
-            consumer_buffer_max,
-            mp_context,
-            task_timeout,
-            max_tasks_per_worker,
-            max_batch,
-            progress,
-        )
-        opts.form = self._form
-        self._engine: Front
+    def _open(self, task_fn: Optional[Callable[..., Any]], arguments: dict[str, Any]) -> None:
+        """Make the queue from its constructor's ``arguments`` (by name) and start it."""
+        options = {name: arguments[name] for name in _OPTIONS}
+        executor = arguments["executor"]
         if executor is None:
-            self._engine = Engine(opts, task_fn)
+            core = Core(Options(**options), self._form)
+            ProcessEngine(core, task_fn)
         else:
-            from ._executor import ExecutorEngine
-
-            _check_executor_options(executor, opts)
-            self._engine = ExecutorEngine(opts, task_fn, executor)
-        self._delivery = self._engine.delivery
-        self._ready = self._delivery.ready
+            for name in _PROCESS_ONLY:
+                if options[name]:
+                    raise ValueError(f"{name} needs the queue's own worker processes; it cannot be used with executor=")
+            backend = backend_for(executor, task_fn)
+            core = Core(Options(**options, default_workers=backend.workers), self._form)
+            ExecutorEngine(core, backend)
+        self._core = core
+        self._intake = core.intake
+        self._delivery = core.delivery
+        self._ready = core.delivery.ready
         # Collected without stop(): end the processes quietly.  The finalizer
-        # holds the engine, never the queue, so it does not keep it alive.
-        self._finalizer = weakref.finalize(self, self._engine.terminate)
+        # holds the core, never the queue, so it does not keep it alive.
+        self._finalizer = weakref.finalize(self, core.terminate)
 
     @property
     def num_workers(self) -> int:
         """How many worker processes the queue runs."""
-        return self._engine.opts.num_workers
+        return self._core.opts.num_workers
 
     def get(self, block: bool = True, timeout: Optional[float] = None) -> R:
         """The next result, in the order the tasks were put.
@@ -154,33 +143,34 @@ class _QueueBase(Generic[R]):
 
     def stats(self) -> QueueStats:
         """A snapshot of the queue's counters and put-to-get latency (see ``QueueStats``)."""
-        return self._engine.stats()
+        return self._core.stats()
 
     def stop(self) -> None:
         """Accept no more tasks; finish the ones put so far, then end the processes.
 
         Returns at once.  Everything put before ``stop()`` still comes out of
         ``get()`` (or iteration), after which ``get()`` raises
-        ``QueueStopped``.
+        ``QueueStopped``.  Any number of times, in any state.
         """
-        self._engine.stop()
+        self._core.stop()
 
     def join(self, timeout: Optional[float] = None) -> None:
         """Wait until the worker and consumer processes have ended (after ``stop()``).
 
         ``timeout`` is shared by all of them; check ``is_alive()`` to learn
         whether they ended in time.  Results not yet collected stay
-        available to ``get()``.
+        available to ``get()``.  Any number of times, in any order with
+        ``stop()`` and ``terminate()``.
         """
-        self._engine.join(timeout)
+        self._core.join(timeout)
 
     def terminate(self) -> None:
         """End all processes now, even with tasks running; undelivered results are lost."""
-        self._engine.terminate()
+        self._core.terminate()
 
     def is_alive(self) -> bool:
         """True while any worker or the consumer process is running."""
-        return self._engine.is_alive()
+        return self._core.is_alive()
 
     def __enter__(self: Any) -> Any:
         return self
@@ -210,7 +200,7 @@ class _QueueBase(Generic[R]):
 
         Cancelling it takes nothing out of the queue.
         """
-        return await _aio.aget(self._engine, lambda: self.get(block=False))  # type: ignore[no-any-return]
+        return await _aio.aget(self._core, lambda: self.get(block=False))  # type: ignore[no-any-return]
 
     def __aiter__(self) -> AsyncIterator[R]:
         """``async for result in q``: results in order until stopped and drained."""
@@ -260,22 +250,7 @@ class ParallelQueue(_QueueBase[Any]):
         progress: bool = False,
         executor: Any = None,
     ) -> None:
-        super().__init__(
-            None,
-            num_workers,
-            daemon,
-            in_q_max,
-            out_q_max,
-            worker_q_max,
-            worker_init_f,
-            consumer_buffer_max,
-            mp_context=mp_context,
-            task_timeout=task_timeout,
-            max_tasks_per_worker=max_tasks_per_worker,
-            max_batch=max_batch,
-            progress=progress,
-            executor=executor,
-        )
+        self._open(None, locals())
 
     def put(self, task: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue ``task(*args, **kwargs)``, or a marker if ``task`` is not callable.
@@ -287,23 +262,23 @@ class ParallelQueue(_QueueBase[Any]):
         is the order in which ``put()`` calls returned.
         """
         if callable(task):
-            e = self._engine
+            i = self._intake
             item = (task, args, kwargs or None)
-            # Fast path, without the lock (see _front): room, running, nobody
+            # Fast path, without the lock (see _intake): room, running, nobody
             # to wake, not sampled.  Append, then look at fast_put again.
-            if e.fast_put and len(e.pending) < e.in_q_max:
-                if next(e.put_ticket) & _SAMPLE_MASK:
-                    e.pending.append(item)
-                    if not e.fast_put:
-                        e.settle_put(item)
+            if i.fast_put and len(i.pending) < i.in_q_max:
+                if next(i.put_ticket) & _SAMPLE_MASK:
+                    i.pending.append(item)
+                    if not i.fast_put:
+                        i.settle_put(item)
                     return
-                e.put_task(item, timeout, True)
+                i.put_task(item, timeout, True)
                 return
-            e.put_task(item, timeout)
+            i.put_task(item, timeout)
         elif args or kwargs:
             raise _marker_with_arguments(task)
         else:
-            self._engine.put_marker(task, timeout)
+            self._intake.put_marker(task, timeout)
 
     def imap(self, fn: Callable[..., R2], *iterables: Iterable[Any], chunksize: Optional[int] = None) -> Iterator[R2]:
         """``map(fn, *iterables)`` on this queue's workers, lazily, in order.
@@ -320,19 +295,22 @@ class ParallelQueue(_QueueBase[Any]):
         ...     list(q.imap(pow, range(4), [2] * 4)), list(q.imap(abs, [-1, -2]))
         ([0, 1, 4, 9], [1, 2])
         """
-        from ._map import IMapIterator
-
-        return IMapIterator(fn, iterables, None, chunksize, {}, queue=self)
+        if not iterables:
+            raise TypeError("imap() must have at least two arguments.")
+        # Its packets carry the function ahead of their items (the workers
+        # of a queue that runs any task do not have it).
+        form = STAR if len(iterables) > 1 else ONE
+        return IMapIterator(self, fn, form, source_of(iterables), chunksize, own=False)
 
     async def aput(self, task: Any, *args: Any, **kwargs: Any) -> None:
         """``put()`` for asyncio: waits for room without blocking the event loop."""
         if callable(task):
             item = (task, args, kwargs or None)
-            await _aio.aput(self._engine, lambda: self._engine.put_task(item, 0))
+            await _aio.aput(self._core, lambda: self._intake.put_task(item, 0))
         elif args or kwargs:
             raise _marker_with_arguments(task)
         else:
-            await _aio.aput(self._engine, lambda: self._engine.put_marker(task, 0))
+            await _aio.aput(self._core, lambda: self._intake.put_marker(task, 0))
 
 
 class ParallelSingleTaskQueue(_QueueBase[R]):
@@ -374,38 +352,23 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
     ) -> None:
         if not callable(task_fn):
             raise TypeError(f"task_fn must be callable, got {type(task_fn).__name__}")
-        super().__init__(
-            task_fn,
-            num_workers,
-            daemon,
-            in_q_max,
-            out_q_max,
-            worker_q_max,
-            worker_init_f,
-            consumer_buffer_max,
-            mp_context=mp_context,
-            task_timeout=task_timeout,
-            max_tasks_per_worker=max_tasks_per_worker,
-            max_batch=max_batch,
-            progress=progress,
-            executor=executor,
-        )
+        self._open(task_fn, locals())
 
     async def aput(self, *args: Any, **kwargs: Any) -> None:
         """``put()`` for asyncio: waits for room without blocking the event loop."""
         item = (args, kwargs or None)
-        await _aio.aput(self._engine, lambda: self._engine.put_task(item, 0))
+        await _aio.aput(self._core, lambda: self._intake.put_task(item, 0))
 
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
         """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""
-        e = self._engine
+        i = self._intake
         item = (args, kwargs or None)
-        if e.fast_put and len(e.pending) < e.in_q_max:  # see ParallelQueue.put
-            if next(e.put_ticket) & _SAMPLE_MASK:
-                e.pending.append(item)
-                if not e.fast_put:
-                    e.settle_put(item)
+        if i.fast_put and len(i.pending) < i.in_q_max:  # see ParallelQueue.put
+            if next(i.put_ticket) & _SAMPLE_MASK:
+                i.pending.append(item)
+                if not i.fast_put:
+                    i.settle_put(item)
                 return
-            e.put_task(item, timeout, True)
+            i.put_task(item, timeout, True)
             return
-        e.put_task(item, timeout)
+        i.put_task(item, timeout)

@@ -26,7 +26,7 @@ from typing import Any
 
 from . import _wire
 
-__all__ = ["Bell", "Bells"]
+__all__ = ["Bell", "Bells", "Wakeups"]
 
 
 class Bell:
@@ -116,3 +116,27 @@ class Bells:
         for bell in self._all:
             if bell not in self._listening:
                 bell.close()
+
+
+class Wakeups:
+    """Every bell of one queue, and their closing.
+
+    ``dispatcher``: the dispatcher thread sleeps on it when it has credit
+    but no task (see _intake).  ``getters``: those waiting for a result.
+    ``putters``: coroutines waiting for room (threads wait on locks, see
+    _intake).  Every ring happens under the queue's lock, and ``close()``
+    too, so no ring can hit a descriptor closed, and its number reused.
+    """
+
+    __slots__ = ("dispatcher", "getters", "putters")
+
+    def __init__(self) -> None:
+        self.dispatcher = Bell()
+        self.getters = Bells()
+        self.putters = Bells()
+
+    def close(self) -> None:
+        """(lock held) The queue has ended; bells in use close as they are left."""
+        self.dispatcher.close()
+        self.getters.close()
+        self.putters.close()

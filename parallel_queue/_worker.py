@@ -22,46 +22,44 @@ import pickle
 import time
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional
 
 import cloudpickle
 
 from . import _wire
 from ._child import start_child
-from ._packet_id import ahead
+from ._packet_id import ahead, modulus
 from ._payload import (
     TaskError,
     dump_one_result,
     dumps_results,
     dumps_results_envelope,
-    every_slot_fails,
     load_one_task,
     loads_tasks,
     loads_tasks_envelope,
 )
+from ._tasks import (
+    P_ITEM,
+    P_PACKET,
+    P_SEQ,
+    P_STAGE,
+    PROGRESS_FIELDS,
+    STAGE_IDLE,
+    STAGE_LOADING,
+    STAGE_RUNNING,
+    STAGE_SAVING,
+    STAGE_SENDING,
+    STAR,
+    capture_error,
+    mark_start,
+    packet_function,
+    run_items,
+    run_one,
+)
 from ._wire import Fd, Kind
-
-# What a task item is, by queue (Options.form):
-CALL = 0  # ParallelQueue: (fn, args, kwargs or None)
-ARGS = 1  # ParallelSingleTaskQueue: (args, kwargs or None)
-STAR = 2  # imap over several iterables: the args tuple
-ONE = 3  # imap over one iterable: the one argument itself (cheapest to pickle)
 
 # The exit status of a worker whose own pipes failed (see worker_main).
 EXIT_PIPE_LOST = 3
-
-# Layout of one slot in the shared progress array: where its worker is, so
-# that after a crash or a timeout kill the dispatcher knows which task to
-# blame.  P_PACKET: the packet; P_ITEM: the task's index in it (-1: none,
-# or a map's function); P_START_NS: when it started (with task_timeout);
-# P_SEQ: tasks started so far; P_STAGE: what the worker was doing.
-PROGRESS_FIELDS = 5
-P_PACKET, P_ITEM, P_START_NS, P_SEQ, P_STAGE = range(PROGRESS_FIELDS)
-
-# Stages (P_STAGE).  Between packets; unpickling the tasks; running task
-# P_ITEM; pickling results (a careful packet: task P_ITEM's); sending them.
-STAGE_IDLE, STAGE_LOADING, STAGE_RUNNING, STAGE_SAVING, STAGE_SENDING = range(5)
-
 
 class Inherited:
     """An object handed to a child process when it starts, not through a queue.
@@ -159,7 +157,7 @@ def _report_init_failure(spec: WorkerSpec, e: BaseException) -> None:
 class _Worker:
     def __init__(self, spec: WorkerSpec) -> None:
         self.spec = spec
-        self.base = 2 * spec.window + 1
+        self.modulus = modulus(spec.window)
         self.fn = spec.task_fn
         # A memoryview of the shared array: a store through it costs a
         # fraction of a ctypes item assignment, and one happens per task.
@@ -245,7 +243,7 @@ class _Worker:
         for k, item in enumerate(items):
             prog[p0 + P_STAGE] = STAGE_RUNNING
             if timed:
-                self.seq = _mark_start(prog, p0, k, self.seq)
+                self.seq = mark_start(prog, p0, k, self.seq)
             else:
                 prog[p0 + P_ITEM] = k
                 self.seq += 1
@@ -307,12 +305,12 @@ class _Worker:
 
     def wait_for_window(self, packet_id: int) -> None:
         spec = self.spec
-        if not ahead(packet_id, spec.max_packet_id.value, self.base, spec.window):
+        if not ahead(packet_id, spec.max_packet_id.value, self.modulus, spec.window):
             return
         _wire.write_frame_blocking(spec.results_out.fd, _wire.encode_id(Kind.WAIT, packet_id))
         # The consumer answers each WAIT with one byte, written after it
         # published the max_packet_id that lets this packet through.
-        while ahead(packet_id, spec.max_packet_id.value, self.base, spec.window):
+        while ahead(packet_id, spec.max_packet_id.value, self.modulus, spec.window):
             if not os.read(spec.go_in.fd, 1):
                 os._exit(0)  # the consumer is gone; the main process sees to the rest
 
@@ -320,105 +318,3 @@ class _Worker:
 def _identity(fd: int) -> tuple[int, int]:
     st = os.fstat(fd)
     return st.st_dev, st.st_ino
-
-
-def packet_function(fn: Optional[Any], form: int, items: list[Any]) -> tuple[Optional[Any], list[Any]]:
-    """``(function, task items)`` of a packet: a map's packet on a queue that
-    runs any task (ParallelQueue.imap) carries its function first."""
-    if fn is None and form >= STAR:
-        return items[0], items[1:]
-    return fn, items
-
-
-def run_items(
-    fn: Optional[Callable[..., Any]],
-    form: int,
-    items: list[Any],
-    capture: Callable[[BaseException], Any],
-    prog: Any = None,
-    p0: int = 0,
-    seq: int = 0,
-    timed: bool = False,
-) -> tuple[list[Any], dict[int, Any], int]:
-    """Run a packet's tasks (items of ``form``) in order: ``(values, errors, seq)``.
-
-    A task that raises gets ``capture(exception)`` in ``errors`` at its index
-    (SystemExit too: it is that task's error); a TaskError in place of a task
-    (it already failed) passes through.  ``prog``: where a process worker
-    records, before each task, which one runs (its slot of the shared
-    progress array), for crash attribution.  ``timed`` (task_timeout is
-    set): also each task's start time and sequence number, for the timeout
-    check; otherwise the sequence number is written once per packet (it only
-    tells then whether the worker ever started a task), which keeps the cost
-    per task at one store.
-    """
-    if prog is None:
-        prog, p0 = [0] * PROGRESS_FIELDS, 0
-    if isinstance(fn, TaskError):  # a map's function that could not be pickled or unpickled
-        return (*every_slot_fails(len(items), fn), seq)
-    at_item = p0 + P_ITEM
-    if not timed:
-        prog[p0 + P_SEQ] = seq + 1
-    values: list[Any] = []
-    errors: dict[int, Any] = {}
-    for k, item in enumerate(items):
-        if timed:
-            seq = _mark_start(prog, p0, k, seq)
-        else:
-            prog[at_item] = k
-        if type(item) is TaskError:
-            errors[k] = item
-            values.append(None)
-            continue
-        try:
-            if form == ONE:
-                values.append(fn(item))  # type: ignore[misc]
-            elif form == STAR:
-                values.append(fn(*item))  # type: ignore[misc]
-            elif form == CALL:
-                f, args, kwargs = item
-                values.append(f(*args, **kwargs) if kwargs else f(*args))
-            else:
-                args, kwargs = item
-                values.append(fn(*args, **kwargs) if kwargs else fn(*args))  # type: ignore[misc]
-        except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
-            errors[k] = capture(e)
-            values.append(None)
-    prog[at_item] = len(items)
-    if not timed:
-        seq += len(items)
-        prog[p0 + P_SEQ] = seq
-    return values, errors, seq
-
-
-def _mark_start(prog: Any, p0: int, k: int, seq: int) -> int:
-    """Record that task ``k`` starts now (task_timeout is set); the new seq.
-
-    The dispatcher reads these fields while the worker writes them, as a
-    sequence lock: P_SEQ is 0 while they change, and a reading counts only
-    if P_SEQ was the same non-zero number before and after it.  Without the
-    0, a reading could pair the next task's index with the previous task's
-    start time, and blame the wrong task for a timeout.
-    """
-    prog[p0 + P_SEQ] = 0
-    prog[p0 + P_ITEM] = k
-    prog[p0 + P_START_NS] = time.monotonic_ns()
-    prog[p0 + P_SEQ] = seq + 1
-    return seq + 1
-
-
-def run_one(fn: Optional[Callable[..., Any]], form: int, item: Any) -> tuple[Any, Optional[TaskError]]:
-    """Run one task (of a careful packet): ``(value, error)``."""
-    values, errors, _ = run_items(fn, form, [item], capture_error)
-    return values[0], errors.get(0)
-
-
-def capture_error(e: BaseException) -> TaskError:
-    """A task's exception as a TaskError, without our own frame on top."""
-    # Drop our own frame: the traceback starts in the task.
-    if e.__traceback__ is not None and e.__traceback__.tb_next is not None:
-        e = e.with_traceback(e.__traceback__.tb_next)
-    try:
-        return TaskError.from_exception(e)
-    except BaseException as f:  # noqa: BLE001 - never lose the slot
-        return TaskError(None, type(e).__name__, "<could not describe the exception>", repr(f))

@@ -7,7 +7,7 @@ import os
 import subprocess
 import sys
 import time
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator
 
 import pytest
 
@@ -90,6 +90,59 @@ async def await_until(condition: Callable[[], object], seconds: float = 30) -> N
         if time.monotonic() > deadline:
             raise AssertionError(f"not reached within {seconds} s: {condition}")
         await asyncio.sleep(0.001)
+
+
+class NoEngine:
+    """An engine that runs nothing: a bare core is the put and get sides of
+    a queue alone, for tests that drive them step by step."""
+
+    def wind_down(self) -> None:
+        pass
+
+    def join(self, timeout: object) -> bool:
+        return True
+
+    def close(self) -> None:
+        pass
+
+    def is_alive(self) -> bool:
+        return False
+
+    def workers_alive(self) -> int:
+        return 0
+
+    def workers_replaced(self) -> int:
+        return 0
+
+    def reorder_counts(self) -> tuple[int, int]:
+        return 0, 0
+
+    def left_behind_by_fork(self) -> None:
+        pass
+
+
+def make_bare_core(**options: object) -> Any:
+    """A queue's core with no engine (its delivery reads a pipe nobody
+    writes to); end it with ``terminate()``."""
+    from parallel_queue import _wire
+    from parallel_queue._core import Core
+    from parallel_queue._delivery import Delivery
+    from parallel_queue._options import Options
+    from parallel_queue._tasks import CALL
+
+    core = Core(Options(num_workers=1, **options), CALL)  # type: ignore[arg-type]
+    core.engine = NoEngine()
+    r, w = _wire.make_pipe()
+    core.delivery = Delivery(core, _wire.FrameReader(r))
+    _wire.close_fd(w)  # (the delivery closes the read end)
+    return core
+
+
+@pytest.fixture
+def bare_core() -> Iterator[Any]:
+    core = make_bare_core()
+    yield core
+    core.terminate()
 
 
 @pytest.fixture(autouse=True)

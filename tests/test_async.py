@@ -80,7 +80,7 @@ def test_cancelled_aget_takes_nothing():
         with ParallelQueue(num_workers=1) as q:
             await q.aput(slow, "kept", 0.3)
             waiter = asyncio.create_task(q.aget())
-            await await_until(lambda: len(q._engine.getters))  # it waits on the pipes now
+            await await_until(lambda: len(q._core.wakeups.getters))  # it waits on the pipes now
             waiter.cancel()
             with pytest.raises(asyncio.CancelledError):
                 await waiter
@@ -132,7 +132,7 @@ def test_aput_on_single_task_queue_waits_for_room():
                 returned.append(i)  # no await in between: this is put order
 
             putter = asyncio.gather(*(put(i) for i in range(6)))
-            await await_until(lambda: len(q._engine.putters))  # one waits for room now
+            await await_until(lambda: len(q._core.wakeups.putters))  # one waits for room now
             assert not putter.done()  # no room: it waits, the loop does not
             ev.set()
             await putter

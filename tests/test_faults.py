@@ -193,7 +193,7 @@ def test_dead_consumer_breaks_get_promptly():
 
         t = threading.Thread(target=getter)
         t.start()
-        os.kill(q._engine.consumer.pid, signal.SIGKILL)
+        os.kill(q._core.engine.consumer.pid, signal.SIGKILL)
         t.join(60)
         assert not t.is_alive()
         assert errors and "consumer" in str(errors[0])

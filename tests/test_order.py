@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import wait_until
 
-from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
+from parallel_queue import PacketID, ParallelQueue, ParallelSingleTaskQueue, QueueStopped
 
 
 class BatchDone(int):
@@ -81,7 +81,7 @@ def test_marker_wakes_a_waiting_get():
         got = []
         t = threading.Thread(target=lambda: got.append(q.get(timeout=30)))
         t.start()
-        wait_until(lambda: len(q._engine.getters))  # get() sleeps in poll() now
+        wait_until(lambda: len(q._core.wakeups.getters))  # get() sleeps in poll() now
         q.put("marker")
         t.join(30)
         assert got == ["marker"]
@@ -96,8 +96,7 @@ def test_wraparound_with_tiny_buffers_many_cycles():
     """Ids wrap hundreds of times (window 6, base 13) and order holds."""
     n = 3000
     with ParallelQueue(num_workers=2, consumer_buffer_max=1, max_batch=2, in_q_max=5) as q:
-        base = 2 * q._engine.opts.window + 1
-        assert base == 13
+        assert PacketID(q._core.opts.window).modulus == 13
 
         def produce():
             for i in range(n):
@@ -214,7 +213,8 @@ def fill(q, gate, n, every):
     # Everything piles up behind task -1, then goes out in packets of
     # max_batch: markers and errors fall inside packets, so the runs of
     # values get() hands out without a lock must stop at each of them.
-    q._engine.opts.chunksize = q._engine.opts.max_batch
+    batch = q._core.opts.max_batch
+    q._intake.fixed_batch = lambda: batch  # packets of exactly max_batch tasks, as a map's chunksize
     q.put(held_then_sevens, -1)
     for i in range(n):
         q.put(held_then_sevens, i)

@@ -2,10 +2,11 @@
 ``fast_put`` (the dispatcher going to sleep, stop(), terminate()).
 
 The fast path appends a task without the lock, then reads ``fast_put``
-again (see parallel_queue/_front.py).  The first tests drive one put()
-against a bare Front, with a hook that runs the other thread's step at the
-exact moment between put()'s steps, so each interleaving happens every
-time.  The last one races real producer threads against stop().
+again (see parallel_queue/_intake.py).  The first tests drive one put()
+against a bare queue core (no engine: see conftest), with a hook that runs
+the other thread's step at the exact moment between put()'s steps, so each
+interleaving happens every time.  One races real producer threads against
+stop().
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 import pytest
+from conftest import make_bare_core
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
-from parallel_queue._engine import Options
-from parallel_queue._front import Front
+from parallel_queue._core import Core
+from parallel_queue._intake import Intake
 from parallel_queue._stats import SAMPLE_EVERY
 from parallel_queue._threads import Waiters
 
@@ -43,37 +45,37 @@ class HookedDeque(deque):
 
 
 @pytest.fixture
-def front():
-    f = Front(Options(1, False, 1000, 1000, 100, None, None, None, None, None, None))
-    f.pending = HookedDeque()
+def front(bare_core):
+    i = bare_core.intake
+    i.pending = HookedDeque()
     # Draw tickets until the next put() takes the fast path (not sampled).
-    while not (next(f.put_ticket) + 1) & (SAMPLE_EVERY - 1):
+    while not (next(i.put_ticket) + 1) & (SAMPLE_EVERY - 1):
         pass
-    yield f
-    close_front(f)
+    return bare_core
 
 
-def put_through(front: Front, cls: type = ParallelQueue) -> Callable[..., None]:
-    """``cls``'s put(), on ``front`` instead of a queue's engine (a
+def put_through(front: Core, cls: type = ParallelQueue) -> Callable[..., None]:
+    """``cls``'s put(), on a bare core instead of a running queue's (a
     ParallelSingleTaskQueue's takes the arguments alone)."""
     q = cls.__new__(cls)
-    q._engine = front
+    q._core = front
+    q._intake = front.intake
     if cls is ParallelQueue:
         return q.put  # type: ignore[no-any-return]
     return lambda fn, *args: q.put(*args)
 
 
-def wake_bytes(front: Front) -> int:
-    os.set_blocking(front.wake_r.fd, False)
+def wake_bytes(front: Core) -> int:
+    """Rings of the dispatcher's doorbell since the last look."""
     try:
-        return len(os.read(front.wake_r.fd, 64))
+        return len(os.read(front.wakeups.dispatcher.fileno(), 64))
     except BlockingIOError:
         return 0
 
 
-def dispatcher_goes_to_sleep(front: Front) -> None:
+def dispatcher_goes_to_sleep(front: Core) -> None:
     with front.lock:
-        assert front.dispatcher_sleeps()  # it saw no task
+        assert front.intake.may_dispatcher_sleep()  # it saw no task
 
 
 @pytest.mark.parametrize("cls", [ParallelQueue, ParallelSingleTaskQueue])
@@ -81,11 +83,11 @@ def test_dispatcher_sleeping_between_append_and_reread_is_woken(front, cls):
     # put() checks fast_put (set), the dispatcher finds pending empty and
     # sleeps, put() appends: without the re-read and settle_put, the task
     # would wait until some later put() woke the dispatcher.
-    front.pending.before = lambda: dispatcher_goes_to_sleep(front)
+    front.intake.pending.before = lambda: dispatcher_goes_to_sleep(front)
     put_through(front, cls)(abs, -1)
-    assert len(front.pending) == 1
+    assert len(front.intake.pending) == 1
     assert wake_bytes(front) == 1
-    assert not front.dispatcher_idle and front.fast_put
+    assert not front.intake.dispatcher_idle and front.intake.fast_put
 
 
 def test_dispatcher_looking_after_the_append_sees_the_task(front):
@@ -93,22 +95,22 @@ def test_dispatcher_looking_after_the_append_sees_the_task(front):
     # sleep (and put() has nobody to wake).
     def dispatcher_looks() -> None:
         with front.lock:
-            assert not front.dispatcher_sleeps()
+            assert not front.intake.may_dispatcher_sleep()
 
-    front.pending.after = dispatcher_looks
+    front.intake.pending.after = dispatcher_looks
     put_through(front)(abs, -1)
-    assert len(front.pending) == 1
+    assert len(front.intake.pending) == 1
     assert wake_bytes(front) == 0
-    assert front.fast_put and not front.dispatcher_idle
+    assert front.intake.fast_put and not front.intake.dispatcher_idle
 
 
 def test_stop_between_append_and_reread_counts_the_task(front):
     # stop() counts the task appended just before it: put() returns and the
     # task runs.
-    front.pending.after = front.stop
+    front.intake.pending.after = front.stop
     put_through(front)(abs, -1)
-    assert front.tasks_at_stop == 1
-    assert front.takeable() == 1 and len(front.pending) == 1
+    assert front.lifecycle.stopped_at == 1
+    assert front.intake.takeable() == 1 and len(front.intake.pending) == 1
 
 
 @pytest.mark.parametrize("cls", [ParallelQueue, ParallelSingleTaskQueue])
@@ -116,33 +118,29 @@ def test_stop_between_check_and_append_withdraws_the_task(front, cls):
     # put() saw fast_put set, then stop() counted 0 tasks, then put()
     # appended: the task came after stop(), so put() withdraws it and raises.
     put = put_through(front, cls)
-    front.pending.before = front.stop
+    front.intake.pending.before = front.stop
     with pytest.raises(QueueStopped, match="after stop"):
         put(abs, -1)
-    assert front.tasks_at_stop == 0
-    assert len(front.pending) == 0 and front.takeable() == 0
+    assert front.lifecycle.stopped_at == 0
+    assert len(front.intake.pending) == 0 and front.intake.takeable() == 0
 
 
 def test_stop_between_check_and_append_keeps_counted_neighbours(front):
     put = put_through(front)
     for i in range(3):
         put(abs, i)
-    front.pending.before = front.stop
+    front.intake.pending.before = front.stop
     with pytest.raises(QueueStopped):
         put(abs, 99)
-    assert [args for _, args, _ in front.pending] == [(0,), (1,), (2,)]
-    assert front.tasks_at_stop == 3
+    assert [args for _, args, _ in front.intake.pending] == [(0,), (1,), (2,)]
+    assert front.lifecycle.stopped_at == 3
 
 
 def test_terminate_between_check_and_append_withdraws_the_task(front):
-    def terminate() -> None:
-        front.kill_processes = lambda: None  # a bare Front has no processes
-        assert front.begin_terminate()
-
-    front.pending.before = terminate
+    front.intake.pending.before = front.terminate
     with pytest.raises(QueueStopped, match="terminated"):
         put_through(front)(abs, -1)
-    assert len(front.pending) == 0
+    assert len(front.intake.pending) == 0
 
 
 def test_producers_racing_stop_lose_nothing_and_run_nothing_extra():
@@ -195,23 +193,21 @@ class _InterruptedCondition(threading.Condition):
         raise KeyboardInterrupt
 
 
-def full_front(in_q_max: int = 1) -> Front:
-    """A bare Front whose pending is full: put() waits for room forever."""
-    f = Front(Options(1, False, in_q_max, 1000, 100, None, None, None, None, None, None))
+def full_front(in_q_max: int = 1) -> Core:
+    """A bare core whose pending is full: put() waits for room forever."""
+    f = make_bare_core(in_q_max=in_q_max)
     for i in range(in_q_max):
-        f.pending.append((abs, (i,), None))
+        f.intake.pending.append((abs, (i,), None))
     return f
 
 
-def close_front(f: Front) -> None:
-    f.fds.close_all()
-    f.getters.close()
-    f.putters.close()
+def close_front(f: Core) -> None:
+    f.terminate()
 
 
 # Where put() is interrupted: after its check, after it added its waiter
 # (both under the lock), in its sleep (outside), and by a real SIGINT.
-STEPS = [(Front, "check_can_put"), (Waiters, "add"), (Waiters, "sleep"), "signal"]
+STEPS = [(Intake, "check_can_put"), (Waiters, "add"), (Waiters, "sleep"), "signal"]
 
 
 @pytest.mark.parametrize("where", STEPS, ids=lambda w: w if isinstance(w, str) else w[1])
@@ -233,7 +229,7 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
         f = full_front()
     try:
         if call == "put_marker":  # markers waiting for get() up to their bound
-            f.markers.extend((0, "a marker") for _ in range(f.opts.max_markers))
+            f.intake.markers.extend((0, "a marker") for _ in range(f.opts.max_markers))
         timer = None
         if where == "signal":
             main = threading.main_thread().ident
@@ -257,9 +253,9 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
                 if call == "put":
                     put_through(f)(abs, -1)
                 elif call == "put_many":
-                    f.put_many(iter([(abs, (-1,), None)]), 10, None)
+                    f.intake.put_many(iter([(abs, (-1,), None)]), 10, None)
                 else:
-                    f.put_marker("another", None)
+                    f.intake.put_marker("another", None)
         finally:
             monkeypatch.undo()
             if timer is not None:
@@ -267,7 +263,7 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
                 timer.join()
         assert not f.lock.locked()
         f.stop()  # takes the lock, and releases whatever waiter was left
-        assert len(f.room) == 0
+        assert len(f.intake.room) == 0
         with pytest.raises(QueueStopped):
             put_through(f)(abs, -2)
     finally:
@@ -278,13 +274,13 @@ def test_put_timeout_while_waiting_for_room_leaves_no_waiter():
     f = full_front()
     try:
         with pytest.raises(queue.Full):
-            f.put_task((abs, (-1,), None), 0.05)
+            f.intake.put_task((abs, (-1,), None), 0.05)
         with pytest.raises(queue.Full):
-            f.put_many(iter([1]), 1, 0.05)
-        f.markers.extend((0, "m") for _ in range(f.opts.max_markers))
+            f.intake.put_many(iter([1]), 1, 0.05)
+        f.intake.markers.extend((0, "m") for _ in range(f.opts.max_markers))
         with pytest.raises(queue.Full):
-            f.put_marker("another", 0)
-        assert len(f.room) == 0 and not f.lock.locked()
+            f.intake.put_marker("another", 0)
+        assert len(f.intake.room) == 0 and not f.lock.locked()
     finally:
         close_front(f)
 
@@ -315,15 +311,15 @@ def test_put_during_take_tasks_is_never_lost(front, batch):
     ``pending.clear()``; a put() appending between the two, without the lock,
     was cleared away unseen (1 task in 40,000 with a tiny switch interval),
     and stats agreed with the loss.  Forced here at that exact moment."""
-    f = front
-    f.pending = TakenWhileAppending(f.pending)
-    put = put_through(f)
-    for i in range(3):
-        put(abs, i)
-    f.pending.late = (abs, (99,), None)
+    i = front.intake
+    i.pending = TakenWhileAppending(i.pending)
+    put = put_through(front)
+    for k in range(3):
+        put(abs, k)
+    i.pending.late = (abs, (99,), None)
     n = 3 if batch == "all" else 2
-    with f.lock:
-        items, _, _ = f.take_tasks(n)
-    assert [args for _, args, _ in items] == [(i,) for i in range(n)]
-    assert [args for _, args, _ in f.pending] == [(i,) for i in range(n, 3)] + [(99,)]
-    assert f.tasks_put == 4
+    with front.lock:
+        items = i.take_tasks(n).items
+    assert [args for _, args, _ in items] == [(k,) for k in range(n)]
+    assert [args for _, args, _ in i.pending] == [(k,) for k in range(n, 3)] + [(99,)]
+    assert i.tasks_put == 4

@@ -32,7 +32,7 @@ def stuck(_):
 def ready(q):
     # Every process of the queue is past its start-up (a result went
     # through the consumer, a worker runs a task) before we report.
-    pids = [str(p.pid) for p in q._engine.processes()]
+    pids = [str(p.pid) for p in q._core.engine.processes()]
     print(" ".join(pids), flush=True)
 """
 
@@ -228,7 +228,7 @@ def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
 
     q = ParallelQueue(num_workers=1)
     try:
-        d, e = q._engine.delivery, q._engine
+        d, e = q._core.delivery, q._core
 
         def interrupted(*args, **kwargs):
             raise KeyboardInterrupt
@@ -237,7 +237,7 @@ def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
             m.setattr(Delivery, where, interrupted)
             with pytest.raises(KeyboardInterrupt):
                 q.get()
-        assert d.poller is None and not len(e.getters)
+        assert d.poller is None and not len(e.wakeups.getters)
         assert not d.lock.locked() and not e.lock.locked()
         q.put(abs, -4)
         assert q.get(timeout=60) == 4  # still works afterwards
@@ -277,7 +277,7 @@ def test_interrupt_while_waiting_for_the_pollers_turn(monkeypatch):
     got: list = []
     poller = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
     try:
-        d = q._engine.delivery
+        d = q._core.delivery
         poller.start()
         assert polling.wait(60)
         timer = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
@@ -491,7 +491,7 @@ q = ParallelQueue(num_workers=2)
 q.put(abs, -1)
 assert q.get(timeout=60) == 1
 null = os.open(os.devnull, os.O_RDONLY)
-os.dup2(null, q._engine.output_r.fd)  # the read end of the results pipe is gone
+os.dup2(null, q._core.engine.output_r.fd)  # the read end of the results pipe is gone
 try:
     for i in range(20000):
         q.put(abs, -i)

@@ -1,0 +1,337 @@
+"""The put side of a queue: tasks waiting to be sent, markers, room.
+
+``put()``'s common path appends a task to ``pending`` without the lock (a
+lock round costs more than the rest of ``put()``).  It is sound because of
+one protocol, which every path of this module follows:
+
+- ``put()`` appends its task, *then* reads ``fast_put``; whoever clears
+  ``fast_put`` (the dispatcher going to sleep, ``stop()``, ``terminate()``,
+  a breaking queue, a map taking the queue over) does so under the lock,
+  *then* looks at ``pending``.  Under the GIL these steps happen in some
+  single order, so either the ``put()`` sees ``fast_put`` still set, and the
+  one who cleared it sees the task; or the ``put()`` sees it cleared and
+  settles under the lock (``settle_put``: wake the dispatcher, or withdraw a
+  task that came after ``stop()``).
+- Positions in the task stream are counts, ``dispatched + len(pending)``,
+  read under the lock: a marker or ``stop()`` put at a count comes after
+  every task appended before the read and before every task appended after
+  it.
+- The dispatcher takes tasks by exact pops from the left, never by copying
+  ``pending`` and clearing it: a task appended between the two would be
+  cleared away unseen.
+
+Markers never leave the main process: each waits here, with the count of
+tasks put before it, until ``get()`` reaches its place (see ``_delivery``).
+
+Every method but the lock-free appends runs with the queue's lock held
+("lock held") or takes it itself; the lock belongs to ``_core.Core``.
+"""
+
+from __future__ import annotations
+
+import itertools
+import queue
+import time
+from collections import deque
+from typing import Any, Callable, Iterator, Optional
+
+from ._errors import QueueStopped
+from ._lifecycle import Lifecycle
+from ._options import Options
+from ._stats import SAMPLE_EVERY, LatencySampler
+from ._threads import Waiters, deadline
+from ._wakeups import Wakeups
+
+__all__ = ["Intake", "MapLease", "TaskBatch", "NOT_YET"]
+
+
+class MapLease:
+    """A map's hold on a queue: while it runs, only its feeder puts (see _maps)."""
+
+    __slots__ = ("end", "cancelled", "fn", "form", "chunksize")
+
+    def __init__(self, fn: Optional[Callable[..., Any]], form: int, chunksize: Optional[int]) -> None:
+        self.end: Optional[int] = None  # one past its last task, once the input ran out
+        self.cancelled = False
+        # Sent first in each of its packets (None: the workers have the
+        # function already, a map on a queue of its own).
+        self.fn = fn
+        self.form = form  # what its items are (_tasks.ONE or STAR)
+        self.chunksize = chunksize  # its packets' exact size, if it asked for one
+
+
+class TaskBatch:
+    """Tasks taken together for one packet (see Intake.take_tasks)."""
+
+    __slots__ = ("items", "form", "map_fn")
+
+    def __init__(self, items: list[Any], form: int, map_fn: Optional[Any]) -> None:
+        self.items = items
+        self.form = form  # what an item is (_tasks.CALL, ARGS, STAR, ONE)
+        # A map's function, sent ahead of the items (a TaskError once it
+        # killed the worker that unpickled it: every task then fails).
+        self.map_fn = map_fn
+
+    def payload_items(self) -> list[Any]:
+        """What is pickled: the items, after a map's function if there is one."""
+        return self.items if self.map_fn is None else [self.map_fn, *self.items]
+
+
+# What a try of Intake.when_room() returns when there is no room yet.
+NOT_YET = object()
+
+
+class Intake:
+    """``pending`` tasks, ``markers``, and everyone waiting for room."""
+
+    def __init__(
+        self, opts: Options, form: int, lock: Any, lifecycle: Lifecycle, wakeups: Wakeups, latency: LatencySampler
+    ) -> None:
+        """The queue's ``lock``, ``lifecycle``, ``wakeups`` and ``latency`` are
+        the core's (see _core); ``form``: what the queue's own task items are
+        (_tasks.CALL or ARGS)."""
+        self.lock = lock
+        self.lifecycle = lifecycle
+        self.wakeups = wakeups
+        self.latency = latency
+        self.form = form
+        self.in_q_max = opts.in_q_max  # (read by put()'s fast path)
+        self.max_markers = opts.max_markers
+        self.pending: deque[Any] = deque()
+        self.dispatched = 0  # tasks taken from ``pending`` (by take_tasks)
+        self.markers: deque[tuple[int, Any]] = deque()  # (tasks put before it, the marker)
+        self.markers_put = 0
+        # put() may append without the lock: accepting, no map running and
+        # no dispatcher asleep waiting for tasks.  One flag for put()'s
+        # fast path to read; refresh_fast_put() derives it.
+        self.fast_put = True
+        # Tickets: every put() draws one; one in SAMPLE_EVERY takes the
+        # locked path and has its latency measured.
+        self.put_ticket = itertools.count()
+        # The map running on this queue: while there is one, only its feeder
+        # puts and only its iterator gets.
+        self.lease: Optional[MapLease] = None
+        self.dispatcher_idle = False  # waiting for tasks, with credit to send them
+        self.room = Waiters(self.lock)  # put()s waiting for room in a full queue
+
+    # -------------------------------------------------------------- counts
+
+    @property
+    def tasks_put(self) -> int:
+        """(lock held) Tasks accepted so far; fixed once the stream ended."""
+        stopped_at = self.lifecycle.stopped_at
+        return stopped_at if stopped_at is not None else self.dispatched + len(self.pending)
+
+    def takeable(self) -> int:
+        """(lock held) How many tasks the dispatcher may take now: after
+        stop(), only those put before it."""
+        stopped_at = self.lifecycle.stopped_at
+        return len(self.pending) if stopped_at is None else stopped_at - self.dispatched
+
+    # ------------------------------------------------------ the dispatcher's
+
+    def take_tasks(self, n: int) -> TaskBatch:
+        """(lock held) The next ``n`` tasks (n <= takeable()), as one batch."""
+        pending = self.pending
+        waiting = len(pending)
+        # Exactly n pops from the left (module docstring); starmap: in C.
+        items = list(itertools.starmap(pending.popleft, itertools.repeat((), n)))
+        self.dispatched += n
+        if waiting >= self.in_q_max:
+            self.room_freed()
+        lease = self.lease
+        if lease is not None:
+            return TaskBatch(items, lease.form, lease.fn)
+        return TaskBatch(items, self.form, None)
+
+    def fixed_batch(self) -> Optional[int]:
+        """(lock held) The exact packet size asked for (an imap's chunksize), if any."""
+        return None if self.lease is None else self.lease.chunksize
+
+    def may_dispatcher_sleep(self) -> bool:
+        """(lock held) The dispatcher is about to sleep until a put() wakes it.
+        Clears ``fast_put`` first, then looks at ``pending`` (module
+        docstring): False, and it stays awake, if a task is there already."""
+        self.dispatcher_idle = True
+        self.refresh_fast_put()
+        if self.takeable():
+            self.dispatcher_awake()
+            return False
+        return True
+
+    def dispatcher_awake(self) -> None:
+        """(lock held) The dispatcher is running again: put() may go fast."""
+        self.dispatcher_idle = False
+        self.refresh_fast_put()
+
+    # ---------------------------------------------------------------- putting
+
+    def refresh_fast_put(self) -> None:
+        """(lock held) After a change to what ``fast_put`` is derived from.  The
+        caller looks at ``pending`` only after it (module docstring)."""
+        self.fast_put = self.lifecycle.accepting and self.lease is None and not self.dispatcher_idle
+
+    def close_fast_path(self) -> None:
+        """(lock held) The stream is about to end (stop, terminate, a fault):
+        from now on every put() settles under the lock.  Before counting."""
+        self.fast_put = False
+
+    def put_task(self, item: Any, timeout: Optional[float], sample: Optional[bool] = None) -> None:
+        """put()'s locked path: wait for room, wake the dispatcher, sample latency."""
+        self.lifecycle.check_owner()
+        if sample is None:
+            sample = not next(self.put_ticket) & (SAMPLE_EVERY - 1)
+
+        def attempt(waited: bool) -> Any:
+            self.check_can_put(waited)
+            if len(self.pending) >= self.in_q_max:
+                return NOT_YET
+            if sample:
+                self.latency.put_at(self.dispatched + len(self.pending))
+            self.pending.append(item)
+            self.wake_idle_dispatcher()
+            return None
+
+        self.when_room(timeout, attempt)
+
+    def settle_put(self, item: Any) -> None:
+        """put() appended ``item`` without the lock, then found ``fast_put``
+        cleared: finish under the lock.  The dispatcher may be asleep (wake
+        it), or stop(), terminate() or a break came in between the append
+        and that read: the task stays if stop() counted it, and is withdrawn
+        (and put() raises) if not."""
+        self.lifecycle.check_owner()
+        with self.lock:
+            if self.lifecycle.accepting and self.lease is None:
+                self.wake_idle_dispatcher()
+                return
+            pending = self.pending
+            for k in range(len(pending) - 1, -1, -1):
+                if pending[k] is item:
+                    break
+            else:
+                return  # already taken by the dispatcher: it was counted
+            stopped_at = self.lifecycle.stopped_at
+            if self.lifecycle.stopping and self.lease is None and stopped_at is not None:
+                if self.dispatched + k < stopped_at:
+                    return  # counted by stop(): it runs
+            # Came after stop() (or the queue is gone, or a map took it
+            # over): tasks after it in ``pending`` came after it, so
+            # withdrawing it moves no counted one.
+            del pending[k]
+            self.check_can_put(False)
+
+    def put_many(
+        self, items: Iterator[Any], count: int, timeout: Optional[float], lease: Optional[MapLease] = None
+    ) -> bool:
+        """Append up to ``count`` tasks from ``items``, as many as fit.
+
+        Blocks (``queue.Full`` after ``timeout``) only while nothing fits.
+        Returns True once ``items`` is used up.  The bulk path of a map's
+        feeder (``lease``; QueueStopped once it is closed): one lock round
+        per call instead of one per task.
+        """
+        self.lifecycle.check_owner()
+
+        def attempt(waited: bool) -> Any:
+            if lease is None:
+                self.check_can_put(waited)
+            elif lease.cancelled:
+                raise QueueStopped("the map was closed")
+            elif not self.lifecycle.accepting:
+                raise self.lifecycle.refusal(waited)
+            before = len(self.pending)
+            room = min(count, self.in_q_max - before)
+            if room <= 0:
+                return NOT_YET
+            try:
+                self.pending.extend(itertools.islice(items, room))
+            finally:
+                # Count what went in even if ``items`` raised half-way.
+                if len(self.pending) > before:
+                    self.latency.put_at(self.dispatched + before)
+                    self.wake_idle_dispatcher()
+            return len(self.pending) - before < room  # islice stops short only at the end
+
+        return bool(self.when_room(timeout, attempt))
+
+    def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
+        self.lifecycle.check_owner()
+
+        def attempt(waited: bool) -> Any:
+            self.check_can_put(waited)
+            if len(self.markers) >= self.max_markers:
+                return NOT_YET
+            self.markers.append((self.dispatched + len(self.pending), marker))
+            self.markers_put += 1
+            self.wakeups.getters.ring()
+            return None
+
+        self.when_room(timeout, attempt)
+
+    def when_room(self, timeout: Optional[float], attempt: Callable[[bool], Any]) -> Any:
+        """Run ``attempt(waited)`` under the lock until it finds room (returns
+        anything but NOT_YET), sleeping on a waiter between tries (see
+        _threads.Waiters: never a Condition, which Ctrl-C can break);
+        ``queue.Full`` after ``timeout``."""
+        until = deadline(timeout)
+        waited = False
+        while True:
+            with self.lock:
+                result = attempt(waited)
+                if result is not NOT_YET:
+                    return result
+                waiter = self.room.add()
+            remaining = None if until is None else until - time.monotonic()
+            if not self.room.sleep(waiter, remaining):
+                raise queue.Full
+            waited = True
+
+    def check_can_put(self, after_wait: bool) -> None:
+        """(lock held) Raise why put() cannot take a task now, if it cannot."""
+        if not self.lifecycle.accepting:
+            raise self.lifecycle.refusal(after_wait)
+        if self.lease is not None:
+            raise RuntimeError("put() on a queue while its imap() runs (finish or close the map first)")
+
+    # -------------------------------------------------------------- waking
+
+    def wake_idle_dispatcher(self) -> None:
+        """(lock held) A task was just appended: wake the dispatcher if it sleeps."""
+        if self.dispatcher_idle:
+            self.dispatcher_awake()
+            self.wakeups.dispatcher.ring()
+
+    def room_freed(self) -> None:
+        """(lock held) Tasks or markers left a full queue: wake put() and aput()."""
+        self.room.release_all()
+        self.wakeups.putters.ring()
+
+    def marker_taken(self) -> None:
+        """(lock held) get() handed a marker out: there may be room for more."""
+        if len(self.markers) + 1 >= self.max_markers:
+            self.room_freed()
+
+    # ------------------------------------------------------------------ maps
+
+    def lease_to(self, lease: MapLease) -> None:
+        """(lock held) A map takes the queue over: only its feeder puts now."""
+        self.lease = lease
+        self.refresh_fast_put()  # first; then the feeder appends (module docstring)
+
+    def take_back(self, lease: MapLease) -> bool:
+        """(lock held) The map is over: its tasks not sent yet are withdrawn
+        (their items are in the map's form, which only its packets carry),
+        and the queue takes tasks again.  False if ``lease`` was not the
+        map running."""
+        if self.lease is not lease:
+            return False
+        self.pending.clear()
+        self.lease = None
+        self.refresh_fast_put()
+        return True
+
+    def drop_pending(self) -> None:
+        """(lock held, after terminate()) Tasks not yet sent will never run (a
+        put() settling right now finds its task gone, counted as taken)."""
+        self.pending.clear()

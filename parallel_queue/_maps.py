@@ -1,0 +1,360 @@
+"""Ordered maps on a queue: the map's lease, and its iterators.
+
+A map takes a queue over for its duration (a ``MapLease``, see _intake):
+only its feeder puts, only its iterator gets.  It may run on a queue of its
+own (``imap``: the queue's workers were given the function at start, and the
+map ends the queue when it is done) or on a queue the caller keeps
+(``ParallelQueue.imap``: each of the map's packets carries the function, and
+the map gives the queue back when it is done).
+
+The feeder reads the input only as fast as the queue takes it (``put_many``
+blocks when ``in_q_max`` tasks wait), so an endless generator runs in flat
+memory; results are taken a whole packet at a time, so the cost per item is
+a list index, not a ``get()`` call.  Each task's exception is raised in its
+place; the iterator goes on after it, as ``Pool.imap``'s does.
+
+``IMapIterator`` is the iterator; ``AsyncIMapIterator`` its asyncio twin,
+fed by a task on the event loop when the input is an async iterable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import threading
+import weakref
+from collections import deque
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
+
+from ._aio import aget, aput
+from ._core import Core
+from ._delivery import split_results
+from ._errors import QueueBrokenError, QueueStopped
+from ._intake import MapLease
+from ._payload import TaskError
+from ._threads import helper_thread
+
+__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "begin_map", "give_back", "length", "source_of"]
+
+R = TypeVar("R")
+
+# Tasks the feeder appends per lock round.  Larger means fewer rounds; the
+# queue's in_q_max still bounds what is read ahead of the workers.
+FEED_CHUNK = 256
+
+_EMPTY: Iterator[Any] = iter(())
+
+
+class NothingInHand(Exception):
+    """No result is in hand yet.  Its own type: a task may raise any builtin."""
+
+
+# ---------------------------------------------------------------- the lease
+
+
+def begin_map(core: Core, fn: Optional[Callable[..., Any]], form: int, chunksize: Optional[int]) -> MapLease:
+    """Take the queue over for a map: it must be running and idle (every
+    result put before taken), with no map running."""
+    with core.both_locks():
+        intake = core.intake
+        if not core.lifecycle.accepting:
+            raise core.lifecycle.refusal()
+        if intake.lease is not None:
+            raise RuntimeError("another imap() is running on this queue")
+        if intake.markers or not core.delivery.idle(intake.tasks_put):
+            raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
+        lease = MapLease(fn, form, chunksize)
+        intake.lease_to(lease)
+    return lease
+
+
+def end_map_input(core: Core, lease: MapLease) -> None:
+    """The map's input ran out: its results end at the count put so far."""
+    with core.lock:
+        lease.end = core.intake.dispatched + len(core.intake.pending)
+        core.wakeups.getters.ring()
+
+
+def give_back(core: Core, lease: MapLease, feeder: Optional[threading.Thread]) -> None:
+    """End a map on a caller's queue: stop its feeder (its put_many raises
+    QueueStopped), then hand the queue back.  Tasks already sent still run;
+    their results are dropped as they come."""
+    with core.lock:
+        lease.cancelled = True
+        core.intake.room_freed()
+    if feeder is not None and feeder is not threading.current_thread():
+        feeder.join()
+    with core.both_locks():
+        if core.intake.take_back(lease):
+            core.delivery.discard_up_to(core.intake.dispatched)
+
+
+def _feed(core: Core, source: Iterator[Any], input_error: list[BaseException], lease: MapLease, own: bool) -> None:
+    """Feeder thread: read the input, as fast as the queue takes it."""
+    try:
+        while not core.intake.put_many(source, FEED_CHUNK, None, lease):
+            pass
+    except QueueStopped:
+        return  # closed: stop reading
+    except QueueBrokenError:
+        return  # the consumer side reports it
+    except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
+        input_error.append(e)
+    if own:
+        core.stop()
+    else:
+        end_map_input(core, lease)
+
+
+# ------------------------------------------------------------- the iterator
+
+
+class IMapIterator(Iterator[R]):
+    """The iterator ``imap`` returns: results in input order.
+
+    ``close()`` (or leaving a ``with`` block, or dropping the iterator)
+    stops the workers; the input is not read any further.  For
+    ``ParallelQueue.imap``, it gives the queue back instead: tasks already
+    sent run to their end, and their results are dropped.
+    """
+
+    def __init__(
+        self,
+        queue: Any,
+        fn: Optional[Callable[..., Any]],
+        form: int,
+        inputs: Optional[Iterator[Any]],
+        chunksize: Optional[int],
+        own: bool,
+    ) -> None:
+        """Map over ``queue`` (a public queue: its own if ``own``, the
+        caller's otherwise).  ``fn`` travels in each packet (None: the
+        workers have it); ``inputs`` is read by a feeder thread (None: fed
+        by the caller, see AsyncIMapIterator)."""
+        if chunksize is not None and chunksize < 1:
+            raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+        core: Core = queue._core
+        self._q = queue
+        self._core = core
+        self._delivery = core.delivery
+        self._own = own
+        self._lease = begin_map(core, fn, form, chunksize)
+        # Results in hand: ``_cur`` iterates the current run of plain values;
+        # ``_steps`` holds what follows in the packet (see split_results).
+        self._cur: Iterator[Any] = _EMPTY
+        self._steps: deque[Any] = deque()
+        self._input_error: list[BaseException] = []
+        self._done = False
+        self._feeder: Optional[threading.Thread] = None
+        if inputs is not None:
+            self._feeder = helper_thread(
+                _feed, "parallel_queue-imap-feeder", (core, inputs, self._input_error, self._lease, own)
+            )
+            self._feeder.start()
+        # Dropped without close(): end the workers (or give the queue back);
+        # the feeder then stops on its next put.  The finalizer holds the
+        # queue, not this iterator.
+        if own:
+            self._finalizer = weakref.finalize(self, queue.terminate)
+        else:
+            self._finalizer = weakref.finalize(self, functools.partial(give_back, core, self._lease, self._feeder))
+
+    def __iter__(self) -> Iterator[R]:
+        # A generator: ``for`` then takes each value at C speed (``yield
+        # from`` a list iterator), not through a Python-level __next__.  It
+        # shares ``_cur`` with __next__, so mixing the two never repeats or
+        # skips a result; a new one is made each time, so a ``for`` loop may
+        # resume after a task's error ended the previous one.
+        return self._results()
+
+    def _results(self) -> Iterator[R]:
+        while True:
+            cur = self._cur
+            yield from cur
+            if cur is self._cur:  # not already moved on by a next() meanwhile
+                try:
+                    value = self._advance(True)
+                except StopIteration:
+                    return  # (raised inside a generator it would be a RuntimeError)
+                yield value
+
+    def __next__(self) -> R:
+        for value in self._cur:
+            return value  # type: ignore[no-any-return]
+        return self._advance(True)
+
+    def next_in_hand(self) -> R:
+        """The next result if one is in hand; ``NothingInHand`` if not (for aimap)."""
+        for value in self._cur:
+            return value  # type: ignore[no-any-return]
+        if self._steps:
+            return self._advance(False)
+        if self._done:
+            raise StopAsyncIteration
+        raise NothingInHand
+
+    def take(self, values: list[Any], errors: dict[int, Any]) -> None:
+        """A packet's results: runs of values, and each error in its place."""
+        if not errors:
+            self._cur = iter(values)
+            return
+        self._steps.extend(split_results(values, errors))
+        self._cur = _EMPTY
+
+    def _advance(self, block: bool) -> R:
+        """The current run is used up: the next run's first value, or an error
+        raised in its place, or (``block``) the next packet."""
+        while True:
+            if self._steps:
+                step = self._steps.popleft()
+                if type(step) is not list:  # a task's error (a TaskError, or a thread's LiveError)
+                    self._delivery.errors_raised += 1
+                    raise step.to_exception()
+                self._cur = iter(step)
+            elif not block:
+                raise NothingInHand
+            else:
+                self.take(*self._next_packet())
+            for value in self._cur:
+                return value  # type: ignore[no-any-return]
+
+    def _next_packet(self) -> tuple[list[Any], dict[int, TaskError]]:
+        if self._done:
+            raise StopIteration
+        try:
+            return self._delivery.get_batch(True, None)
+        except QueueStopped:
+            pass  # (ended outside the except: a Ctrl-C in the join must not chain onto this)
+        except BaseException:
+            self.close()
+            raise
+        self.at_end()
+        raise StopIteration
+
+    def at_end(self) -> None:
+        """Every result was taken: end the workers (or give the queue back),
+        and raise the input's own error, if reading the input failed."""
+        self._done = True
+        if self._own:
+            if self._feeder is not None:
+                self._feeder.join()
+            self._q.join()
+        else:
+            self._finalizer()  # give_back: every result was taken
+        if self._input_error:
+            raise self._input_error.pop() from None
+
+    def close(self) -> None:
+        """Stop the workers now (or give the queue back); results not yet
+        taken are dropped."""
+        self._done = True
+        self._cur, self._steps = _EMPTY, deque()
+        self._finalizer()  # terminate, or give_back
+        if self._own and self._feeder is not None:
+            self._feeder.join()
+
+    def __enter__(self) -> IMapIterator[R]:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class AsyncIMapIterator(AsyncIterator[R]):
+    """What ``aimap`` returns: results in input order, as an async iterator."""
+
+    def __init__(self, it: IMapIterator[R], source: Optional[AsyncIterable[Any]]) -> None:
+        """``it``: the map, fed by its own thread from a plain iterable, or by
+        a task on the event loop (made on first use) from ``source``."""
+        self._it = it
+        self._source = source
+        self._feeder: Optional[asyncio.Task[None]] = None
+
+    def __aiter__(self) -> AsyncIMapIterator[R]:
+        return self
+
+    async def __anext__(self) -> R:
+        it = self._it
+        core = it._core
+        if self._source is not None and self._feeder is None:
+            feed = _feed_async(core, self._source, it._input_error, it._lease)
+            self._feeder = asyncio.get_running_loop().create_task(feed)
+        while True:
+            try:
+                return it.next_in_hand()
+            except NothingInHand:
+                pass
+            try:
+                values, errors = await aget(core, lambda: it._delivery.get_batch(False, None))
+            except QueueStopped:
+                break  # (ended outside the except, as imap does)
+            except BaseException:
+                await self.aclose()
+                raise
+            it.take(values, errors)
+        await self._end_feeder()
+        it.at_end()
+        raise StopAsyncIteration
+
+    async def _end_feeder(self) -> None:
+        if self._feeder is not None and not self._feeder.done():
+            self._feeder.cancel()
+        if self._feeder is not None:
+            try:
+                await self._feeder
+            except BaseException:  # noqa: BLE001 - cancelled, or already reported
+                pass
+
+    async def aclose(self) -> None:
+        """Stop the workers; results not yet taken are dropped."""
+        await self._end_feeder()
+        self._it.close()
+
+    async def __aenter__(self) -> AsyncIMapIterator[R]:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.aclose()
+
+
+async def _feed_async(
+    core: Core, source: AsyncIterable[Any], input_error: list[BaseException], lease: MapLease
+) -> None:
+    """The feeder task of an aimap over an async input.
+
+    It holds the queue's core, never the iterator: an iterator dropped after
+    ``break`` is collected, its finalizer ends the queue, and this task's
+    aput() then raises QueueStopped and it returns.  (Holding the iterator,
+    it kept it alive, and the queue, as long as the loop ran.)
+    """
+    intake = core.intake
+    try:
+        async for x in source:
+            # A map's own queue over one iterable: the item is the argument.
+            await aput(core, functools.partial(_put_one, intake, x, lease))
+    except QueueStopped:
+        return
+    except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
+        input_error.append(e)
+    core.stop()
+
+
+def _put_one(intake: Any, item: Any, lease: MapLease) -> None:
+    """Put one task of a map's own queue without waiting (``queue.Full``: no room)."""
+    intake.put_many(iter((item,)), 1, 0, lease)
+
+
+def length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
+    """How many results map() will give, if the inputs know their length."""
+    try:
+        return min(len(x) for x in iterables)  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # no length, or no iterables (aimap's async input)
+        return None
+
+
+def source_of(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
+    """What a map's feeder reads: the inputs themselves (one iterable) or
+    zip's tuples.  No Python code runs per item on the way in, and the items
+    pickle as compactly as they can."""
+    return iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+

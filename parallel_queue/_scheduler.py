@@ -1,0 +1,87 @@
+"""Which worker gets the next packet, and how many tasks it carries.
+
+Pure logic over the slots and two running means: no process, no pipe, no
+lock (the dispatcher holds the queue's lock when it asks how many tasks to
+take).  Batches size themselves: a worker that is idle gets what is there at
+once (one task at low load), and while every worker is busy, tasks
+accumulate, so the next batch is larger; a measured per-task time caps a
+batch at about ``TARGET_PACKET_SECONDS`` of work, so slow tasks still
+spread over all workers, and a measured size caps it at about
+``TARGET_PACKET_BYTES``.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Optional
+
+from ._sizing import packet_limit, running_mean
+from ._slots import Slot
+
+__all__ = ["Scheduler", "TARGET_PACKET_SECONDS", "TARGET_PACKET_BYTES"]
+
+# How much work (by measured task time) a packet should carry.  Longer packets
+# cost less per task; shorter ones balance better when tasks are slow or of
+# uneven length, and keep the reorder window (counted in packets) short.
+TARGET_PACKET_SECONDS = 0.005
+
+# The most pickled bytes a packet should carry (by the measured mean size of
+# a task).  Bigger packets cost less per task for small tasks; for large
+# arguments (arrays, documents) a cap keeps one packet from holding gigabytes
+# and lets several workers share them.
+TARGET_PACKET_BYTES = 1 << 20
+
+
+class Scheduler:
+    """Picks slots and sizes packets from what it has measured."""
+
+    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes")
+
+    def __init__(self, max_batch: Optional[int], max_tasks_per_worker: int) -> None:
+        self.max_batch = max_batch
+        self.quota = max_tasks_per_worker  # 0: no limit
+        self.item_seconds = 0.0  # running mean of a task's run time; 0 until measured
+        self.item_bytes = 0.0  # running mean of a task's pickled size
+
+    def pick_slot(self, slots: Iterable[Slot]) -> Optional[Slot]:
+        """The slot that may take a packet now with the fewest packets held."""
+        best: Optional[Slot] = None
+        for slot in slots:
+            if slot.can_take(self.quota) and (best is None or len(slot.outstanding) < len(best.outstanding)):
+                best = slot
+        return best
+
+    def batch_size(self, slot: Slot, waiting: int, fixed: Optional[int], free_credits: int) -> int:
+        """How many of the ``waiting`` tasks ``slot``'s next packet takes:
+        ``fixed`` of them if a map asked for that (its chunksize); never more
+        than the worker's quota leaves."""
+        if fixed:
+            n = min(fixed, waiting)
+        else:
+            limit = packet_limit(self.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
+            if self.item_bytes > 0:
+                limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
+            n = min(limit, waiting)
+            if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
+                # Enough work waiting to matter: spread it over the free
+                # credits, so idle workers all get a share instead of the
+                # first one taking the lot.  (Tiny tasks go in one packet:
+                # fewer wake-ups.)
+                n = min(n, -(-waiting // max(1, free_credits)))
+        if self.quota:  # a worker recycled after max_tasks_per_worker never takes more
+            n = min(n, self.quota - slot.sent_items)
+        return max(1, n)
+
+    def measured_time(self, n_items: int, compute_ns: int) -> None:
+        """A worker ran ``n_items`` tasks in ``compute_ns``."""
+        if n_items:
+            self.item_seconds = running_mean(self.item_seconds, compute_ns / n_items / 1e9)
+
+    def measured_size(self, n_items: int, payload_bytes: int) -> None:
+        """A packet of ``n_items`` tasks pickled to ``payload_bytes``."""
+        if n_items:
+            self.item_bytes = running_mean(self.item_bytes, payload_bytes / n_items)
+
+
+def free_credits(slots: Iterable[Slot]) -> int:
+    """Packets the running workers may still take, all told."""
+    return sum(slot.credits() for slot in slots)

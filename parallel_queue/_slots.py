@@ -1,0 +1,219 @@
+"""Worker slots: one position each, its pipes, its process, its packets.
+
+A slot outlives its workers: when one ends (a crash, a timeout kill,
+recycling after ``max_tasks_per_worker``) a new one starts in the same slot,
+with the same result and wake-up pipes, and takes the packets the dead one
+had not finished.  Its state moves only through the methods below::
+
+    EMPTY --started--> RUNNING --stop_sent--> STOPPING
+                          |                      |
+                          +--------ended---------+--> DRAINING --started--> RUNNING
+                                                          |
+                                                          +--retired--> RETIRED
+
+- **RUNNING**: its worker takes packets (up to ``CREDITS_PER_WORKER``).
+- **STOPPING**: it was sent STOP (after ``stop()``, once its packets were
+  done): it takes none, and exits.
+- **DRAINING**: its worker ended; the consumer reads what it had sent to
+  the end before the slot's packets are counted or sent again.
+- **RETIRED**: it ended, and no worker will start in it again.
+
+Only the dispatcher thread calls these methods (and reads the rest of a
+slot), but ``Child.ended()`` and ``Child.release()``: see there.
+"""
+
+from __future__ import annotations
+
+import enum
+import errno
+import os
+from collections import deque
+from typing import Any, Optional
+
+from . import _wire
+from ._intake import TaskBatch
+from ._options import CREDITS_PER_WORKER
+from ._wire import Fd
+
+__all__ = ["Child", "Slot", "SlotState", "PacketRecord"]
+
+
+class Child:
+    """A process of ours, and the descriptor that becomes readable when it ends.
+
+    That descriptor is a pidfd where the system has them (Linux 5.3 and
+    later): it belongs to the process itself.  multiprocessing's sentinel is
+    a pipe whose write end the child holds, so a task that forks a helper
+    without exec hands the helper a copy, and the worker's death went
+    unnoticed until the helper exited.  Elsewhere the sentinel is used.
+
+    Only the dispatcher thread reaps (``join``) while it runs: when two
+    threads reap one child, the loser gets ECHILD and multiprocessing reports
+    exit code None, which reads as a crash.  ``ended()`` never reaps.
+    ``release()`` and every ``ended()`` from outside the dispatcher happen
+    under the queue's lock, so no one polls a descriptor number closed (and
+    reused) under its feet.
+    """
+
+    __slots__ = ("proc", "pidfd", "released")
+
+    def __init__(self, proc: Any) -> None:
+        self.proc = proc
+        self.pidfd: Optional[int] = None
+        self.released = False
+
+    def watch(self) -> None:
+        """Open the pidfd (kept apart from __init__: the caller records the
+        Child first, so a failure here, EMFILE say, still leaves it killable)."""
+        pidfd_open = getattr(os, "pidfd_open", None)
+        if pidfd_open is not None:
+            try:
+                self.pidfd = pidfd_open(self.proc.pid)
+            except OSError as e:
+                if e.errno == errno.EMFILE or e.errno == errno.ENFILE:
+                    raise
+                # ENOSYS and the like: an older kernel, or a sandbox.
+
+    @property
+    def exit_fd(self) -> int:
+        return self.pidfd if self.pidfd is not None else int(self.proc.sentinel)
+
+    @property
+    def pid(self) -> int:
+        return int(self.proc.pid)
+
+    @property
+    def exitcode(self) -> Optional[int]:
+        return self.proc.exitcode  # type: ignore[no-any-return]
+
+    def ended(self) -> bool:
+        """Whether the process has exited (reaped or not)."""
+        return self.released or _wire.readable(self.exit_fd, 0)
+
+    def kill(self) -> None:
+        if not self.ended():
+            self.proc.kill()
+
+    def join(self) -> None:
+        if not self.released:
+            self.proc.join()
+
+    def release(self) -> None:
+        """(it has ended and was reaped) Close its descriptors."""
+        if self.released:
+            return
+        self.released = True
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+            self.pidfd = None
+        try:
+            self.proc.close()
+        except ValueError:  # still running: only after a failed kill
+            pass
+
+
+class PacketRecord(TaskBatch):
+    """A packet the dispatcher sent and the consumer has not yet credited."""
+
+    __slots__ = ("packet_id", "first_task", "careful", "deaths")
+
+    def __init__(self, packet_id: int, first_task: int, batch: TaskBatch) -> None:
+        super().__init__(batch.items, batch.form, batch.map_fn)
+        self.packet_id = packet_id
+        self.first_task = first_task  # index of items[0] among all tasks put
+        # Sent one task at a time (see _worker.run_careful): after it would
+        # not unpickle as a batch, or its worker died where no one task could
+        # be blamed yet.
+        self.careful = False
+        self.deaths = 0  # its workers' deaths that no task could be blamed for
+
+
+class SlotState(enum.Enum):
+    EMPTY = "empty"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    DRAINING = "draining"
+    RETIRED = "retired"
+
+
+class Slot:
+    """One worker position (see the module docstring)."""
+
+    __slots__ = (
+        "index",
+        "results_w",
+        "go_r",
+        "proc",
+        "tasks_w",
+        "writer",
+        "outstanding",
+        "sent_items",
+        "state",
+        "told_to_stop",
+        "timeout_kill",
+        "incarnation",
+    )
+
+    def __init__(self, index: int, results_w: Fd, go_r: Fd) -> None:
+        self.index = index
+        self.results_w = results_w  # kept to hand to each new worker in this slot
+        self.go_r = go_r  # its wake-up pipe's read end, likewise
+        self.proc: Optional[Child] = None
+        self.tasks_w: Optional[Fd] = None
+        self.writer: Optional[_wire.FrameWriter] = None
+        self.outstanding: deque[PacketRecord] = deque()  # oldest first
+        self.sent_items = 0  # tasks sent to its current worker
+        self.state = SlotState.EMPTY
+        self.told_to_stop = False  # its current worker was sent STOP
+        # The progress sequence number of the task its worker was killed
+        # for running past task_timeout (0: not killed for that).
+        self.timeout_kill = 0
+        self.incarnation = 0
+
+    # ----------------------------------------------------------- transitions
+
+    def started(self, proc: Child, tasks_w: Fd) -> None:
+        """EMPTY or DRAINING -> RUNNING: a new worker, with a fresh task pipe."""
+        self.proc = proc
+        self.tasks_w = tasks_w
+        self.writer = _wire.FrameWriter(tasks_w)
+        self.sent_items = 0
+        self.told_to_stop = False
+        self.timeout_kill = 0
+        self.state = SlotState.RUNNING
+
+    def stop_sent(self) -> None:
+        """RUNNING -> STOPPING."""
+        self.told_to_stop = True
+        self.state = SlotState.STOPPING
+
+    def worker_ended(self) -> None:
+        """RUNNING or STOPPING -> DRAINING: its task pipe is closed."""
+        _wire.close_fd(self.tasks_w)
+        self.writer = None
+        self.state = SlotState.DRAINING
+
+    def retired(self) -> None:
+        """DRAINING -> RETIRED."""
+        self.state = SlotState.RETIRED
+
+    # --------------------------------------------------------------- queries
+
+    @property
+    def running(self) -> bool:
+        return self.state is SlotState.RUNNING
+
+    def credits(self) -> int:
+        """Packets it may still take (0 unless RUNNING)."""
+        return CREDITS_PER_WORKER - len(self.outstanding) if self.running else 0
+
+    def can_take(self, quota: int) -> bool:
+        """Whether it may take a packet now: RUNNING, with credit, its pipe
+        empty (a packet half written waits first), under the quota."""
+        writer = self.writer
+        return (
+            self.running
+            and len(self.outstanding) < CREDITS_PER_WORKER
+            and not (writer is not None and writer.pending_bytes)
+            and not (quota and self.sent_items >= quota)
+        )
