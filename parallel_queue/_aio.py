@@ -68,7 +68,7 @@ async def _call_when_ready(core: Core, call: Callable[[], Any], kind: str) -> An
     loop = asyncio.get_running_loop()
     getting = kind == "get"
     bells = core.wakeups.getters if getting else core.wakeups.putters
-    delivery = core.delivery
+    receiver = core.delivery.receiver
     async with _lock_for(core, kind):
         while True:
             bell = None
@@ -80,10 +80,10 @@ async def _call_when_ready(core: Core, call: Callable[[], Any], kind: str) -> An
                 # below undoes exactly what was done, whenever a Ctrl-C or a
                 # cancellation comes.)
                 if getting:
-                    with delivery.lock:
-                        if delivery.closed:
+                    with receiver.lock:
+                        if receiver.closed:
                             raise QueueStopped("the queue was closed")
-                        delivery.watchers += 1
+                        receiver.watch()
                         watching = True
                 with core.lock:
                     bell = bells.for_owner(loop)
@@ -94,7 +94,7 @@ async def _call_when_ready(core: Core, call: Callable[[], Any], kind: str) -> An
                     if isinstance(e, QueueStopped):
                         raise
                 if getting:
-                    await wait_readable(bell.fileno(), delivery.reader.fd.fd)
+                    await wait_readable(bell.fileno(), receiver.fileno())
                 else:
                     await wait_readable(bell.fileno())
             finally:
@@ -107,10 +107,10 @@ async def _call_when_ready(core: Core, call: Callable[[], Any], kind: str) -> An
                         if bell is not None:
                             with core.lock:
                                 bells.stop_listening(bell)
-                        with delivery.lock:
+                        with receiver.lock:
                             if watching:
                                 watching = False
-                                delivery.unwatch()
+                                receiver.unwatch()
                         break
                     except KeyboardInterrupt as k:
                         interrupted = k

@@ -1,41 +1,40 @@
-"""Delivery: ``get()`` and ``join()`` on the main-process end of the output pipe.
+"""Delivery: ``get()``, results handed out in put order, markers in their places.
 
-Results arrive as whole packets, already in order.  A packet is unpickled
-when ``get()`` reaches it and split into *steps*: runs of plain values, and
-each task's error in its place.  A run goes into ``ready``, a deque that
-``get()``'s fast path pops without a lock (``popleft`` is atomic): the
-common case costs one C call.  Everything else happens under ``lock`` once
-``ready`` is empty: a marker is handed back (the very object that was put)
-once the tasks put before it have come out, an error is raised in its turn,
-the next run is moved into ``ready``.  A run is cut at the next marker's
-position, so ``ready`` never holds a value that must wait for a marker (a
-marker put later comes after every task already in a packet).
+Results arrive as whole packets, already in order (see ``_receiver``).  A
+packet is decoded when ``get()`` reaches it and split into *steps*: runs of
+plain values, and each task's error in its place.  A run goes into
+``ready``, a deque that ``get()``'s fast path pops without a lock
+(``popleft`` is atomic): the common case costs one C call.  Everything else
+happens under ``lock`` once ``ready`` is empty: a marker is handed back (the
+very object that was put) once the tasks put before it have come out, an
+error is raised in its turn, the next run is moved into ``ready``.  A run is
+cut at the next marker's position, so ``ready`` never holds a value that
+must wait for a marker (a marker put later comes after every task already in
+a packet).
 
 Nothing here waits on a timer: a blocked ``get()`` sleeps in ``poll()`` on
-the output pipe and its bell (see _wakeups), which ``put(marker)``,
-``stop()``, a breaking queue and a reader of the pipe ring.
+the output pipe and its bell (see _receiver and _wakeups), which
+``put(marker)``, ``stop()``, a breaking queue and a reader of the pipe ring.
 """
 
 from __future__ import annotations
 
-import pickle
 import queue
-import select
 import threading
 import time
 from collections import deque
 from typing import Any, Optional, Protocol
 
-from . import _threads, _wire
+from . import _threads
 from ._errors import QueueBrokenError, QueueStopped
 from ._intake import Intake
 from ._lifecycle import Lifecycle
-from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
-from ._salvage import salvage_results
+from ._payload import TaskError
+from ._receiver import Receiver
 from ._stats import LatencySampler
-from ._threads import Waiters
-from ._wakeups import Bell, Wakeups
-from ._wire import RESULT, decode_result
+from ._wakeups import Wakeups
+
+__all__ = ["Delivery", "Parts", "split_results"]
 
 
 class Parts(Protocol):
@@ -50,9 +49,6 @@ class Parts(Protocol):
     def fail_locked(self, error: BaseException) -> None:
         """(lock held) The queue cannot go on (its consumer died)."""
 
-_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
-
-
 class Delivery:
     """The get() side.  Locking (each rule prevents a hang):
 
@@ -60,51 +56,41 @@ class Delivery:
       a Ctrl-C arriving just after a bare ``acquire()`` returns would leave
       it held (CPython runs signal handlers when a call returns), and the
       ``terminate()`` that follows would wait for it forever.
-    - One getter thread at a time waits in ``poll()`` (``poller``); other
-      blocking getters wait for their turn and look again when the poller is
-      done.  A non-blocking get() (``aget`` is one) reads the pipe itself,
-      and rings everyone listening when it found something.
-    - Waiting for a turn is never Condition.wait() under ``with lock``, which
-      a Ctrl-C can break: see _threads.Waiters (``turns``).
-    - The output pipe is closed by close() only if nobody watches it
-      (``watchers``: the poller, coroutines); otherwise by the last watcher
-      to leave.  Closing a descriptor that a poll() or an event loop still
-      watches would let its number be reused under their feet.
+    - It comes before the queue's lock when both are held.
+    - One getter thread at a time waits in ``poll()``; other blocking
+      getters wait for their turn (see _receiver).  Waiting for a turn is
+      never Condition.wait() under ``with lock``, which a Ctrl-C can break:
+      see _threads.Waiters.
     """
 
     def __init__(self, parts: Parts, reader: Any) -> None:
-        """``reader``: where packets come from, in order.  A ``FrameReader``
-        on the consumer's output pipe, or the executor engine's local
-        source; either has ``fd`` (to poll), ``read_ready()`` and ``eof``.
+        """``reader``: where packets come from, in order (see Receiver);
         ``parts``: the queue's other parts that it asks (see _core)."""
         self.core = parts
         self.markers = parts.intake.markers
-        self.reader = reader
-        self.bodies: deque[bytes] = deque()  # packets read but not yet unpickled
-        # Unpickled, in order: runs of plain values (lists) and task errors
+        self.lock = threading.Lock()
+        self.receiver = Receiver(reader, self.lock, parts.lock, parts.wakeups.getters)
+        # Decoded, in order: runs of plain values (lists) and task errors
         # (TaskErrors, or the executor engine's LiveErrors: anything else).
         self.steps: deque[Any] = deque()
         # Plain values get() may hand out as they are, lock-free.
         self.ready: deque[Any] = deque()
         self.moved = 0  # task results moved into ``ready``, raised or dropped
-        self.decoded = 0  # task results unpickled (the next packet's first task)
         # Results to drop as they come: those of a closed map's tasks.
         self.discard = 0
         self.errors_raised = 0
         self.markers_delivered = 0
         self.latency = parts.latency
-        self.lock = threading.Lock()
-        self.turns = Waiters(self.lock)  # getters waiting for the poller to finish
-        self.poller: Optional[int] = None  # the thread waiting in poll(), if any
-        self.bell = Bell()  # the poller's (one poller at a time)
-        self.watchers = 0  # threads and coroutines watching the output pipe now
-        self.closed = False
 
     @property
     def delivered(self) -> int:
         """Task results handed out so far (values and errors)."""
         with self.lock:  # ``moved`` and ``ready`` change together under it
             return self.moved - len(self.ready)
+
+    @property
+    def closed(self) -> bool:
+        return self.receiver.closed
 
     # ----------------------------------------------------------------- get
 
@@ -126,7 +112,7 @@ class Delivery:
                     return self.take_marker()
                 if found == ERROR:
                     raise self.take_error()
-                waiter = self.turns.add() if found == TURN else None
+                waiter = self.receiver.turns.add() if found == TURN else None
             self.wait_outside(waiter, block, deadline)
 
     def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
@@ -151,23 +137,24 @@ class Delivery:
                     found = self.look_for_more(block, deadline)
                     if found != MORE:
                         break
-                waiter = self.turns.add() if found == TURN else None
+                waiter = self.receiver.turns.add() if found == TURN else None
             self.wait_outside(waiter, block, deadline)
 
     def look_for_more(self, block: bool, deadline: Optional[float]) -> Optional[str]:
         """(lock held, nothing in hand) MORE if a packet is now in hand, TURN if
         another thread polls (``queue.Empty`` at once if this one may not
         wait), None if this thread should poll."""
-        if self.bodies:
-            self.split(*self.decode(self.bodies.popleft()))
+        receiver = self.receiver
+        packet = receiver.next_packet()
+        if packet is not None:
+            self.split(*packet)
             return MORE
-        if self.poller is not None and block:
+        if block and receiver.poller_elsewhere():
             # A blocking getter waits for the poller's turn (outside the
             # lock) instead of polling too: one thread in poll() at a time.
             _remaining(block, deadline)
             return TURN
-        if self.read_available():
-            self.tell_waiters()  # the poller, asleep, must look again
+        if receiver.read_available():
             return MORE
         return None
 
@@ -178,13 +165,21 @@ class Delivery:
         found nothing: ``QueueStopped`` if nothing will ever come, else
         ``queue.Empty``."""
         if not block:
-            with self.core.lock:
+            with self.lock, self.core.lock:
                 self.raise_if_finished()
             raise queue.Empty
         if waiter is None:
-            self.wait_for_more(block, deadline)
+            self.receiver.wait_for_more(_remaining(block, deadline), self.may_sleep)
         else:
-            self.turns.sleep(waiter, _remaining(block, deadline))
+            self.receiver.turns.sleep(waiter, _remaining(block, deadline))
+
+    def may_sleep(self) -> bool:
+        """(both locks held; the poller, listening) Whether to wait for more:
+        False if something came in meanwhile; raises if nothing ever will."""
+        if self.ready or self.steps or (self.markers and self.markers[0][0] == self.moved):
+            return False
+        self.raise_if_finished()
+        return True
 
     def take_steps(self) -> tuple[list[Any], dict[int, TaskError]]:
         """(lock held) What ``ready`` and ``steps`` hold, as one batch."""
@@ -229,9 +224,12 @@ class Delivery:
 
     def drop_discarded(self) -> None:
         """(lock held) Drop what is in hand of the results to discard."""
-        while self.discard and (self.steps or self.bodies):
+        while self.discard:
             if not self.steps:
-                self.split(*self.decode(self.bodies.popleft()))
+                packet = self.receiver.next_packet()
+                if packet is None:
+                    return
+                self.split(*packet)
                 continue
             step = self.steps[0]
             if type(step) is list and len(step) > self.discard:
@@ -263,72 +261,6 @@ class Delivery:
         """(lock held) A packet's results as steps (see split_results)."""
         self.steps.extend(split_results(values, errors))
 
-    def wait_for_more(self, block: bool, deadline: Optional[float]) -> None:
-        """Become the poller: raise if nothing will ever come, else wait for
-        the output pipe or the bell (or the deadline).
-
-        Ctrl-C can land at any call, including in a ``finally``, and a
-        poller left marked would keep every other getter waiting for its
-        turn.  So the mark is made inside the ``try`` whose ``finally``
-        clears it, and the clearing is repeated until it has run whole (it
-        is idempotent); a KeyboardInterrupt raised in it is raised after.
-        """
-        core = self.core
-        me = threading.get_ident()
-        try:
-            with self.lock:
-                if self.poller is not None or self.in_hand():
-                    return  # someone else polls, or something arrived: look again
-                self.poller = me
-                self.watchers += 1
-            with core.lock:
-                core.wakeups.getters.listen(self.bell)
-                if self.markers and self.markers[0][0] == self.moved:
-                    return  # a marker came in meanwhile
-                self.raise_if_finished()
-            self.wait(_remaining(block, deadline))
-        finally:
-            interrupted: Optional[BaseException] = None
-            while True:
-                try:
-                    with core.lock:
-                        core.wakeups.getters.stop_listening(self.bell)
-                    with self.lock:
-                        if self.poller == me:
-                            self.poller = None
-                            self.unwatch()
-                            self.turns.release_all()
-                    break
-                except KeyboardInterrupt as k:
-                    interrupted = k
-            if interrupted is not None:
-                raise interrupted
-
-    def idle(self, tasks_put: int) -> bool:
-        """(both locks held) Every result of the ``tasks_put`` tasks was taken,
-        and nothing is in hand (a map may take the queue over)."""
-        return self.moved + self.discard == tasks_put and not self.ready and not self.steps
-
-    def discard_up_to(self, tasks: int) -> None:
-        """(both locks held) The results of the first ``tasks`` tasks that were
-        not taken yet are dropped as they come (those of a closed map)."""
-        self.discard += tasks - (self.moved + self.discard)
-
-    def unwatch(self) -> None:
-        """(lock held) A watcher of the output pipe left; the last one out
-        after close() closes the pipe and the poller's bell."""
-        self.watchers -= 1
-        if self.closed and not self.watchers:
-            self.close_descriptors()
-
-    def close_descriptors(self) -> None:
-        _wire.close_fd(self.reader.fd)
-        self.bell.close()
-
-    def in_hand(self) -> bool:
-        """(lock held) Whether a marker is due or a result is there to take."""
-        return bool(self.ready or (self.markers and self.markers[0][0] == self.moved) or self.steps or self.bodies)
-
     def take_marker(self) -> Any:
         """(lock held) The marker that is due: the very object that was put."""
         with self.core.lock:
@@ -357,89 +289,35 @@ class Delivery:
         lease = core.intake.lease
         if lease is not None and lease.end is not None and delivered >= lease.end:
             raise QueueStopped("the map's every result was delivered")
-        if self.reader.eof:
+        if self.receiver.eof:
             err = QueueBrokenError("the consumer process died; results still in flight are lost")
             core.fail_locked(err)
             raise err
-        if self.closed:  # (an executor engine's join() closes it once all is handed over)
+        if self.receiver.closed:  # (an executor engine's join() closes it once all is handed over)
             raise QueueStopped("the queue was closed")
 
-    def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
-        """(lock held, packets in order) A packet's ``(values, errors)``.
+    # ------------------------------------------------------------------ maps
 
-        A value that will not unpickle here fails in its own slot: the fast
-        load of the whole packet is tried first, then each value on its own
-        (a careful packet's are pickled one by one; any other is salvaged,
-        see _salvage)."""
-        if type(body) is tuple:  # from the executor engine: already (values, errors)
-            return body
-        header = decode_result(body)
-        first = self.decoded
-        self.decoded += header.n_items
-        payload = memoryview(body)[RESULT.size :]
-        try:
-            if header.careful:
-                return loads_results_careful(payload, first)
-            return loads_results(payload)
-        except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
-            salvaged = salvage_results(payload, header.n_items)
-            if salvaged is None:
-                err = TaskError.for_failure(exc, "could not unpickle the results", pickle.UnpicklingError)
-                return every_slot_fails(header.n_items, err)
-            values, errors = salvaged
-            for k, err in errors.items():
-                if isinstance(err, BaseException):
-                    errors[k] = result_unpickling_error(err, first + k)
-            return values, errors
+    def idle(self, tasks_put: int) -> bool:
+        """(both locks held) Every result of the ``tasks_put`` tasks was taken,
+        and nothing is in hand (a map may take the queue over)."""
+        return self.moved + self.discard == tasks_put and not self.ready and not self.steps
 
-    # --------------------------------------------------------------- reading
+    def discard_up_to(self, tasks: int) -> None:
+        """(both locks held) The results of the first ``tasks`` tasks that were
+        not taken yet are dropped as they come (those of a closed map)."""
+        self.discard += tasks - (self.moved + self.discard)
 
-    def read_available(self) -> bool:
-        """Read what the output pipe holds now, without waiting; True if a packet came."""
-        if self.closed or self.reader.eof or not _wire.readable(self.reader.fd.fd, 0):
-            return False
-        got = self.reader.read_ready()
-        self.bodies.extend(got)
-        return bool(got) or self.reader.eof
-
-    def wait(self, timeout: Optional[float]) -> None:
-        """(the poller, listening) Sleep until the output pipe or the bell is
-        readable, or ``timeout`` seconds pass.  The bell is emptied when the
-        poller listens again."""
-        p = select.poll()
-        p.register(self.reader.fd.fd, _POLL_IN)
-        p.register(self.bell.fileno(), _POLL_IN)
-        p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+    # ------------------------------------------------------------ the end
 
     def pump(self) -> bool:
-        """Move what the output pipe holds into memory; False once at end-of-file.
-
-        join() does this so the consumer can finish even when nobody is
-        calling get().
-        """
-        with self.lock:
-            got = False
-            while self.read_available():
-                got = True
-            if got:
-                self.tell_waiters()
-            return not (self.closed or self.reader.eof)
-
-    def tell_waiters(self) -> None:
-        """(lock held) Results were just read from the pipe, which is empty again:
-        whoever sleeps watching it (the poller, coroutines) must look again."""
-        with self.core.lock:
-            self.core.wakeups.getters.ring()
+        """Move what the output pipe holds into memory (see Receiver.pump)."""
+        return self.receiver.pump()
 
     def close(self) -> None:
-        """No more reading.  Whoever still watches the output pipe was woken by
-        whoever closes the queue; the last of them closes it (see unwatch)."""
+        """No more reading (see Receiver.close)."""
         with self.lock:
-            if self.closed:
-                return
-            self.closed = True
-            if not self.watchers:
-                self.close_descriptors()
+            self.receiver.close()
 
 
 MARKER = "marker"

@@ -311,7 +311,7 @@ class ProcessEngine:
             if remaining is not None and remaining <= 0:
                 return False
             waitables: list[Any] = alive if in_dispatcher else [self.done.fileno()]
-            if not delivery.closed and not delivery.reader.eof:
+            if not delivery.closed and not delivery.receiver.eof:
                 waitables.append(self.output_r.fd)
             wait(waitables, remaining)
             delivery.pump()

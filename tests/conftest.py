@@ -81,6 +81,33 @@ def wait_until(condition: Callable[[], object], seconds: float = 30) -> None:
         time.sleep(0.001)
 
 
+def sleeping_in(thread: Any, what: str) -> bool:
+    """Whether ``thread`` sleeps in the kernel in a function whose name holds
+    ``what`` ("futex": on a lock; "poll": in poll()).  Linux's wait channel."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            return what in f.read()
+    except OSError:
+        return False
+
+
+def interrupt_main_thread_when(condition: Callable[[], object]) -> Any:
+    """A started thread that sends SIGINT to the main thread once
+    ``condition()`` holds (Ctrl-C at that very point); join it after."""
+    import signal
+    import threading
+
+    main = threading.main_thread()
+
+    def send() -> None:
+        wait_until(condition)
+        signal.pthread_kill(main.ident, signal.SIGINT)  # type: ignore[arg-type]
+
+    sender = threading.Thread(target=send, daemon=True)
+    sender.start()
+    return sender
+
+
 async def await_until(condition: Callable[[], object], seconds: float = 30) -> None:
     """``wait_until`` in a coroutine: lets the event loop run in between."""
     import asyncio

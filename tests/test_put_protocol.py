@@ -18,7 +18,7 @@ from collections import deque
 from typing import Any, Callable, Optional
 
 import pytest
-from conftest import make_bare_core
+from conftest import interrupt_main_thread_when, make_bare_core, sleeping_in
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
 from parallel_queue._core import Core
@@ -219,7 +219,6 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
     waited for it forever.  Interrupt a waiting put() at each of its steps,
     and with a real SIGINT while it sleeps: the lock is free afterwards, and
     the waiter it left does no harm."""
-    import signal
 
     with monkeypatch.context() as m:
         # Any Condition the queue makes is hit at its worst moment: put()
@@ -230,14 +229,12 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
     try:
         if call == "put_marker":  # markers waiting for get() up to their bound
             f.intake.markers.extend((0, "a marker") for _ in range(f.opts.max_markers))
-        timer = None
+        sender = None
         if where == "signal":
-            main = threading.main_thread().ident
-            assert main == threading.get_ident()
-            # Sent once this thread sleeps on its waiter (or, if it comes
-            # early, wherever put() is then: either way it must not leak).
-            timer = threading.Timer(0.3, signal.pthread_kill, (main, signal.SIGINT))
-            timer.start()
+            main = threading.main_thread()
+            assert main is threading.current_thread()
+            # Sent once this thread's waiter is registered and it sleeps on it.
+            sender = interrupt_main_thread_when(lambda: len(f.intake.room) == 1 and sleeping_in(main, "futex"))
         else:
             owner, name = where
 
@@ -258,9 +255,8 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
                     f.intake.put_marker("another", None)
         finally:
             monkeypatch.undo()
-            if timer is not None:
-                timer.cancel()  # (it fired already, unless put() raised before sleeping)
-                timer.join()
+            if sender is not None:
+                sender.join(60)
         assert not f.lock.locked()
         f.stop()  # takes the lock, and releases whatever waiter was left
         assert len(f.intake.room) == 0

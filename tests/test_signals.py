@@ -217,15 +217,19 @@ def test_helper_threads_never_take_ctrl_c():
             q2.terminate()
 
 
-@pytest.mark.parametrize("where", ["wait_for_more", "raise_if_finished", "wait", "in_hand"])
+@pytest.mark.parametrize(
+    "where",
+    [("Receiver", "wait_for_more"), ("Delivery", "raise_if_finished"), ("Receiver", "wait"), ("Delivery", "may_sleep")],
+    ids=lambda w: w[1],
+)
 def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
     """Regression for a hung Ctrl-C: the KeyboardInterrupt landed after get()
     had marked itself the poller and before the try that unmarks it, and
     terminate() then waited forever for a poller that was gone.  Raise it at
     each step of a waiting get() and check nothing stays held or marked."""
-    from parallel_queue import ParallelQueue
-    from parallel_queue._delivery import Delivery
+    from parallel_queue import ParallelQueue, _delivery, _receiver
 
+    owner, name = where
     q = ParallelQueue(num_workers=1)
     try:
         d, e = q._core.delivery, q._core
@@ -234,10 +238,10 @@ def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
             raise KeyboardInterrupt
 
         with monkeypatch.context() as m:
-            m.setattr(Delivery, where, interrupted)
+            m.setattr(getattr({"Receiver": _receiver, "Delivery": _delivery}[owner], owner), name, interrupted)
             with pytest.raises(KeyboardInterrupt):
                 q.get()
-        assert d.poller is None and not len(e.wakeups.getters)
+        assert d.receiver.poller is None and not len(e.wakeups.getters)
         assert not d.lock.locked() and not e.lock.locked()
         q.put(abs, -4)
         assert q.get(timeout=60) == 4  # still works afterwards
@@ -256,7 +260,9 @@ def test_interrupt_while_waiting_for_the_pollers_turn(monkeypatch):
     import threading
     import types
 
-    from parallel_queue import ParallelQueue, QueueStopped, _delivery
+    from conftest import interrupt_main_thread_when, sleeping_in
+
+    from parallel_queue import ParallelQueue, QueueStopped, _delivery, _receiver
 
     class ReleaseThenInterrupted(threading.Condition):
         def _release_save(self):  # type: ignore[override]
@@ -264,30 +270,35 @@ def test_interrupt_while_waiting_for_the_pollers_turn(monkeypatch):
             raise KeyboardInterrupt
 
     polling = threading.Event()
-    original_wait = _delivery.Delivery.wait
+    original_wait = _receiver.Receiver.wait
 
     def wait(self, timeout):  # the poller is in poll() from here on
         polling.set()
         original_wait(self, timeout)
 
+    fake_threading = types.SimpleNamespace(
+        Lock=threading.Lock, Condition=ReleaseThenInterrupted, get_ident=threading.get_ident
+    )
     with monkeypatch.context() as m:
-        m.setattr(_delivery, "threading", types.SimpleNamespace(Lock=threading.Lock, Condition=ReleaseThenInterrupted))
+        for module in (_delivery, _receiver):
+            m.setattr(module, "threading", fake_threading)
         q = ParallelQueue(num_workers=1)
-    monkeypatch.setattr(_delivery.Delivery, "wait", wait)
+    monkeypatch.setattr(_receiver.Receiver, "wait", wait)
     got: list = []
     poller = threading.Thread(target=lambda: got.append(q.get(timeout=60)))
     try:
         d = q._core.delivery
         poller.start()
         assert polling.wait(60)
-        timer = threading.Timer(0.3, signal.pthread_kill, (threading.get_ident(), signal.SIGINT))
-        timer.start()
+        # Ctrl-C once this thread waits for the poller's turn: its waiter
+        # registered, and it asleep on it.
+        main = threading.main_thread()
+        sender = interrupt_main_thread_when(lambda: len(d.receiver.turns) == 1 and sleeping_in(main, "futex"))
         try:
             with pytest.raises(KeyboardInterrupt):
                 q.get(timeout=60)  # waits for the poller's turn; the signal lands there
         finally:
-            timer.cancel()
-            timer.join()
+            sender.join(60)
         assert not d.lock.locked()
         q.put(abs, -4)
         q.put(abs, -5)
@@ -472,7 +483,16 @@ def test_ctrl_c_at_random_moments_of_a_loop_of_small_maps(method, presses):
 def test_killed_parent_ends_a_stopped_consumer():
     """Regression: the consumer had no kernel parent-death kill as the workers
     do: a consumer stopped with SIGSTOP outlived its parent's SIGKILL."""
-    child, pids = start_child(RUNS_FOREVER.format(task="stuck", n=1))
+    # A result has gone through the consumer before it is stopped: it is past
+    # its start-up, where it sets up the kernel's watch.
+    body = """
+q = ParallelQueue(num_workers=1, mp_context=ctx)
+q.put(abs, -1)
+assert q.get(timeout=60) == 1
+ready(q)
+threading.Event().wait()
+"""
+    child, pids = start_child(body)
     consumer = pids[-1]  # processes(): the workers, then the consumer
     os.kill(consumer, signal.SIGSTOP)
     assert kill_parent_then_orphans(child, pids) == []

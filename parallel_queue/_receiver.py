@@ -1,0 +1,206 @@
+"""The main-process end of the output pipe: packets read, decoded, waited for.
+
+Packets arrive whole and in order (the consumer, or the executor engine's
+``LocalSource``, writes them).  The receiver reads what the pipe holds
+without blocking, keeps the bodies until ``get()`` reaches them, and decodes
+each once (``decode``: a value that will not unpickle here fails in its own
+slot).  When nothing is in hand, one getter thread at a time waits in
+``poll()`` on the pipe and its bell (the *poller*); other blocking getters
+wait for their turn (``turns``).  A non-blocking reader (``aget``) reads the
+pipe itself, and rings everyone listening when it found something.
+
+Every method runs with the delivery's lock held, which the receiver shares
+(see _delivery), unless it says otherwise.
+
+The output pipe is closed by ``close()`` only if nobody watches it
+(``watchers``: the poller, coroutines); otherwise by the last watcher to
+leave.  Closing a descriptor that a ``poll()`` or an event loop still
+watches would let its number be reused under their feet.
+"""
+
+from __future__ import annotations
+
+import pickle
+import select
+import threading
+from collections import deque
+from typing import Any, Callable, Optional
+
+from . import _wire
+from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
+from ._salvage import salvage_results
+from ._threads import Waiters
+from ._wakeups import Bell, Bells
+from ._wire import RESULT, decode_result
+
+__all__ = ["Receiver"]
+
+_POLL_IN = select.POLLIN | select.POLLHUP | select.POLLERR
+
+
+class Receiver:
+    """Reads, decodes and waits for packets (see the module docstring)."""
+
+    def __init__(self, reader: Any, lock: Any, queue_lock: Any, getters: Bells) -> None:
+        """``reader``: a ``FrameReader`` on the consumer's output pipe, or the
+        executor engine's local source; either has ``fd`` (to poll),
+        ``read_ready()`` and ``eof``.  ``lock``: the delivery's;
+        ``queue_lock`` and ``getters``: the queue's lock and getters' bells."""
+        self.reader = reader
+        self.lock = lock
+        self.queue_lock = queue_lock
+        self.getters = getters
+        self.bodies: deque[Any] = deque()  # packets read but not yet decoded
+        self.decoded = 0  # task results decoded (the next packet's first task)
+        self.turns = Waiters(lock)  # getters waiting for the poller to finish
+        self.poller: Optional[int] = None  # the thread waiting in poll(), if any
+        self.bell = Bell()  # the poller's (one poller at a time)
+        self.watchers = 0  # threads and coroutines watching the output pipe now
+        self.closed = False
+
+    @property
+    def eof(self) -> bool:
+        """The writer (the consumer) is gone and everything it wrote was read."""
+        return bool(self.reader.eof)
+
+    def fileno(self) -> int:
+        return int(self.reader.fd.fd)
+
+    # --------------------------------------------------------------- packets
+
+    def next_packet(self) -> Optional[tuple[list[Any], dict[int, Any]]]:
+        """The next packet's ``(values, errors)`` if one was read; else None."""
+        if not self.bodies:
+            return None
+        return self.decode(self.bodies.popleft())
+
+    def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
+        """(packets in order) A packet's ``(values, errors)``.
+
+        A value that will not unpickle here fails in its own slot: the fast
+        load of the whole packet is tried first, then each value on its own
+        (a careful packet's are pickled one by one; any other is salvaged,
+        see _salvage)."""
+        if type(body) is tuple:  # from the executor engine: already (values, errors)
+            return body
+        header = decode_result(body)
+        first = self.decoded
+        self.decoded += header.n_items
+        payload = memoryview(body)[RESULT.size :]
+        try:
+            if header.careful:
+                return loads_results_careful(payload, first)
+            return loads_results(payload)
+        except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
+            salvaged = salvage_results(payload, header.n_items)
+            if salvaged is None:
+                err = TaskError.for_failure(exc, "could not unpickle the results", pickle.UnpicklingError)
+                return every_slot_fails(header.n_items, err)
+            values, errors = salvaged
+            for k, err in errors.items():
+                if isinstance(err, BaseException):
+                    errors[k] = result_unpickling_error(err, first + k)
+            return values, errors
+
+    def read_available(self) -> bool:
+        """Read what the output pipe holds now, without waiting; True if a
+        packet came (or the end): then whoever sleeps watching the pipe (the
+        poller, coroutines) is rung, as it is empty again."""
+        if self.closed or self.reader.eof or not _wire.readable(self.reader.fd.fd, 0):
+            return False
+        got = self.reader.read_ready()
+        self.bodies.extend(got)
+        if got or self.reader.eof:
+            with self.queue_lock:
+                self.getters.ring()
+            return True
+        return False
+
+    def pump(self) -> bool:
+        """(lock not held) Move what the output pipe holds into memory; False
+        once at end-of-file.  join() does this so the consumer can finish
+        even when nobody is calling get()."""
+        with self.lock:
+            while self.read_available():
+                pass
+            return not (self.closed or self.reader.eof)
+
+    # --------------------------------------------------------------- waiting
+
+    def poller_elsewhere(self) -> bool:
+        """Whether another thread waits in poll() now."""
+        return self.poller is not None and self.poller != threading.get_ident()
+
+    def wait_for_more(self, timeout: Optional[float], may_sleep: Callable[[], bool]) -> None:
+        """(lock not held) Become the poller and wait for the output pipe or
+        the bell (or ``timeout``), if no one else polls and, asked with both
+        locks held once listening, ``may_sleep()`` (it raises if nothing
+        ever will come; False if something is due now).
+
+        Ctrl-C can land at any call, including in a ``finally``, and a
+        poller left marked would keep every other getter waiting for its
+        turn.  So the mark is made inside the ``try`` whose ``finally``
+        clears it, and the clearing is repeated until it has run whole (it
+        is idempotent); a KeyboardInterrupt raised in it is raised after.
+        """
+        me = threading.get_ident()
+        try:
+            with self.lock:
+                if self.poller is not None or self.bodies:
+                    return  # someone else polls, or something arrived: look again
+                self.poller = me
+                self.watchers += 1
+                with self.queue_lock:
+                    self.getters.listen(self.bell)
+                    if not may_sleep():
+                        return
+            self.wait(timeout)
+        finally:
+            interrupted: Optional[BaseException] = None
+            while True:
+                try:
+                    with self.queue_lock:
+                        self.getters.stop_listening(self.bell)
+                    with self.lock:
+                        if self.poller == me:
+                            self.poller = None
+                            self.unwatch()
+                            self.turns.release_all()
+                    break
+                except KeyboardInterrupt as k:
+                    interrupted = k
+            if interrupted is not None:
+                raise interrupted
+
+    def wait(self, timeout: Optional[float]) -> None:
+        """(the poller, listening; lock not held) Sleep until the output pipe
+        or the bell is readable, or ``timeout`` seconds pass.  The bell is
+        emptied when the poller listens again."""
+        p = select.poll()
+        p.register(self.reader.fd.fd, _POLL_IN)
+        p.register(self.bell.fileno(), _POLL_IN)
+        p.poll(None if timeout is None else max(0, int(timeout * 1000 + 0.999)))
+
+    def watch(self) -> None:
+        """A coroutine is about to watch the output pipe (see _aio)."""
+        self.watchers += 1
+
+    def unwatch(self) -> None:
+        """A watcher of the output pipe left; the last one out after close()
+        closes the pipe and the poller's bell."""
+        self.watchers -= 1
+        if self.closed and not self.watchers:
+            self.close_descriptors()
+
+    def close_descriptors(self) -> None:
+        _wire.close_fd(self.reader.fd)
+        self.bell.close()
+
+    def close(self) -> None:
+        """No more reading.  Whoever still watches the output pipe was woken by
+        whoever closes the queue; the last of them closes it (see unwatch)."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.watchers:
+            self.close_descriptors()
