@@ -266,28 +266,33 @@ def test_batch_that_will_not_unpickle_in_the_worker_fails_one_slot():
     assert got == list(range(13)) + ["UnpicklingError"] + list(range(14, 40))
 
 
-def test_join_and_is_alive_from_other_threads_never_fake_a_crash():
-    """Regression: a thread polling is_alive() while the queue ends used to reap
-    a process the dispatcher then saw with exit code None, as a crash."""
-    for _ in range(15):
-        q = ParallelQueue(num_workers=2)
-        for i in range(50):
-            q.put(abs, -i)
-        stop = threading.Event()
+def test_is_alive_from_another_thread_never_reaps_a_process(monkeypatch):
+    """Regression: a thread calling is_alive() while the queue ended used to
+    reap a process the dispatcher then saw with exit code None, as a crash.
+    Forced: between each process's exit and the dispatcher's reaping it,
+    another thread asks is_alive() and stats()."""
+    from parallel_queue._slots import Child
 
-        def poll(q=q, stop=stop):
-            while not stop.is_set():
-                q.is_alive()
+    asked = []
+    reap = Child.join
 
-        t = threading.Thread(target=poll)
+    def ask_then_reap(child):
+        t = threading.Thread(target=lambda: asked.append((q.is_alive(), q.stats().workers_alive)))
         t.start()
-        q.stop()
-        out = list(q)
-        q.join(60)
-        stop.set()
         t.join()
-        assert out == list(range(50))
-        assert not q.is_alive()
+        reap(child)
+
+    monkeypatch.setattr(Child, "join", ask_then_reap)
+    q = ParallelQueue(num_workers=2, max_tasks_per_worker=10)  # recycling: exits while it runs
+    for i in range(50):
+        q.put(abs, -i)
+    q.stop()
+    out = list(q)
+    q.join(60)
+    # Every result, no WorkerLostError: no exit was taken for a crash.
+    assert out == list(range(50))
+    # Asked at each end: the workers (50 tasks, 10 each: 5 at least) and the consumer.
+    assert not q.is_alive() and len(asked) >= 5 + 1
 
 
 def test_child_forked_while_another_thread_holds_the_fd_lock_does_not_hang():

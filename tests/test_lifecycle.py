@@ -214,6 +214,7 @@ def test_0_5_quick_start_calls():
     assert not q.is_alive()
 
 
+@pytest.mark.slow
 def test_no_descriptor_leak_across_many_queues():
     def fds():
         return len(os.listdir("/proc/self/fd"))
