@@ -7,15 +7,16 @@ import os
 import subprocess
 import sys
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _children_of(pid: int) -> list[int]:
-    kids: list[int] = []
+def live_processes(parent: Optional[int] = None, session: Optional[int] = None) -> list[int]:
+    """Live (non-zombie) processes whose parent, or session, is the one given."""
+    found: list[int] = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
@@ -24,11 +25,18 @@ def _children_of(pid: int) -> list[int]:
                 stat = f.read()
         except OSError:
             continue
-        # The command name is in parentheses and may hold spaces.
+        # The command name is in parentheses and may hold spaces; after it:
+        # state, parent, process group, session.
         fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[1]) == pid:
-            kids.append(int(entry))
-    return kids
+        if fields[0] == "Z":
+            continue
+        if (parent is not None and int(fields[1]) == parent) or (session is not None and int(fields[3]) == session):
+            found.append(int(entry))
+    return found
+
+
+def _children_of(pid: int) -> list[int]:
+    return live_processes(parent=pid)
 
 
 def _cmdline(pid: int) -> str:

@@ -23,6 +23,13 @@ def fail_on_2(x):
     return x
 
 
+async def endless():
+    i = 0
+    while True:
+        yield i
+        i += 1
+
+
 def run(coro):
     return asyncio.run(asyncio.wait_for(coro, 120))
 
@@ -188,12 +195,6 @@ def test_aimap_error_in_place_and_input_error_last():
 
 
 def test_aimap_aclose_stops_workers():
-    async def endless():
-        i = 0
-        while True:
-            yield i
-            i += 1
-
     async def main():
         async with aimap(abs, endless(), num_workers=2) as it:
             first = [await it.__anext__() for _ in range(10)]
@@ -211,12 +212,6 @@ def test_breaking_out_of_aimap_over_an_async_input_leaves_nothing_running():
     import os
 
     from conftest import descendants
-
-    async def endless():
-        i = 0
-        while True:
-            yield i
-            i += 1
 
     async def main():
         before = asyncio.all_tasks()

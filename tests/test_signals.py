@@ -10,7 +10,7 @@ import sys
 import time
 
 import pytest
-from conftest import ROOT, run_python
+from conftest import ROOT, live_processes, run_python
 
 PRELUDE = """
 import multiprocessing, os, signal, sys, threading
@@ -405,19 +405,7 @@ def test_one_ctrl_c_at_each_moment_of_start_up_is_one_clean_exit(moment):
 
 def session_processes(sid: int) -> list[int]:
     """Live (non-zombie) processes of session ``sid``."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat[stat.rindex(")") + 2 :].split()
-        if fields[0] != "Z" and int(fields[3]) == sid:
-            found.append(int(entry))
-    return found
+    return live_processes(session=sid)
 
 
 SMALL_MAPS_FOREVER = """
