@@ -68,6 +68,12 @@ class _Consumer:
         self.last_total: Optional[int] = None
         self.waiting: dict[int, int] = {}  # slot -> packet id it waits to send
         scratch = _wire.scratch_buffer()  # one thread here: all readers share it
+        # Non-blocking: one select() may report a worker's pipe readable that
+        # a DRAIN, handled first in the same batch, has read to its end; a
+        # blocking read of it would then wait for ever (the main process
+        # keeps the write end, for the slot's next worker).
+        for fd in (*spec.results_in, spec.ctrl_in):
+            _wire.set_nonblocking(fd)
         self.readers = [_wire.FrameReader(fd, scratch) for fd in spec.results_in]
         self.ctrl = _wire.FrameReader(spec.ctrl_in, scratch)
         _wire.set_nonblocking(spec.output_out)

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import multiprocessing.util  # noqa: F401 - imported before our exit handler is registered: see there
 import os
 import threading
-import weakref
 from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 
 from ._intake import Intake
@@ -132,18 +132,38 @@ class Core:
             self.wake_everyone()
 
     def terminate(self) -> None:
-        """End everything now; results not yet delivered are lost.  Quiet in
-        every state, in a forked child too (its finalizers call it)."""
+        """End everything now; results not yet delivered are lost.  Returns
+        once every process has ended and everything is released.  Quiet in
+        every state, in a forked child too."""
         if self.lifecycle.foreign:
             return
         with self.lock:
             self.intake.close_fast_path()
-            if not self.lifecycle.terminate(self.intake.tasks_put):
+            if self.lifecycle.terminate(self.intake.tasks_put):
+                self.intake.drop_pending()
+                self.wake_everyone()
+            elif self.lifecycle.closed:
                 return
-            self.intake.drop_pending()
-            self.wake_everyone()
         self.engine.wind_down()
         self.close()
+
+    def dropped(self) -> None:
+        """The queue object was collected before it was closed (its finalizer).
+
+        This runs in a weakref callback, where an exception is swallowed, a
+        KeyboardInterrupt from Ctrl-C included: so it only marks the queue
+        terminated and wakes everyone, in microseconds, and the engine's
+        own thread ends the processes and closes everything (see
+        ``Engine.wind_down``'s callers).  Done here, the ending took
+        milliseconds, in which a press was lost.
+        """
+        if self.lifecycle.foreign:
+            return
+        with self.lock:
+            self.intake.close_fast_path()
+            if self.lifecycle.drop(self.intake.tasks_put):
+                self.intake.drop_pending()
+                self.wake_everyone()
 
     def join(self, timeout: Optional[float]) -> bool:
         """Wait until the engine finished (after stop(), terminate() or a
@@ -167,7 +187,19 @@ class Core:
                 return
             self.engine.close()
             self.wakeups.close()
-        _live.discard(self)
+        _forget(self)
+
+    def close_unstarted(self) -> None:
+        """The engine could not start (see its constructor): release what the
+        parts opened.  Nobody can be waiting yet."""
+        with self.lock:
+            self.lifecycle.close()
+            self.engine.close()
+            self.wakeups.close()
+        delivery = getattr(self, "delivery", None)
+        if delivery is not None:
+            delivery.close()
+        _forget(self)
 
     # ---------------------------------------------------------------- queries
 
@@ -231,10 +263,18 @@ class Core:
             engine.left_behind_by_fork()
 
 
-# Every queue of this process (for the after-fork hook), and those whose
-# engine runs (for the exit handler).
-_cores: weakref.WeakSet[Core] = weakref.WeakSet()
-_live: weakref.WeakSet[Core] = weakref.WeakSet()
+# Every queue of this process not yet closed (for the after-fork hook), and
+# those whose engine runs (for the exit handler).  Plain sets, not weak ones:
+# a weak set runs Python code when an entry dies, during garbage collection,
+# where a Ctrl-C landing is swallowed; a queue leaves them when it closes
+# (its finalizer sees to that for a queue dropped without stop()).
+_cores: set[Core] = set()
+_live: set[Core] = set()
+
+
+def _forget(core: Core) -> None:
+    _cores.discard(core)
+    _live.discard(core)
 
 
 def _after_fork_in_child() -> None:

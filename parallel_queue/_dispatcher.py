@@ -174,36 +174,51 @@ class Dispatcher:
             rec = PacketRecord(self.next_id, first_task, batch)
             self.next_id = (self.next_id + 1) % self.modulus
             self.packets_total += 1
-            slot.outstanding.append(rec)
-            self.send(slot, rec)
+            self.hand_over(slot, rec)
+
+    def hand_over(self, slot: Slot, rec: PacketRecord) -> None:
+        """Give ``rec`` to the slot's worker: it counts towards the worker's
+        quota (max_tasks_per_worker) once, however often it is sent."""
+        slot.outstanding.append(rec)
+        slot.sent_items += len(rec.items)
+        self.send(slot, rec)
 
     def send(self, slot: Slot, rec: PacketRecord) -> None:
+        """Write ``rec`` to the slot's task pipe (again, after a rejection)."""
         if rec.careful:
             payload = dumps_individually(rec.payload_items())
         else:
             payload, rec.careful = dumps_tasks(rec.payload_items())
         self.scheduler.measured_size(len(rec.items), len(payload))
-        slot.sent_items += len(rec.items)
         writer = slot.writer
         assert writer is not None
         try:
-            done = writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form), payload)
+            writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form), payload)
         except BrokenPipeError:
             writer.clear()  # the worker is gone; its exit fd tells us next
-            return
-        if not done:
-            self.sel.register(writer.fd.fd, selectors.EVENT_WRITE, ("write", slot))
+        self.watch_writable(slot)
+
+    def watch_writable(self, slot: Slot) -> None:
+        """Wake when the slot's task pipe can take more, exactly while bytes
+        wait to be written to it (several packets may be sent at once after
+        a crash, each too big for the pipe: one registration for all)."""
+        writer = slot.writer
+        assert writer is not None
+        fd = writer.fd.fd
+        watched = fd in self.sel.get_map()
+        if writer.pending_bytes and not watched:
+            self.sel.register(fd, selectors.EVENT_WRITE, ("write", slot))
+        elif watched and not writer.pending_bytes:
+            self.sel.unregister(fd)
 
     def on_writable(self, slot: Slot) -> None:
         writer = slot.writer
         assert writer is not None
         try:
-            done = writer.flush()
+            writer.flush()
         except BrokenPipeError:
             writer.clear()
-            done = True
-        if done:
-            self.sel.unregister(writer.fd.fd)
+        self.watch_writable(slot)
 
     def on_credits(self) -> None:
         if self.credits.eof:
@@ -287,8 +302,7 @@ class Dispatcher:
         self.replaced += 1
         self.watch(slot)
         for rec in lost:  # in id order, into an empty pipe: nothing waits ahead of them
-            slot.outstanding.append(rec)
-            self.send(slot, rec)
+            self.hand_over(slot, rec)
 
     def on_consumer_end(self) -> None:
         consumer = self.engine.consumer
@@ -322,7 +336,7 @@ class Dispatcher:
                 slot.stop_sent()
                 assert slot.writer is not None
                 try:
-                    if not slot.writer.send(bytes([Kind.STOP])):
-                        self.sel.register(slot.writer.fd.fd, selectors.EVENT_WRITE, ("write", slot))
+                    slot.writer.send(bytes([Kind.STOP]))
                 except BrokenPipeError:
                     slot.writer.clear()
+                self.watch_writable(slot)

@@ -199,7 +199,11 @@ class ProcessEngine:
         self.dispatcher.run()
 
     def dispatcher_returned(self) -> None:
-        self.done.ring()
+        if self.core.lifecycle.dropped:  # nobody else will (see Core.dropped)
+            self.core.close()
+        else:
+            with self.core.lock:  # (close() closes it under this lock)
+                self.done.ring()
 
     def abandon(self) -> None:
         """The construction failed or was interrupted: end every process it
@@ -208,15 +212,7 @@ class ProcessEngine:
             self.core.terminate()
             return
         self.kill_processes()
-        with self.core.lock:
-            self.core.lifecycle.close()
-            self.close()
-            self.core.wakeups.close()
-        delivery = getattr(self.core, "delivery", None)
-        if delivery is not None:
-            delivery.close()  # (nobody can be watching yet)
-        for slot in self.slots:
-            _wire.close_fd(slot.tasks_w)
+        self.core.close_unstarted()
 
     # -------------------------------------------------------------- workers
 

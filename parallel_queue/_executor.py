@@ -117,12 +117,7 @@ class ExecutorEngine:
             if self.thread.ident is not None:
                 core.terminate()
             else:
-                with core.lock:
-                    core.lifecycle.close()
-                    self.close()
-                    core.wakeups.close()
-                if getattr(core, "delivery", None) is not None:
-                    core.delivery.close()
+                core.close_unstarted()
             raise
 
     # ------------------------------------------------------------ the loop
@@ -162,6 +157,8 @@ class ExecutorEngine:
             sel.close()
             if self.lifecycle.gone:
                 self.cancel_calls()
+            if self.lifecycle.dropped:  # nobody else will (see Core.dropped)
+                core.close()
 
     def finished_all(self) -> bool:
         with self.core.lock:

@@ -75,15 +75,15 @@ def end_map_input(core: Core, lease: MapLease) -> None:
         core.wakeups.getters.ring()
 
 
-def give_back(core: Core, lease: MapLease, feeder: Optional[threading.Thread]) -> None:
-    """End a map on a caller's queue: stop its feeder (its put_many raises
-    QueueStopped), then hand the queue back.  Tasks already sent still run;
-    their results are dropped as they come."""
+def give_back(core: Core, lease: MapLease) -> None:
+    """End a map on a caller's queue and hand the queue back.  Its feeder's
+    next put_many raises QueueStopped (every append it makes checks the
+    lease under the lock, so none comes after this); tasks already sent
+    still run, and their results are dropped as they come.  Two lock
+    rounds, no wait: it may run as a finalizer (see Core.dropped)."""
     with core.lock:
         lease.cancelled = True
         core.intake.room_freed()
-    if feeder is not None and feeder is not threading.current_thread():
-        feeder.join()
     with core.both_locks():
         if core.intake.take_back(lease):
             core.delivery.discard_up_to(core.intake.dispatched)
@@ -137,7 +137,6 @@ class IMapIterator(Iterator[R]):
         self._q = queue
         self._core = core
         self._delivery = core.delivery
-        self._own = own
         self._lease = begin_map(core, fn, form, chunksize)
         # Results in hand: ``_cur`` iterates the current run of plain values;
         # ``_steps`` holds what follows in the packet (see split_results).
@@ -151,13 +150,11 @@ class IMapIterator(Iterator[R]):
                 _feed, "parallel_queue-imap-feeder", (core, inputs, self._input_error, self._lease, own)
             )
             self._feeder.start()
-        # Dropped without close(): end the workers (or give the queue back);
-        # the feeder then stops on its next put.  The finalizer holds the
-        # queue, not this iterator.
-        if own:
-            self._finalizer = weakref.finalize(self, queue.terminate)
-        else:
-            self._finalizer = weakref.finalize(self, functools.partial(give_back, core, self._lease, self._feeder))
+        # Dropped without close(): a queue of its own is dropped with it (its
+        # own finalizer ends it); a caller's queue is given back.  Either way
+        # the feeder stops on its next put.  The finalizer holds the core,
+        # not this iterator.
+        self._give_back = None if own else weakref.finalize(self, functools.partial(give_back, core, self._lease))
 
     def __iter__(self) -> Iterator[R]:
         # A generator: ``for`` then takes each value at C speed (``yield
@@ -235,12 +232,12 @@ class IMapIterator(Iterator[R]):
         """Every result was taken: end the workers (or give the queue back),
         and raise the input's own error, if reading the input failed."""
         self._done = True
-        if self._own:
+        if self._give_back is not None:
+            self._give_back()  # every result was taken
+        else:
             if self._feeder is not None:
                 self._feeder.join()
             self._q.join()
-        else:
-            self._finalizer()  # give_back: every result was taken
         if self._input_error:
             raise self._input_error.pop() from None
 
@@ -249,8 +246,11 @@ class IMapIterator(Iterator[R]):
         taken are dropped."""
         self._done = True
         self._cur, self._steps = _EMPTY, deque()
-        self._finalizer()  # terminate, or give_back
-        if self._own and self._feeder is not None:
+        if self._give_back is not None:
+            self._give_back()
+        else:
+            self._q.terminate()
+        if self._feeder is not None and self._feeder is not threading.current_thread():
             self._feeder.join()
 
     def __enter__(self) -> IMapIterator[R]:

@@ -114,9 +114,11 @@ class _QueueBase(Generic[R]):
         self._intake = core.intake
         self._delivery = core.delivery
         self._ready = core.delivery.ready
-        # Collected without stop(): end the processes quietly.  The finalizer
-        # holds the core, never the queue, so it does not keep it alive.
-        self._finalizer = weakref.finalize(self, core.terminate)
+        # Collected unclosed: end the processes quietly (see Core.dropped).
+        # The finalizer holds the core, never the queue, so it does not keep
+        # it alive; it is detached once the queue is closed, so that a
+        # closed queue's collection runs no code of ours.
+        self._finalizer = weakref.finalize(self, core.dropped)
 
     @property
     def num_workers(self) -> int:
@@ -162,11 +164,13 @@ class _QueueBase(Generic[R]):
         available to ``get()``.  Any number of times, in any order with
         ``stop()`` and ``terminate()``.
         """
-        self._core.join(timeout)
+        if self._core.join(timeout):
+            self._finalizer.detach()
 
     def terminate(self) -> None:
         """End all processes now, even with tasks running; undelivered results are lost."""
         self._core.terminate()
+        self._finalizer.detach()
 
     def is_alive(self) -> bool:
         """True while any worker or the consumer process is running."""

@@ -40,7 +40,16 @@ from ._tasks import (
     STAGE_LOADING,
     STAGE_RUNNING,
     STAGE_SAVING,
+    STAGE_STARTING,
 )
+
+# The steps a worker takes for a task, timed when task_timeout is set, and
+# what a task that took too long at each did.
+_TIMED = {
+    STAGE_LOADING: "took longer than task_timeout={limit}s to unpickle its arguments",
+    STAGE_RUNNING: "ran longer than task_timeout={limit}s",
+    STAGE_SAVING: "took longer than task_timeout={limit}s to pickle its result",
+}
 
 __all__ = ["Supervisor", "MAX_STARTUP_DEATHS", "MAX_UNEXPLAINED_DEATHS"]
 
@@ -68,17 +77,13 @@ class Supervisor:
 
     # ---------------------------------------------------------------- deaths
 
-    def reached_a_packet(self, slot: Slot) -> bool:
-        """Whether its (now dead) worker got as far as a packet: past
-        worker_init_f, that is."""
-        return self.field(slot, P_SEQ) > 0 or self.field(slot, P_STAGE) != STAGE_IDLE
-
     def died_at_start(self, slot: Slot, proc: Child) -> Optional[WorkerInitError]:
-        """Its worker ended before running anything, and not because it was
-        told to (a clean exit counts: ``os._exit(0)`` in worker_init_f would
-        otherwise be restarted forever).  The error that breaks the queue,
-        once that has happened too often in a row; else None."""
-        if self.reached_a_packet(slot) or slot.told_to_stop:
+        """Its worker ended before it was through worker_init_f, and not
+        because it was told to (a clean exit counts: ``os._exit(0)`` in
+        worker_init_f would otherwise be restarted forever; a worker killed
+        while idle does not).  The error that breaks the queue, once that
+        has happened too often in a row; else None."""
+        if self.field(slot, P_STAGE) != STAGE_STARTING or slot.told_to_stop:
             return None
         self.startup_deaths[slot.index] += 1
         if self.startup_deaths[slot.index] < MAX_STARTUP_DEATHS:
@@ -95,14 +100,20 @@ class Supervisor:
         error in its slot, or mark the packet careful, so that a next death
         names its task (``rec`` is changed in place; it goes again)."""
         stage, k = self.field(slot, P_STAGE), self.field(slot, P_ITEM)
-        if self.field(slot, P_PACKET) != rec.packet_id or stage == STAGE_IDLE:
+        if self.field(slot, P_PACKET) != rec.packet_id or stage in (STAGE_STARTING, STAGE_IDLE):
             return  # it had not started this packet: it goes again as it was
         n = len(rec.items)
-        if slot.timeout_kill:
-            if stage == STAGE_RUNNING and 0 <= k < n and slot.timeout_kill == self.field(slot, P_SEQ):
-                blame(rec, k, proc, TIMEOUT, self.task_timeout)
-            return  # (else the slow task finished in time; the packet goes again)
         fresh = 0 <= k < n and not isinstance(rec.items[k], TaskError)
+        if slot.timeout_kill:
+            if slot.timeout_kill != self.field(slot, P_SEQ):
+                return  # the slow step finished in time: the packet goes again as it was
+            if fresh and stage in _TIMED:
+                blame(rec, k, proc, _TIMED[stage].format(limit=self.task_timeout), timeout=True)
+            elif not rec.careful:
+                rec.careful = True  # the whole batch was (un)pickled: which task took the time?
+            else:
+                self.unexplained(rec, proc)
+            return
         if stage == STAGE_RUNNING and fresh:
             blame(rec, k, proc, "was running in worker pid {pid}, which {how}")
         elif not rec.careful:
@@ -125,27 +136,35 @@ class Supervisor:
                 " (killed while pickling it, or the task closed the worker's pipes)",
             )
         else:
-            rec.deaths += 1
-            if rec.deaths >= MAX_UNEXPLAINED_DEATHS:
-                for j in range(n):
-                    if not isinstance(rec.items[j], TaskError):
-                        blame(
-                            rec,
-                            j,
-                            proc,
-                            f"ran, but the workers running its packet died {rec.deaths} times before the"
-                            " results could leave them (last: pid {pid}, which {how})",
-                        )
+            self.unexplained(rec, proc)
+
+    def unexplained(self, rec: PacketRecord, proc: Child) -> None:
+        """A death no task could be blamed for: after MAX_UNEXPLAINED_DEATHS
+        of them, every task left in the packet fails."""
+        rec.deaths += 1
+        if rec.deaths < MAX_UNEXPLAINED_DEATHS:
+            return
+        for j in range(len(rec.items)):
+            if not isinstance(rec.items[j], TaskError):
+                blame(
+                    rec,
+                    j,
+                    proc,
+                    f"ran, but the workers running its packet died {rec.deaths} times before the"
+                    " results could leave them (last: pid {pid}, which {how})",
+                )
 
     # -------------------------------------------------------------- timeouts
 
     def overdue(self, slots: Iterable[Slot]) -> tuple[list[Slot], Optional[float]]:
-        """With task_timeout: the slots whose worker ran a task past it (each
-        marked as killed for that task: kill them), and the seconds until
-        the next look (None: no timeout, or nothing running).
+        """With task_timeout: the slots whose worker spent longer than that
+        on a task's step (unpickling its arguments, running it, pickling its
+        result; for a whole batch's (un)pickling, that many times longer):
+        each is marked as killed for that step (kill them).  And the seconds
+        until the next look (None: no timeout, or nothing running).
 
         The progress fields are read as a sequence lock (see
-        ``_tasks.mark_start``): a reading counts only if the task's number
+        ``_tasks.mark_step``): a reading counts only if the step's number
         was the same non-zero one before and after it.
         """
         if self.task_timeout is None:
@@ -159,20 +178,15 @@ class Supervisor:
                 continue
             seq = self.field(slot, P_SEQ)
             packet, k, start = self.field(slot, P_PACKET), self.field(slot, P_ITEM), self.field(slot, P_START_NS)
-            running = self.field(slot, P_STAGE) == STAGE_RUNNING
+            stage = self.field(slot, P_STAGE)
             first = slot.outstanding[0]
-            if (
-                seq == 0
-                or seq != self.field(slot, P_SEQ)
-                or packet != first.packet_id
-                or not running
-                or not 0 <= k < len(first.items)
-            ):
-                # Between tasks, or switching: no event tells us when the
-                # next task starts, so look again one timeout from now.
+            n = len(first.items)
+            if seq == 0 or seq != self.field(slot, P_SEQ) or packet != first.packet_id or stage not in _TIMED:
+                # Between steps, or switching: no event tells us when the
+                # next step starts, so look again one timeout from now.
                 deadline = now + limit_ns
             else:
-                deadline = start + limit_ns
+                deadline = start + limit_ns * (1 if 0 <= k < n else n)
                 if deadline <= now:
                     slot.timeout_kill = seq
                     overdue.append(slot)
@@ -190,25 +204,16 @@ def init_failure(payload: bytes) -> WorkerInitError:
     return err
 
 
-# ``how`` for blame(): the task ran past task_timeout.
-TIMEOUT = "timeout"
-
-
-def blame(rec: PacketRecord, k: int, proc: Child, how: str, task_timeout: Optional[float] = None) -> None:
+def blame(rec: PacketRecord, k: int, proc: Child, how: str, timeout: bool = False) -> None:
     """Task ``k`` of ``rec`` fails in its slot and does not run again:
     WorkerLostError, saying ``how`` (with ``{pid}`` and ``{how}`` filled in),
-    or TaskTimeoutError (``how`` is TIMEOUT)."""
+    or TaskTimeoutError (``timeout``: ``how`` says which step)."""
     index = rec.first_task + k
     what = f"task #{index} ({describe_task(rec.items[k])})"
     code = proc.exitcode
     err: Exception
-    if how == TIMEOUT:
-        err = TaskTimeoutError(
-            f"{what} ran longer than task_timeout={task_timeout}s and was killed with its worker (pid {proc.pid})",
-            index,
-            proc.pid,
-            code,
-        )
+    if timeout:
+        err = TaskTimeoutError(f"{what} {how} and was killed with its worker (pid {proc.pid})", index, proc.pid, code)
     else:
         err = WorkerLostError(f"{what} " + how.format(pid=proc.pid, how=how_it_ended(proc)), index, proc.pid, code)
     rec.items[k] = TaskError.from_message(err)

@@ -28,9 +28,11 @@ ONE = 3  # imap over one iterable: the one argument itself (cheapest to pickle)
 PROGRESS_FIELDS = 5
 P_PACKET, P_ITEM, P_START_NS, P_SEQ, P_STAGE = range(PROGRESS_FIELDS)
 
-# Stages (P_STAGE).  Between packets; unpickling the tasks; running task
-# P_ITEM; pickling results (a careful packet: task P_ITEM's); sending them.
-STAGE_IDLE, STAGE_LOADING, STAGE_RUNNING, STAGE_SAVING, STAGE_SENDING = range(5)
+# Stages (P_STAGE).  Starting (not past worker_init_f yet: a fresh slot of
+# the array reads so); between packets; unpickling the tasks (P_ITEM: the
+# task's, in a careful packet; -1: the whole batch); running task P_ITEM;
+# pickling results (likewise: P_ITEM, or the whole packet); sending them.
+STAGE_STARTING, STAGE_IDLE, STAGE_LOADING, STAGE_RUNNING, STAGE_SAVING, STAGE_SENDING = range(6)
 
 
 def packet_function(fn: Optional[Any], form: int, items: list[Any]) -> tuple[Optional[Any], list[Any]]:
@@ -74,7 +76,7 @@ def run_items(
     errors: dict[int, Any] = {}
     for k, item in enumerate(items):
         if timed:
-            seq = mark_start(prog, p0, k, seq)
+            seq = mark_step(prog, p0, STAGE_RUNNING, k, seq)
         else:
             prog[at_item] = k
         if type(item) is TaskError:
@@ -102,8 +104,9 @@ def run_items(
     return values, errors, seq
 
 
-def mark_start(prog: Any, p0: int, k: int, seq: int) -> int:
-    """Record that task ``k`` starts now (task_timeout is set); the new seq.
+def mark_step(prog: Any, p0: int, stage: int, k: int, seq: int) -> int:
+    """Record that ``stage`` starts now for task ``k`` (task_timeout is set:
+    each step is timed); the new sequence number.
 
     The dispatcher reads these fields while the worker writes them, as a
     sequence lock: P_SEQ is 0 while they change, and a reading counts only
@@ -112,6 +115,7 @@ def mark_start(prog: Any, p0: int, k: int, seq: int) -> int:
     start time, and blame the wrong task for a timeout.
     """
     prog[p0 + P_SEQ] = 0
+    prog[p0 + P_STAGE] = stage
     prog[p0 + P_ITEM] = k
     prog[p0 + P_START_NS] = time.monotonic_ns()
     prog[p0 + P_SEQ] = seq + 1

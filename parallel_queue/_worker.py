@@ -19,6 +19,8 @@ from __future__ import annotations
 import io
 import os
 import pickle
+import sys
+import threading
 import time
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
@@ -41,7 +43,6 @@ from ._payload import (
 from ._tasks import (
     P_ITEM,
     P_PACKET,
-    P_SEQ,
     P_STAGE,
     PROGRESS_FIELDS,
     STAGE_IDLE,
@@ -51,7 +52,7 @@ from ._tasks import (
     STAGE_SENDING,
     STAR,
     capture_error,
-    mark_start,
+    mark_step,
     packet_function,
     run_items,
     run_one,
@@ -145,6 +146,21 @@ def worker_main(handed: Inherited) -> None:
         # progress array).  Either way there is nobody to tell: leave
         # quietly, without a traceback on the terminal.
         os._exit(EXIT_PIPE_LOST)
+    if any(t.is_alive() and not t.daemon for t in threading.enumerate() if t is not threading.main_thread()):
+        # A task left a thread running: multiprocessing would wait for it
+        # for ever before this process exits (recycling, stop() and join()
+        # would hang).  The worker's work is done: exit now.
+        _flush_std_streams()
+        os._exit(0)
+
+
+def _flush_std_streams() -> None:
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            if stream is not None:
+                stream.flush()
+        except Exception:  # a closed or broken stream: nothing more to say
+            pass
 
 
 def _report_init_failure(spec: WorkerSpec, e: BaseException) -> None:
@@ -171,6 +187,17 @@ class _Worker:
         # What our own pipes are: a task may close them (os.closerange) and
         # even open files that take their numbers (see check_own_pipes).
         self.pipes = {fd: _identity(fd) for fd in (spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd)}
+        self.prog[self.p0 + P_STAGE] = STAGE_IDLE  # past worker_init_f: a death is no start-up death
+
+    def step(self, stage: int, k: int) -> None:
+        """Record that the worker now does ``stage`` for task ``k`` of its
+        packet (-1: the whole packet, or a map's function).  With
+        task_timeout, each step is timed (see _tasks.mark_step)."""
+        if self.spec.timed:
+            self.seq = mark_step(self.prog, self.p0, stage, k, self.seq)
+        else:
+            self.prog[self.p0 + P_STAGE] = stage
+            self.prog[self.p0 + P_ITEM] = k
 
     def run(self) -> None:
         fd = self.spec.tasks_in.fd
@@ -195,12 +222,11 @@ class _Worker:
         tells the dispatcher to send the packet again as a careful one,
         which pins the death on one task (see run_careful)."""
         prog, p0 = self.prog, self.p0
-        prog[p0 + P_ITEM] = -1
         prog[p0 + P_PACKET] = pkt.packet_id
-        prog[p0 + P_STAGE] = STAGE_LOADING
+        self.step(STAGE_LOADING, -1)
         try:
             items = loads_tasks(pkt.payload, False)
-        except Exception:
+        except BaseException:  # noqa: BLE001 - a loader's SystemExit too: user code
             self.run_careful(self.fetch_careful(pkt.packet_id))
             return
         prog[p0 + P_STAGE] = STAGE_RUNNING
@@ -209,7 +235,7 @@ class _Worker:
         values, errors, self.seq = run_items(fn, pkt.form, items, capture_error, prog, p0, self.seq, self.spec.timed)
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
-        prog[p0 + P_STAGE] = STAGE_SAVING
+        self.step(STAGE_SAVING, len(items))
         payload = dumps_results(values, errors, items)
         self.send(pkt.packet_id, len(items), compute_ns, False, payload)
 
@@ -223,33 +249,24 @@ class _Worker:
         task it was doing.  An argument or a result that fails without
         killing it fails in its own slot.
         """
-        prog, p0 = self.prog, self.p0
-        prog[p0 + P_PACKET] = pkt.packet_id
-        prog[p0 + P_ITEM] = -1
-        prog[p0 + P_STAGE] = STAGE_LOADING
+        self.prog[self.p0 + P_PACKET] = pkt.packet_id
+        self.step(STAGE_LOADING, -1)
         parts = loads_tasks_envelope(pkt.payload)
         # A map's packet on a queue that runs any task carries its function
         # first: its index is -1, the tasks' are 0, 1, ...
         first = -1 if (self.fn is None and pkt.form >= STAR) else 0
         loaded = []
         for k, part in enumerate(parts, first):
-            prog[p0 + P_ITEM] = k
+            self.step(STAGE_LOADING, k)
             loaded.append(load_one_task(part))
         fn, items = packet_function(self.fn, pkt.form, loaded)
         t0 = time.perf_counter_ns()
         results: list[Optional[bytes]] = []
         errors: dict[int, Any] = {}
-        timed = self.spec.timed
         for k, item in enumerate(items):
-            prog[p0 + P_STAGE] = STAGE_RUNNING
-            if timed:
-                self.seq = mark_start(prog, p0, k, self.seq)
-            else:
-                prog[p0 + P_ITEM] = k
-                self.seq += 1
-                prog[p0 + P_SEQ] = self.seq
+            self.step(STAGE_RUNNING, k)
             value, error = run_one(fn, pkt.form, item)
-            prog[p0 + P_STAGE] = STAGE_SAVING
+            self.step(STAGE_SAVING, k)
             if error is None:
                 value, error = dump_one_result(value, item)
             results.append(value)

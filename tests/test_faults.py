@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import os
 import signal
+import sys
 import threading
 import time
 
@@ -451,3 +452,223 @@ def test_worker_dying_while_unpickling_an_argument_is_one_error_in_its_slot(chun
     got = drain(imap(str, items, num_workers=2, chunksize=chunksize), WorkerLostError)
     assert got[:7] == [str(i) for i in range(7)] and got[8:] == [str(i) for i in range(8, 30)]
     assert got[7].startswith("WorkerLostError: task #7 (") and "unpickl" in got[7]
+
+
+# ---------------------------------------------------------- a second round
+# (faults found by trying to break the first round's fixes)
+
+
+def pipe_bytes(fd):
+    """Bytes waiting in the pipe whose end ``fd`` is (either end will do)."""
+    import array
+    import fcntl
+    import termios
+
+    buf = array.array("i", [0])
+    fcntl.ioctl(fd, termios.FIONREAD, buf)
+    return buf[0]
+
+
+def block_forever():
+    threading.Event().wait()
+
+
+def gated_value(gate_path):
+    while not os.path.exists(gate_path):  # (released by the test; no result can leave before)
+        time.sleep(0.005)
+    return "x"
+
+
+def test_consumer_never_blocks_on_a_pipe_a_drain_already_emptied(tmp_path):
+    """Regression: one select() in the consumer reported both the control
+    pipe (a DRAIN for a dead worker Y) and worker X's result pipe.  Handled
+    in that order, a DRAIN for X (dead too) read X's pipe to its end, and the
+    stale event then made the consumer block for ever in a read of X's pipe.
+    Forced with the consumer stopped while the events line up."""
+    from conftest import wait_until
+
+    gate = tmp_path / "gate"
+    q = ParallelQueue(num_workers=2, max_batch=1)
+    try:
+        engine = q._core.engine
+        q.put(block_forever)
+        q.put(gated_value, str(gate))
+        wait_until(lambda: all(len(s.outstanding) == 1 for s in engine.slots))
+        x = next(s for s in engine.slots if s.outstanding[0].first_task == 1)
+        y = next(s for s in engine.slots if s is not x)
+        os.kill(engine.consumer.pid, signal.SIGSTOP)
+        os.kill(y.proc.pid, signal.SIGKILL)
+        wait_until(lambda: pipe_bytes(engine.ctrl_w.fd) > 0)  # DRAIN(Y): the control pipe first
+        gate.touch()
+        wait_until(lambda: pipe_bytes(x.results_w.fd) > 0)  # then X's result
+        os.kill(x.proc.pid, signal.SIGKILL)  # DRAIN(X) follows on the control pipe
+        wait_until(lambda: x.proc.ended())
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        with pytest.raises(WorkerLostError):
+            q.get(timeout=60)
+        assert q.get(timeout=60) == "x"
+    finally:
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        q.terminate()
+
+
+def returns_killer_after(blob):
+    return KillsWhenPickled()
+
+
+def size(blob):
+    return len(blob)
+
+
+def test_packets_too_big_for_the_pipe_are_sent_again_after_a_crash():
+    """Regression: after a crash, the packets the dead worker held went to
+    its replacement one after the other; each too big for the task pipe
+    registered the pipe for writing again, and the dispatcher died of it
+    (KeyError: already registered), breaking the queue."""
+    blob = b"x" * (2 << 20)  # more than the 1 MiB a task pipe holds
+    with ParallelQueue(num_workers=1, max_batch=1) as q:
+        q.put(returns_killer_after, blob)
+        q.put(size, blob)
+        q.put(size, blob)
+        with pytest.raises(WorkerLostError):
+            q.get(timeout=60)
+        assert [q.get(timeout=60), q.get(timeout=60)] == [len(blob), len(blob)]
+
+
+class FailsToLoad:
+    """An argument that pickles, and raises ValueError when unpickled."""
+
+    def __reduce__(self):
+        return int, ("not a number",)
+
+
+def test_a_batch_sent_again_counts_once_towards_max_tasks_per_worker():
+    """Regression: a batch that would not unpickle in the worker was sent
+    again, and its tasks counted twice towards the worker's quota: the
+    dispatcher thought the quota used up, the worker did not, and the next
+    get() waited for ever."""
+    import pickle
+
+    with ParallelQueue(num_workers=1, max_tasks_per_worker=2) as q:
+        got = []
+        for item in (FailsToLoad(), "second", "third", "fourth"):
+            q.put(identity, item)
+            try:
+                got.append(q.get(timeout=60))
+            except pickle.UnpicklingError:
+                got.append("UnpicklingError")
+    assert got == ["UnpicklingError", "second", "third", "fourth"]
+
+
+class SlowToPickle:
+    def __reduce__(self):
+        threading.Event().wait()
+        return str, ("never",)
+
+
+class SlowToLoad:
+    def __reduce__(self):
+        return time.sleep, (3600,)
+
+
+def return_slow_to_pickle():
+    return SlowToPickle()
+
+
+@pytest.mark.parametrize("where", ["result", "argument"])
+@pytest.mark.parametrize("batch", [1, 50])
+def test_task_timeout_covers_pickling_the_result_and_unpickling_the_arguments(where, batch):
+    """Regression: task_timeout timed only the running of a task; a result
+    whose pickling, or an argument whose unpickling, never ended hung the
+    queue for ever.  Now that task fails with TaskTimeoutError, and the
+    others come out."""
+    with ParallelQueue(num_workers=1, task_timeout=0.5, max_batch=batch) as q:
+        q.put(abs, -1)
+        if where == "result":
+            q.put(return_slow_to_pickle)
+        else:
+            q.put(identity, SlowToLoad())
+        q.put(abs, -3)
+        assert q.get(timeout=60) == 1
+        with pytest.raises(TaskTimeoutError, match="task_timeout=0.5s") as info:
+            q.get(timeout=60)
+        assert q.get(timeout=60) == 3
+    assert info.value.task_index == 1
+    assert ("pickle its result" if where == "result" else "unpickle its arguments") in str(info.value)
+
+
+def raise_keyboard_interrupt():
+    raise KeyboardInterrupt
+
+
+def exit_with_a_message():
+    sys.exit("bye from unpickling")
+
+
+class RaisesWhenLoaded:
+    def __init__(self, how):
+        self.how = how
+
+    def __reduce__(self):
+        return {"KeyboardInterrupt": raise_keyboard_interrupt, "SystemExit": exit_with_a_message}[self.how], ()
+
+
+@pytest.mark.parametrize("how", ["KeyboardInterrupt", "SystemExit"])
+def test_a_loader_raising_a_base_exception_is_that_tasks_error_and_nothing_more(how, capfd):
+    """Regression: KeyboardInterrupt or SystemExit("...") raised while a
+    worker unpickled a batch escaped the worker: the error did land in its
+    slot, but the worker died printing a traceback (or the message) first."""
+    import pickle
+
+    with ParallelQueue(num_workers=1) as q:
+        q.put(identity, 1)
+        q.put(identity, RaisesWhenLoaded(how))
+        q.put(identity, 3)
+        assert q.get(timeout=60) == 1
+        with pytest.raises(pickle.UnpicklingError, match=how):
+            q.get(timeout=60)
+        assert q.get(timeout=60) == 3
+        assert q.stats().workers_replaced == 0
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "bye from" not in err
+
+
+def leave_a_thread_running(i):
+    threading.Thread(target=threading.Event().wait, daemon=False).start()
+    return i
+
+
+def test_a_task_that_leaves_a_thread_running_does_not_keep_its_worker():
+    """Regression: a worker whose task left a non-daemon thread running never
+    exited (multiprocessing waits for such threads): recycling hung, and
+    stop() then join() never ended."""
+    with ParallelQueue(num_workers=1, max_tasks_per_worker=1) as q:
+        for i in range(3):
+            q.put(leave_a_thread_running, i)
+        assert [q.get(timeout=60) for _ in range(3)] == [0, 1, 2]
+        q.stop()
+        q.join(60)
+        assert not q.is_alive()
+
+
+def test_idle_workers_killed_from_outside_are_no_start_up_deaths():
+    """Regression: a worker that had long passed worker_init_f and was killed
+    while idle counted as dying at start-up: three such kills broke the
+    queue with WorkerInitError."""
+    from conftest import wait_until
+
+    from parallel_queue._tasks import P_STAGE, PROGRESS_FIELDS, STAGE_IDLE
+
+    with ParallelQueue(num_workers=2) as q:
+        q.put(identity, 0)
+        assert q.get(timeout=60) == 0
+        engine = q._core.engine
+        slot = engine.slots[1]
+        for _ in range(4):  # more than MAX_STARTUP_DEATHS
+            old = slot.proc
+            # Past worker_init_f (its stage says so), then killed while idle.
+            wait_until(lambda: engine.progress[slot.index * PROGRESS_FIELDS + P_STAGE] == STAGE_IDLE)
+            os.kill(old.pid, signal.SIGKILL)
+            wait_until(lambda old=old: slot.proc is not old)
+        q.put(identity, 1)
+        assert q.get(timeout=60) == 1

@@ -513,3 +513,41 @@ q.terminate()
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "broken: True"
     assert r.stderr == ""
+
+
+def test_ctrl_c_while_a_dropped_queue_is_ended_is_not_lost():
+    """Regression: a queue dropped without stop() was ended by its finalizer,
+    in the main thread, inside a weakref callback, where Python swallows
+    exceptions: a press landing in those milliseconds (joining the
+    dispatcher, killing and reaping the processes) was lost ("Exception
+    ignored in: <finalize object>"), and the program ran on.  Forced: the
+    press comes while the dropped queue's processes are killed."""
+    code = """
+import gc, os, signal, threading
+signal.signal(signal.SIGINT, signal.default_int_handler)
+from parallel_queue import ParallelQueue, _engine
+
+real_kill = _engine.ProcessEngine.kill_processes
+pressed = []
+
+def press_then_kill(self):
+    if not pressed:  # one press
+        pressed.append(1)
+        os.kill(os.getpid(), signal.SIGINT)
+    real_kill(self)
+
+_engine.ProcessEngine.kill_processes = press_then_kill
+try:
+    q = ParallelQueue(num_workers=2)
+    q.put(abs, -1)
+    assert q.get(timeout=60) == 1
+    del q
+    gc.collect()
+    threading.Event().wait(30)  # the press ends this wait
+    print("the press was lost")
+except KeyboardInterrupt:
+    print("interrupted")
+"""
+    r = run_python(code)
+    assert r.stdout.strip() == "interrupted", (r.stdout, r.stderr)
+    assert r.returncode == 0 and r.stderr == ""
