@@ -298,7 +298,13 @@ class Dispatcher:
             return
         with self.core.lock:  # see _slots.Child
             proc.release()
-        self.engine.start_worker(slot)
+        try:
+            self.engine.start_worker(slot)
+        except OSError as e:  # no descriptor left (EMFILE), no memory to fork: the queue cannot go on
+            broken = QueueBrokenError(f"cannot start a worker to replace the one that ended: {e}")
+            broken.__cause__ = e
+            self.core.fail(broken)
+            return
         self.replaced += 1
         self.watch(slot)
         for rec in lost:  # in id order, into an empty pipe: nothing waits ahead of them

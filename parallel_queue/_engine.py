@@ -83,6 +83,11 @@ from ._worker import Inherited, WorkerSpec, worker_main
 
 __all__ = ["ProcessEngine"]
 
+# Descriptors that starting one process takes at the most, for a moment:
+# multiprocessing's pipes (two, plus an error pipe under spawn) and the
+# pidfd we keep (see _wire.reserve_descriptors).
+DESCRIPTORS_PER_START = 8
+
 
 # ------------------------------------------------------------ parent alive
 
@@ -183,6 +188,7 @@ class ProcessEngine:
             Supervisor(self.progress, n, opts.task_timeout),
         )
         consumer = ctx.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
+        _wire.reserve_descriptors(DESCRIPTORS_PER_START)
         consumer.start()
         self.consumer = Child(consumer)
         self.consumer.watch()
@@ -246,6 +252,7 @@ class ProcessEngine:
         )
         handed_over = False
         try:
+            _wire.reserve_descriptors(DESCRIPTORS_PER_START)
             proc.start()
             child = Child(proc)
             slot.started(child, tasks_w)  # recorded at once: whatever comes next, terminate() sees it

@@ -149,6 +149,25 @@ class FdSet:
         self._fds.clear()
 
 
+def reserve_descriptors(n: int) -> None:
+    """Raise OSError (EMFILE) now if fewer than ``n`` descriptors are free.
+
+    multiprocessing's ``Process.start()`` opens two pipes and leaks the first
+    when the second fails (CPython's popen_fork, popen_spawn_posix): under a
+    low ``ulimit -n`` a failed start would leave descriptors behind that no
+    one can close.  Opening (and closing) ``n`` first fails cleanly instead.
+    (Another thread may take descriptors in between: this narrows the
+    window, it cannot close it.)
+    """
+    opened: list[int] = []
+    try:
+        while len(opened) < n:
+            opened.extend(os.pipe())
+    finally:
+        for fd in opened:
+            os.close(fd)
+
+
 def close_inherited_fds(keep: set[int]) -> None:
     """In a freshly forked child: close every inherited queue fd not in ``keep``."""
     with _OWNED_LOCK:

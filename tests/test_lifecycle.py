@@ -435,3 +435,39 @@ print(order.index("parallel_queue._core._terminate_all_at_exit") > order.index("
 """
     r = run_python(code)
     assert r.stdout.strip() == "True", (r.stdout, r.stderr)
+
+
+@pytest.mark.slow
+def test_failed_construction_leaves_nothing_at_any_descriptor_limit():
+    """Regression: under some ``ulimit -n`` values a construction failed
+    inside multiprocessing's Process.start(), whose first pipe leaks when its
+    second fails; every limit from too few descriptors to enough is tried."""
+    code = """
+import gc, os, resource
+from parallel_queue import ParallelQueue
+with ParallelQueue(num_workers=1):  # (lazily made globals, once)
+    pass
+before = sorted(os.listdir("/proc/self/fd"))
+soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+limit = max(int(f) for f in before) + 1
+while True:
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        q = ParallelQueue(num_workers=3)
+    except OSError:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        gc.collect()
+        left = sorted(set(os.listdir("/proc/self/fd")) - set(before))
+        assert not left, (limit, [os.readlink("/proc/self/fd/" + f) for f in left])
+        limit += 1
+    else:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        q.terminate()
+        break
+print("ok")
+"""
+    r = run_python(code, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ok"
