@@ -164,11 +164,12 @@ class _Consumer:
         # One packet at a time, and only when the output pipe took the last
         # one: the window only advances as fast as get() reads.
         while buffer.next_is_ready() and not self.output.pending_bytes:
-            self.output.send(buffer.pop_next())
+            packet = buffer.pop_next()
+            self.count_buffer()  # before it can reach get(): stats() then never counts it twice
+            self.output.send(packet)
             self.delivered += 1
             moved = True
         if moved:
-            self.count_buffer()
             m = self.publish_max()
             if self.waiting:
                 for slot, pid in list(self.waiting.items()):
