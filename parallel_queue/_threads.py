@@ -57,15 +57,28 @@ def sigint_held_back() -> Iterator[None]:
     press's doing (a fork server that took the same press and died makes
     ``Process.start()`` fail, for one), and one press shows one traceback.
     """
-    old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     pressed: list[int] = []
     handler: Any = None
-    if threading.current_thread() is threading.main_thread():
-        handler = signal.getsignal(signal.SIGINT)
-        if callable(handler):
-            signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
-        else:
-            handler = None  # SIG_IGN, SIG_DFL or a handler set outside Python: the mask suffices
+    old_mask: Any = None
+    swapped = False
+    try:
+        old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+        if threading.current_thread() is threading.main_thread():
+            handler = signal.getsignal(signal.SIGINT)
+            if callable(handler):
+                signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+                swapped = True
+            else:
+                handler = None  # SIG_IGN, SIG_DFL or a handler set outside Python: the mask suffices
+    except BaseException:
+        # A press from just before is raised by these very calls (each runs
+        # the pending handlers): undo what was done, or SIGINT would stay
+        # blocked in this thread for good, and let it through.
+        if swapped:
+            signal.signal(signal.SIGINT, handler)
+        if old_mask is None or signal.SIGINT not in old_mask:
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+        raise
     failed = False
     try:
         yield
@@ -73,12 +86,12 @@ def sigint_held_back() -> Iterator[None]:
         failed = True
         raise
     finally:
-        if handler is not None:
+        if swapped:
             signal.signal(signal.SIGINT, handler)
         try:
             if signal.SIGINT not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending press lands here
-            if pressed and handler is not None:
+            if pressed:
                 handler(signal.SIGINT, None)
         except KeyboardInterrupt as interrupt:
             interrupt.__suppress_context__ = failed

@@ -551,3 +551,40 @@ except KeyboardInterrupt:
     r = run_python(code)
     assert r.stdout.strip() == "interrupted", (r.stdout, r.stderr)
     assert r.returncode == 0 and r.stderr == ""
+
+
+@pytest.mark.parametrize("where", ["pthread_sigmask", "signal"])
+def test_a_press_pending_as_start_up_begins_leaves_ctrl_c_working(monkeypatch, where):
+    """Regression: a press that arrived just before a queue's start-up held
+    Ctrl-C back was raised by the very calls that hold it back (each runs
+    pending handlers), after SIGINT was blocked in the main thread and
+    before the clean-up could undo it: SIGINT then stayed blocked in that
+    thread for good, and no later Ctrl-C reached the program."""
+    import threading
+
+    from parallel_queue import _threads
+
+    assert threading.current_thread() is threading.main_thread()
+    real = getattr(_threads.signal, where)
+    state = {"pressed": False}
+
+    def pending_press(*args):
+        # As CPython does: pthread_sigmask runs pending handlers after it
+        # changed the mask, signal.signal before it changes the handler.
+        if where == "signal" and not state["pressed"]:
+            state["pressed"] = True
+            raise KeyboardInterrupt
+        result = real(*args)
+        if not state["pressed"]:
+            state["pressed"] = True
+            raise KeyboardInterrupt
+        return result
+
+    before = signal.pthread_sigmask(signal.SIG_BLOCK, [])
+    monkeypatch.setattr(_threads.signal, where, pending_press)
+    with pytest.raises(KeyboardInterrupt):
+        with _threads.sigint_held_back():
+            raise AssertionError("the block must not run")
+    monkeypatch.undo()
+    assert signal.pthread_sigmask(signal.SIG_BLOCK, []) == before
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
