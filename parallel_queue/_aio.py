@@ -12,9 +12,10 @@ from __future__ import annotations
 import asyncio
 import queue
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable
 
 from ._errors import QueueStopped
+from ._threads import run_whole
 
 if TYPE_CHECKING:
     from ._core import Core
@@ -73,6 +74,17 @@ async def _call_when_ready(core: Core, call: Callable[[], Any], kind: str) -> An
         while True:
             bell = None
             watching = False
+
+            def stop_waiting() -> None:  # (called in this turn's finally only)
+                nonlocal watching
+                if bell is not None:  # noqa: B023
+                    with core.lock:
+                        bells.stop_listening(bell)  # noqa: B023
+                with receiver.lock:
+                    if watching:
+                        watching = False
+                        receiver.unwatch()
+
             try:
                 # Listening first, then one more try: whatever happens from
                 # now on rings the bell we are about to watch.  (Each step is
@@ -98,24 +110,9 @@ async def _call_when_ready(core: Core, call: Callable[[], Any], kind: str) -> An
                 else:
                     await wait_readable(bell.fileno())
             finally:
-                # Repeated until it ran whole (each step is idempotent): a
-                # Ctrl-C landing in here must not leave the output pipe
-                # watched for ever (see Delivery.wait_for_more).
-                interrupted: Optional[BaseException] = None
-                while True:
-                    try:
-                        if bell is not None:
-                            with core.lock:
-                                bells.stop_listening(bell)
-                        with receiver.lock:
-                            if watching:
-                                watching = False
-                                receiver.unwatch()
-                        break
-                    except KeyboardInterrupt as k:
-                        interrupted = k
-                if interrupted is not None:
-                    raise interrupted
+                # A Ctrl-C landing in here must not leave the output pipe
+                # watched for ever (see _threads.run_whole).
+                run_whole(stop_waiting)
 
 
 async def aget(core: Core, get: Callable[[], Any]) -> Any:

@@ -13,7 +13,8 @@ A queue is made of parts, each the only writer of its own state:
 
 ``Core`` holds them and owns the lock they share.  It carries out the
 transitions of the lifecycle that touch several parts (``stop``,
-``terminate``, ``fail``, ``close``), and answers ``stats()``.
+``terminate``, ``fail``, ``close``), a map's taking the queue over and
+handing it back (``begin_map``, ``end_map``), and answers ``stats()``.
 
 Locks: ``lock`` guards every part but the delivery, which has a lock of its
 own.  When both are taken, the delivery's comes first (``both_locks``).
@@ -29,7 +30,7 @@ import os
 import threading
 from typing import TYPE_CHECKING, Iterator, Optional, Protocol
 
-from ._intake import Intake
+from ._intake import Intake, MapLease
 from ._lifecycle import Lifecycle
 from ._options import Options
 from ._progress import ProgressBar, require_tqdm
@@ -85,7 +86,7 @@ class Core:
         self.lifecycle = Lifecycle()
         self.latency = LatencySampler()
         self.wakeups = Wakeups()
-        self.intake = Intake(opts, form, self.lock, self.lifecycle, self.wakeups, self.latency)
+        self.intake = Intake(opts, form, self.lock, self.lifecycle, self.wakeups, self.latency, self.reclaim_map)
         self.delivery: Delivery  # made by the engine, with its source of packets
         self.engine: Engine
         self.progress_bar: Optional[ProgressBar] = None
@@ -147,24 +148,6 @@ class Core:
         self.engine.wind_down()
         self.close()
 
-    def dropped(self) -> None:
-        """The queue object was collected before it was closed (its finalizer).
-
-        This runs in a weakref callback, where an exception is swallowed, a
-        KeyboardInterrupt from Ctrl-C included: so it only marks the queue
-        terminated and wakes everyone, in microseconds, and the engine's
-        own thread ends the processes and closes everything (see
-        ``Engine.wind_down``'s callers).  Done here, the ending took
-        milliseconds, in which a press was lost.
-        """
-        if self.lifecycle.foreign:
-            return
-        with self.lock:
-            self.intake.close_fast_path()
-            if self.lifecycle.drop(self.intake.tasks_put):
-                self.intake.drop_pending()
-                self.wake_everyone()
-
     def join(self, timeout: Optional[float]) -> bool:
         """Wait until the engine finished (after stop(), terminate() or a
         fault), then release everything; True if it did within ``timeout``.
@@ -201,6 +184,46 @@ class Core:
             delivery.close()
         _forget(self)
 
+    # ------------------------------------------------------------------ maps
+
+    def begin_map(self, lease: MapLease) -> None:
+        """A map takes the queue over: it must be running and idle (every
+        result put before taken, no marker waiting), with no map running
+        (one whose iterator was collected is ended first)."""
+        self.reclaim_map()
+        with self.both_locks():
+            intake = self.intake
+            if not self.lifecycle.accepting:
+                raise self.lifecycle.refusal()
+            if intake.lease is not None:
+                raise RuntimeError("another imap() is running on this queue")
+            intake.lease_to(lease)  # first; then look at pending (see _intake)
+            if intake.pending or intake.markers or not self.delivery.idle(intake.dispatched):
+                intake.take_back(lease)
+                raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
+
+    def end_map(self, lease: MapLease) -> None:
+        """A map on a caller's queue is over (done, closed, or its iterator
+        collected): hand the queue back.  Its feeder's next put raises
+        QueueStopped; tasks already sent still run, and their results are
+        dropped as they come.  Any number of times; no wait."""
+        with self.both_locks():
+            if self.intake.take_back(lease):
+                self.delivery.discard_up_to(self.intake.dispatched)
+                self.wakeups.getters.ring()
+
+    def reclaim_map(self) -> bool:
+        """(no lock held) If the map holding the queue was abandoned (its
+        iterator collected unclosed), end it now rather than wait for the
+        reaper (see _reaper) to.  True if no map holds the queue now."""
+        lease = self.intake.lease
+        if lease is None:
+            return True
+        if not lease.abandoned():
+            return False
+        self.end_map(lease)
+        return self.intake.lease is None
+
     # ---------------------------------------------------------------- queries
 
     def is_alive(self) -> bool:
@@ -210,9 +233,11 @@ class Core:
     def stats(self) -> QueueStats:
         self.lifecycle.check_owner()
         delivered = self.delivery.delivered
-        with self.lock:
+        # Both locks: the latency sampler's put side is the intake's, its get
+        # side the delivery's (see _stats).
+        with self.both_locks():
             intake = self.intake
-            tasks_put, markers_put, pending = intake.tasks_put, intake.markers_put, len(intake.pending)
+            tasks_put, markers_put, pending = intake.tasks_put, intake.markers_put, len(intake.queued())
             mean, p50, p99 = self.latency.summary()
             terminated = self.lifecycle.terminated
         packets, items = self.engine.reorder_counts()
@@ -267,7 +292,7 @@ class Core:
 # those whose engine runs (for the exit handler).  Plain sets, not weak ones:
 # a weak set runs Python code when an entry dies, during garbage collection,
 # where a Ctrl-C landing is swallowed; a queue leaves them when it closes
-# (its finalizer sees to that for a queue dropped without stop()).
+# (the reaper ends one dropped without stop(): see _reaper).
 _cores: set[Core] = set()
 _live: set[Core] = set()
 

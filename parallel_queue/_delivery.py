@@ -49,6 +49,11 @@ class Parts(Protocol):
     def fail_locked(self, error: BaseException) -> None:
         """(lock held) The queue cannot go on (its consumer died)."""
 
+    def reclaim_map(self) -> bool:
+        """(no lock held) Hand the queue back from a map whose iterator was
+        collected; True if no map holds the queue."""
+
+
 class Delivery:
     """The get() side.  Locking (each rule prevents a hang):
 
@@ -98,7 +103,7 @@ class Delivery:
         """get()'s slow path: ``ready`` was empty."""
         self.core.lifecycle.check_owner()
         deadline = _deadline(block, timeout)
-        if self.core.intake.lease is not None:
+        if self.core.intake.lease is not None and not self.core.reclaim_map():
             raise RuntimeError("get() on a queue while its imap() runs (finish or close the map first)")
         while True:
             with self.lock:

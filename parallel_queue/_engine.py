@@ -205,11 +205,8 @@ class ProcessEngine:
         self.dispatcher.run()
 
     def dispatcher_returned(self) -> None:
-        if self.core.lifecycle.dropped:  # nobody else will (see Core.dropped)
-            self.core.close()
-        else:
-            with self.core.lock:  # (close() closes it under this lock)
-                self.done.ring()
+        with self.core.lock:  # (close() closes it under this lock)
+            self.done.ring()
 
     def abandon(self) -> None:
         """The construction failed or was interrupted: end every process it

@@ -157,8 +157,6 @@ class ExecutorEngine:
             sel.close()
             if self.lifecycle.gone:
                 self.cancel_calls()
-            if self.lifecycle.dropped:  # nobody else will (see Core.dropped)
-                core.close()
 
     def finished_all(self) -> bool:
         with self.core.lock:

@@ -12,7 +12,7 @@ one protocol, which every path of this module follows:
   one who cleared it sees the task; or the ``put()`` sees it cleared and
   settles under the lock (``settle_put``: wake the dispatcher, or withdraw a
   task that came after ``stop()``).
-- Positions in the task stream are counts, ``dispatched + len(pending)``,
+- Positions in the task stream are counts, ``dispatched + len(queued())``,
   read under the lock: a marker or ``stop()`` put at a count comes after
   every task appended before the read and before every task appended after
   it.
@@ -46,11 +46,20 @@ __all__ = ["Intake", "MapLease", "TaskBatch", "NOT_YET"]
 
 
 class MapLease:
-    """A map's hold on a queue: while it runs, only its feeder puts (see _maps)."""
+    """A map's hold on a queue: while it runs, only its feeder puts (see _maps).
 
-    __slots__ = ("end", "cancelled", "fn", "form", "chunksize")
+    Its tasks wait in a deque of their own, never in the queue's: a plain
+    ``put()`` whose lock-free append races with the map taking the queue
+    over lands in the queue's deque, where the dispatcher does not look
+    while the map runs, and where that ``put()`` finds it and withdraws it
+    (see ``Intake.settle_put``).  In a shared deque the dispatcher could
+    send it as the map's next input, and every later result moved by one.
+    """
+
+    __slots__ = ("pending", "end", "cancelled", "fn", "form", "chunksize", "holder")
 
     def __init__(self, fn: Optional[Callable[..., Any]], form: int, chunksize: Optional[int]) -> None:
+        self.pending: deque[Any] = deque()  # its tasks not yet sent
         self.end: Optional[int] = None  # one past its last task, once the input ran out
         self.cancelled = False
         # Sent first in each of its packets (None: the workers have the
@@ -58,6 +67,14 @@ class MapLease:
         self.fn = fn
         self.form = form  # what its items are (_tasks.ONE or STAR)
         self.chunksize = chunksize  # its packets' exact size, if it asked for one
+        # A weak reference to the map's iterator on a caller's queue (see
+        # abandoned()); None for a map on a queue of its own.
+        self.holder: Optional[Callable[[], Any]] = None
+
+    def abandoned(self) -> bool:
+        """Its iterator was collected unclosed: the queue is to be given back
+        (by the reaper, or by whoever wants the queue first: see _core)."""
+        return self.holder is not None and self.holder() is None
 
 
 class TaskBatch:
@@ -85,12 +102,21 @@ class Intake:
     """``pending`` tasks, ``markers``, and everyone waiting for room."""
 
     def __init__(
-        self, opts: Options, form: int, lock: Any, lifecycle: Lifecycle, wakeups: Wakeups, latency: LatencySampler
+        self,
+        opts: Options,
+        form: int,
+        lock: Any,
+        lifecycle: Lifecycle,
+        wakeups: Wakeups,
+        latency: LatencySampler,
+        reclaim_map: Callable[[], bool],
     ) -> None:
         """The queue's ``lock``, ``lifecycle``, ``wakeups`` and ``latency`` are
         the core's (see _core); ``form``: what the queue's own task items are
-        (_tasks.CALL or ARGS)."""
+        (_tasks.CALL or ARGS); ``reclaim_map()`` (no lock held) ends a map
+        whose iterator was collected (see _core)."""
         self.lock = lock
+        self.reclaim_map = reclaim_map
         self.lifecycle = lifecycle
         self.wakeups = wakeups
         self.latency = latency
@@ -116,23 +142,31 @@ class Intake:
 
     # -------------------------------------------------------------- counts
 
+    def queued(self) -> deque[Any]:
+        """(lock held) Where the tasks to send next wait: the running map's
+        own deque, or the queue's (see MapLease)."""
+        lease = self.lease
+        return self.pending if lease is None else lease.pending
+
     @property
     def tasks_put(self) -> int:
         """(lock held) Tasks accepted so far; fixed once the stream ended."""
         stopped_at = self.lifecycle.stopped_at
-        return stopped_at if stopped_at is not None else self.dispatched + len(self.pending)
+        return stopped_at if stopped_at is not None else self.dispatched + len(self.queued())
 
     def takeable(self) -> int:
         """(lock held) How many tasks the dispatcher may take now: after
-        stop(), only those put before it."""
+        stop(), only those put before it; after terminate(), none (their
+        deque was emptied: see drop_pending)."""
+        waiting = len(self.queued())
         stopped_at = self.lifecycle.stopped_at
-        return len(self.pending) if stopped_at is None else stopped_at - self.dispatched
+        return waiting if stopped_at is None else min(waiting, stopped_at - self.dispatched)
 
     # ------------------------------------------------------ the dispatcher's
 
     def take_tasks(self, n: int) -> TaskBatch:
         """(lock held) The next ``n`` tasks (n <= takeable()), as one batch."""
-        pending = self.pending
+        pending = self.queued()
         waiting = len(pending)
         # Exactly n pops from the left (module docstring); starmap: in C.
         items = list(itertools.starmap(pending.popleft, itertools.repeat((), n)))
@@ -183,8 +217,7 @@ class Intake:
             sample = not next(self.put_ticket) & (SAMPLE_EVERY - 1)
 
         def attempt(waited: bool) -> Any:
-            self.check_can_put(waited)
-            if len(self.pending) >= self.in_q_max:
+            if not self.check_can_put(waited) or len(self.pending) >= self.in_q_max:
                 return NOT_YET
             if sample:
                 self.latency.put_at(self.dispatched + len(self.pending))
@@ -194,32 +227,34 @@ class Intake:
 
         self.when_room(timeout, attempt)
 
-    def settle_put(self, item: Any) -> None:
+    def settle_put(self, item: Any) -> bool:
         """put() appended ``item`` without the lock, then found ``fast_put``
         cleared: finish under the lock.  The dispatcher may be asleep (wake
-        it), or stop(), terminate() or a break came in between the append
-        and that read: the task stays if stop() counted it, and is withdrawn
-        (and put() raises) if not."""
+        it), or stop(), terminate(), a break or a map came in between the
+        append and that read: the task stays if it was counted (by stop(),
+        or taken by the dispatcher), and is withdrawn if not.  True if it
+        was withdrawn: put() then takes its locked path, which raises why
+        (or waits, see check_can_put)."""
         self.lifecycle.check_owner()
         with self.lock:
             if self.lifecycle.accepting and self.lease is None:
                 self.wake_idle_dispatcher()
-                return
-            pending = self.pending
+                return False
+            pending = self.pending  # (never a map's: see MapLease)
             for k in range(len(pending) - 1, -1, -1):
                 if pending[k] is item:
                     break
             else:
-                return  # already taken by the dispatcher: it was counted
+                return False  # already taken by the dispatcher: it was counted
             stopped_at = self.lifecycle.stopped_at
             if self.lifecycle.stopping and self.lease is None and stopped_at is not None:
                 if self.dispatched + k < stopped_at:
-                    return  # counted by stop(): it runs
+                    return False  # counted by stop(): it runs
             # Came after stop() (or the queue is gone, or a map took it
             # over): tasks after it in ``pending`` came after it, so
             # withdrawing it moves no counted one.
             del pending[k]
-            self.check_can_put(False)
+            return True
 
     def put_many(
         self, items: Iterator[Any], count: int, timeout: Optional[float], lease: Optional[MapLease] = None
@@ -235,23 +270,27 @@ class Intake:
 
         def attempt(waited: bool) -> Any:
             if lease is None:
-                self.check_can_put(waited)
+                if not self.check_can_put(waited):
+                    return NOT_YET
+                pending = self.pending
             elif lease.cancelled:
                 raise QueueStopped("the map was closed")
             elif not self.lifecycle.accepting:
                 raise self.lifecycle.refusal(waited)
-            before = len(self.pending)
+            else:
+                pending = lease.pending
+            before = len(pending)
             room = min(count, self.in_q_max - before)
             if room <= 0:
                 return NOT_YET
             try:
-                self.pending.extend(itertools.islice(items, room))
+                pending.extend(itertools.islice(items, room))
             finally:
                 # Count what went in even if ``items`` raised half-way.
-                if len(self.pending) > before:
+                if len(pending) > before:
                     self.latency.put_at(self.dispatched + before)
                     self.wake_idle_dispatcher()
-            return len(self.pending) - before < room  # islice stops short only at the end
+            return len(pending) - before < room  # islice stops short only at the end
 
         return bool(self.when_room(timeout, attempt))
 
@@ -259,8 +298,7 @@ class Intake:
         self.lifecycle.check_owner()
 
         def attempt(waited: bool) -> Any:
-            self.check_can_put(waited)
-            if len(self.markers) >= self.max_markers:
+            if not self.check_can_put(waited) or len(self.markers) >= self.max_markers:
                 return NOT_YET
             self.markers.append((self.dispatched + len(self.pending), marker))
             self.markers_put += 1
@@ -281,18 +319,33 @@ class Intake:
                 result = attempt(waited)
                 if result is not NOT_YET:
                     return result
-                waiter = self.room.add()
+                lease = self.lease
+                abandoned = lease is not None and lease.abandoned()
+                if not abandoned:
+                    waiter = self.room.add()
+            if abandoned:
+                # A map's iterator was collected: hand the queue back now
+                # (outside the lock, see check_can_put), then try again.
+                self.reclaim_map()
+                continue
             remaining = None if until is None else until - time.monotonic()
             if not self.room.sleep(waiter, remaining):
                 raise queue.Full
             waited = True
 
-    def check_can_put(self, after_wait: bool) -> None:
-        """(lock held) Raise why put() cannot take a task now, if it cannot."""
+    def check_can_put(self, after_wait: bool) -> bool:
+        """(lock held) Raise why put() cannot take a task now, if it cannot.
+        False if it must wait: a map's iterator was collected, and the queue
+        is to be given back first (see MapLease.abandoned, and when_room,
+        which does it)."""
         if not self.lifecycle.accepting:
             raise self.lifecycle.refusal(after_wait)
-        if self.lease is not None:
+        lease = self.lease
+        if lease is not None:
+            if lease.abandoned():
+                return False
             raise RuntimeError("put() on a queue while its imap() runs (finish or close the map first)")
+        return True
 
     # -------------------------------------------------------------- waking
 
@@ -315,18 +368,29 @@ class Intake:
     # ------------------------------------------------------------------ maps
 
     def lease_to(self, lease: MapLease) -> None:
-        """(lock held) A map takes the queue over: only its feeder puts now."""
+        """(lock held) A map takes the queue over: only its feeder puts now.
+        Clears ``fast_put`` first: the caller looks at ``pending`` after
+        (module docstring), and takes the queue back if a task is there."""
         self.lease = lease
-        self.refresh_fast_put()  # first; then the feeder appends (module docstring)
+        self.refresh_fast_put()
+
+    def end_lease_input(self, lease: MapLease) -> None:
+        """(lock held) The map's input ran out: its results end at the count
+        put so far."""
+        lease.end = self.dispatched + len(lease.pending)
+        self.wakeups.getters.ring()
 
     def take_back(self, lease: MapLease) -> bool:
-        """(lock held) The map is over: its tasks not sent yet are withdrawn
-        (their items are in the map's form, which only its packets carry),
-        and the queue takes tasks again.  False if ``lease`` was not the
-        map running."""
+        """(lock held) The map is over: its feeder's next put raises
+        QueueStopped, its tasks not sent yet are withdrawn (their items are
+        in the map's form, which only its packets carry), and the queue
+        takes tasks again.  False if ``lease`` was not the map running
+        (any number of times)."""
+        lease.cancelled = True
+        lease.pending.clear()
+        self.room_freed()  # the feeder, or put()s waiting for the queue back
         if self.lease is not lease:
             return False
-        self.pending.clear()
         self.lease = None
         self.refresh_fast_put()
         return True
@@ -335,3 +399,5 @@ class Intake:
         """(lock held, after terminate()) Tasks not yet sent will never run (a
         put() settling right now finds its task gone, counted as taken)."""
         self.pending.clear()
+        if self.lease is not None:
+            self.lease.pending.clear()

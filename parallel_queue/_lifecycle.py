@@ -24,8 +24,7 @@
 
 ``closed`` is apart from the state: the processes have ended and every
 descriptor is released (after ``join()`` or ``terminate()``), whichever way
-the queue ended.  ``dropped``: the queue object was collected before that,
-so its engine ends and closes it by itself (see ``Core.dropped``).
+the queue ended (a queue collected unclosed is terminated: see _reaper).
 ``foreign`` marks the copy of a queue in a process forked from its owner:
 that copy can only say it is not the child's.
 
@@ -56,7 +55,7 @@ class State(enum.Enum):
 class Lifecycle:
     """The state of one queue (see the module docstring); its only writer."""
 
-    __slots__ = ("state", "stopped_at", "error", "closed", "dropped", "owner_pid", "foreign")
+    __slots__ = ("state", "stopped_at", "error", "closed", "owner_pid", "foreign")
 
     def __init__(self) -> None:
         self.state = State.OPEN
@@ -64,7 +63,6 @@ class Lifecycle:
         self.stopped_at: Optional[int] = None
         self.error: Optional[BaseException] = None  # why it broke
         self.closed = False
-        self.dropped = False
         self.owner_pid = os.getpid()
         self.foreign = False
 
@@ -93,13 +91,6 @@ class Lifecycle:
         self.state = State.TERMINATED
         if self.stopped_at is None:
             self.stopped_at = tasks_put
-        return True
-
-    def drop(self, tasks_put: int) -> bool:
-        """The queue object is gone unclosed: terminate, and the engine closes."""
-        if not self.terminate(tasks_put):
-            return False
-        self.dropped = True
         return True
 
     def close(self) -> bool:

@@ -32,9 +32,10 @@ from ._delivery import split_results
 from ._errors import QueueBrokenError, QueueStopped
 from ._intake import MapLease
 from ._payload import TaskError
-from ._threads import helper_thread
+from ._reaper import Watch, watch
+from ._threads import helper_thread, sigint_held_back
 
-__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "begin_map", "give_back", "length", "source_of"]
+__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "length", "source_of"]
 
 R = TypeVar("R")
 
@@ -52,41 +53,10 @@ class NothingInHand(Exception):
 # ---------------------------------------------------------------- the lease
 
 
-def begin_map(core: Core, fn: Optional[Callable[..., Any]], form: int, chunksize: Optional[int]) -> MapLease:
-    """Take the queue over for a map: it must be running and idle (every
-    result put before taken), with no map running."""
-    with core.both_locks():
-        intake = core.intake
-        if not core.lifecycle.accepting:
-            raise core.lifecycle.refusal()
-        if intake.lease is not None:
-            raise RuntimeError("another imap() is running on this queue")
-        if intake.markers or not core.delivery.idle(intake.tasks_put):
-            raise RuntimeError("imap() on a queue with results not yet taken (get them first)")
-        lease = MapLease(fn, form, chunksize)
-        intake.lease_to(lease)
-    return lease
-
-
 def end_map_input(core: Core, lease: MapLease) -> None:
     """The map's input ran out: its results end at the count put so far."""
     with core.lock:
-        lease.end = core.intake.dispatched + len(core.intake.pending)
-        core.wakeups.getters.ring()
-
-
-def give_back(core: Core, lease: MapLease) -> None:
-    """End a map on a caller's queue and hand the queue back.  Its feeder's
-    next put_many raises QueueStopped (every append it makes checks the
-    lease under the lock, so none comes after this); tasks already sent
-    still run, and their results are dropped as they come.  Two lock
-    rounds, no wait: it may run as a finalizer (see Core.dropped)."""
-    with core.lock:
-        lease.cancelled = True
-        core.intake.room_freed()
-    with core.both_locks():
-        if core.intake.take_back(lease):
-            core.delivery.discard_up_to(core.intake.dispatched)
+        core.intake.end_lease_input(lease)
 
 
 def _feed(core: Core, source: Iterator[Any], input_error: list[BaseException], lease: MapLease, own: bool) -> None:
@@ -137,7 +107,12 @@ class IMapIterator(Iterator[R]):
         self._q = queue
         self._core = core
         self._delivery = core.delivery
-        self._lease = begin_map(core, fn, form, chunksize)
+        self._lease = MapLease(fn, form, chunksize)
+        if not own:
+            # Read by whoever wants the queue next, should this iterator be
+            # collected unclosed (see MapLease.abandoned).
+            self._lease.holder = weakref.ref(self)
+        core.begin_map(self._lease)
         # Results in hand: ``_cur`` iterates the current run of plain values;
         # ``_steps`` holds what follows in the packet (see split_results).
         self._cur: Iterator[Any] = _EMPTY
@@ -150,11 +125,14 @@ class IMapIterator(Iterator[R]):
                 _feed, "parallel_queue-imap-feeder", (core, inputs, self._input_error, self._lease, own)
             )
             self._feeder.start()
-        # Dropped without close(): a queue of its own is dropped with it (its
-        # own finalizer ends it); a caller's queue is given back.  Either way
-        # the feeder stops on its next put.  The finalizer holds the core,
-        # not this iterator.
-        self._give_back = None if own else weakref.finalize(self, functools.partial(give_back, core, self._lease))
+        # Dropped without close(): a queue of its own is dropped with it (the
+        # reaper ends it); a caller's queue is given back, by the reaper too
+        # (see _reaper).  Either way the feeder stops on its next put.  The
+        # action holds the core, not this iterator.
+        self._watch: Optional[Watch] = None
+        if not own:
+            with sigint_held_back():
+                self._watch = watch(self, functools.partial(core.end_map, self._lease))
 
     def __iter__(self) -> Iterator[R]:
         # A generator: ``for`` then takes each value at C speed (``yield
@@ -232,8 +210,9 @@ class IMapIterator(Iterator[R]):
         """Every result was taken: end the workers (or give the queue back),
         and raise the input's own error, if reading the input failed."""
         self._done = True
-        if self._give_back is not None:
-            self._give_back()  # every result was taken
+        if self._watch is not None:
+            self._watch.cancel()
+            self._core.end_map(self._lease)  # every result was taken
         else:
             if self._feeder is not None:
                 self._feeder.join()
@@ -246,8 +225,9 @@ class IMapIterator(Iterator[R]):
         taken are dropped."""
         self._done = True
         self._cur, self._steps = _EMPTY, deque()
-        if self._give_back is not None:
-            self._give_back()
+        if self._watch is not None:
+            self._watch.cancel()
+            self._core.end_map(self._lease)
         else:
             self._q.terminate()
         if self._feeder is not None and self._feeder is not threading.current_thread():
@@ -323,7 +303,7 @@ async def _feed_async(
     """The feeder task of an aimap over an async input.
 
     It holds the queue's core, never the iterator: an iterator dropped after
-    ``break`` is collected, its finalizer ends the queue, and this task's
+    ``break`` is collected, the reaper ends the queue, and this task's
     aput() then raises QueueStopped and it returns.  (Holding the iterator,
     it kept it alive, and the queue, as long as the loop ran.)
     """
@@ -357,4 +337,3 @@ def source_of(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
     zip's tuples.  No Python code runs per item on the way in, and the items
     pickle as compactly as they can."""
     return iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
-

@@ -8,7 +8,6 @@ a handful of C calls each (see ``_intake`` and ``_delivery``).
 
 from __future__ import annotations
 
-import weakref
 from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
@@ -21,8 +20,10 @@ from ._errors import QueueStopped
 from ._executor import ExecutorEngine
 from ._maps import IMapIterator, source_of
 from ._options import Options
+from ._reaper import watch
 from ._stats import SAMPLE_EVERY, QueueStats
 from ._tasks import ARGS, CALL, ONE, STAR
+from ._threads import sigint_held_back
 
 __all__ = ["ParallelQueue", "ParallelSingleTaskQueue"]
 
@@ -114,11 +115,15 @@ class _QueueBase(Generic[R]):
         self._intake = core.intake
         self._delivery = core.delivery
         self._ready = core.delivery.ready
-        # Collected unclosed: end the processes quietly (see Core.dropped).
-        # The finalizer holds the core, never the queue, so it does not keep
-        # it alive; it is detached once the queue is closed, so that a
-        # closed queue's collection runs no code of ours.
-        self._finalizer = weakref.finalize(self, core.dropped)
+        # Collected unclosed: the reaper thread ends the processes (see
+        # _reaper: not in the garbage collection).  The action holds the
+        # core, never the queue.
+        try:
+            with sigint_held_back():
+                self._watch = watch(self, core.terminate)
+        except BaseException:
+            core.terminate()
+            raise
 
     @property
     def num_workers(self) -> int:
@@ -165,12 +170,12 @@ class _QueueBase(Generic[R]):
         ``stop()`` and ``terminate()``.
         """
         if self._core.join(timeout):
-            self._finalizer.detach()
+            self._watch.cancel()
 
     def terminate(self) -> None:
         """End all processes now, even with tasks running; undelivered results are lost."""
         self._core.terminate()
-        self._finalizer.detach()
+        self._watch.cancel()
 
     def is_alive(self) -> bool:
         """True while any worker or the consumer process is running."""
@@ -273,8 +278,8 @@ class ParallelQueue(_QueueBase[Any]):
             if i.fast_put and len(i.pending) < i.in_q_max:
                 if next(i.put_ticket) & _SAMPLE_MASK:
                     i.pending.append(item)
-                    if not i.fast_put:
-                        i.settle_put(item)
+                    if not i.fast_put and i.settle_put(item):
+                        i.put_task(item, timeout)  # withdrawn: it raises why, or waits
                     return
                 i.put_task(item, timeout, True)
                 return
@@ -370,8 +375,8 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
         if i.fast_put and len(i.pending) < i.in_q_max:  # see ParallelQueue.put
             if next(i.put_ticket) & _SAMPLE_MASK:
                 i.pending.append(item)
-                if not i.fast_put:
-                    i.settle_put(item)
+                if not i.fast_put and i.settle_put(item):
+                    i.put_task(item, timeout)  # withdrawn: see ParallelQueue.put
                 return
             i.put_task(item, timeout, True)
             return

@@ -12,9 +12,9 @@ pipe itself, and rings everyone listening when it found something.
 Every method runs with the delivery's lock held, which the receiver shares
 (see _delivery), unless it says otherwise.
 
-The output pipe is closed by ``close()`` only if nobody watches it
-(``watchers``: the poller, coroutines); otherwise by the last watcher to
-leave.  Closing a descriptor that a ``poll()`` or an event loop still
+The output pipe is closed by ``close()`` only if nobody watches it (the
+``poller``, and the ``watchers``: coroutines, ``join()``); otherwise by the
+last of them to leave.  Closing a descriptor that a ``poll()`` or an event loop still
 watches would let its number be reused under their feet.
 """
 
@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 from . import _wire
 from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
 from ._salvage import salvage_results
-from ._threads import Waiters
+from ._threads import Waiters, run_whole
 from ._wakeups import Bell, Bells
 from ._wire import RESULT, decode_result
 
@@ -140,37 +140,35 @@ class Receiver:
         Ctrl-C can land at any call, including in a ``finally``, and a
         poller left marked would keep every other getter waiting for its
         turn.  So the mark is made inside the ``try`` whose ``finally``
-        clears it, and the clearing is repeated until it has run whole (it
-        is idempotent); a KeyboardInterrupt raised in it is raised after.
+        clears it, and the clearing is repeated until it has run whole (see
+        _threads.run_whole).  Only the poller undoes what the poller did: a
+        getter that returned early (someone else polls) must not take the
+        poller's bell out of the getters' bells, or the poller would sleep
+        through every ring meant for it.
         """
         me = threading.get_ident()
+
+        def stop_polling() -> None:
+            with self.lock:
+                if self.poller == me:
+                    with self.queue_lock:
+                        self.getters.stop_listening(self.bell)  # (idempotent)
+                    self.poller = None  # last: a repeat finds the mark until here
+                    self.close_if_unwatched()
+                    self.turns.release_all()
+
         try:
             with self.lock:
                 if self.poller is not None or self.bodies:
                     return  # someone else polls, or something arrived: look again
                 self.poller = me
-                self.watchers += 1
                 with self.queue_lock:
                     self.getters.listen(self.bell)
                     if not may_sleep():
                         return
             self.wait(timeout)
         finally:
-            interrupted: Optional[BaseException] = None
-            while True:
-                try:
-                    with self.queue_lock:
-                        self.getters.stop_listening(self.bell)
-                    with self.lock:
-                        if self.poller == me:
-                            self.poller = None
-                            self.unwatch()
-                            self.turns.release_all()
-                    break
-                except KeyboardInterrupt as k:
-                    interrupted = k
-            if interrupted is not None:
-                raise interrupted
+            run_whole(stop_polling)
 
     def wait(self, timeout: Optional[float]) -> None:
         """(the poller, listening; lock not held) Sleep until the output pipe
@@ -186,10 +184,14 @@ class Receiver:
         self.watchers += 1
 
     def unwatch(self) -> None:
-        """A watcher of the output pipe left; the last one out after close()
-        closes the pipe and the poller's bell."""
+        """A watcher of the output pipe left."""
         self.watchers -= 1
-        if self.closed and not self.watchers:
+        self.close_if_unwatched()
+
+    def close_if_unwatched(self) -> None:
+        """The last one to stop watching the output pipe after close() closes
+        it and the poller's bell (idempotent)."""
+        if self.closed and not self.watchers and self.poller is None:
             self.close_descriptors()
 
     def close_descriptors(self) -> None:
@@ -202,5 +204,4 @@ class Receiver:
         if self.closed:
             return
         self.closed = True
-        if not self.watchers:
-            self.close_descriptors()
+        self.close_if_unwatched()

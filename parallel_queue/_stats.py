@@ -66,6 +66,8 @@ class LatencySampler:
         # (task index, put time) in index order: appended under the queue's
         # lock, popped under the delivery lock (opposite ends of a deque).
         self.put_times: deque[tuple[int, float]] = deque()
+        # Written under the delivery lock (got_range); summary() is read
+        # with both locks held (see Core.stats).
         self.recent: deque[float] = deque(maxlen=WINDOW)
         self.total = 0.0
         self.count = 0

@@ -98,6 +98,27 @@ def sigint_held_back() -> Iterator[None]:
             raise
 
 
+def run_whole(cleanup: Callable[[], None]) -> None:
+    """Run ``cleanup`` until one run of it was not cut short by Ctrl-C, then
+    raise the ``KeyboardInterrupt`` if one came.
+
+    For the ``finally`` of a wait: a press can land at any call in it, and a
+    clean-up left half done (a poller still marked, a pipe still counted as
+    watched) makes every later getter, or ``terminate()``, wait for ever.
+    ``cleanup`` must be idempotent: it may run again after an interrupted
+    run, from its start.
+    """
+    interrupted: Optional[BaseException] = None
+    while True:
+        try:
+            cleanup()
+            break
+        except KeyboardInterrupt as k:
+            interrupted = k
+    if interrupted is not None:
+        raise interrupted
+
+
 def deadline(timeout: Optional[float]) -> Optional[float]:
     """When a wait of ``timeout`` seconds from now ends (None: never)."""
     if timeout is not None and timeout < 0:

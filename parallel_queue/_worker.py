@@ -62,6 +62,7 @@ from ._wire import Fd, Kind
 # The exit status of a worker whose own pipes failed (see worker_main).
 EXIT_PIPE_LOST = 3
 
+
 class Inherited:
     """An object handed to a child process when it starts, not through a queue.
 

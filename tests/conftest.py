@@ -129,7 +129,12 @@ async def await_until(condition: Callable[[], object], seconds: float = 30) -> N
 
 class NoEngine:
     """An engine that runs nothing: a bare core is the put and get sides of
-    a queue alone, for tests that drive them step by step."""
+    a queue alone, for tests that drive them step by step.  It holds the
+    write end of the output pipe (nothing is ever written to it, and a
+    blocking get() waits, as on a queue whose tasks are still running)."""
+
+    def __init__(self, output_w: Any) -> None:
+        self.output_w = output_w
 
     def wind_down(self) -> None:
         pass
@@ -138,7 +143,9 @@ class NoEngine:
         return True
 
     def close(self) -> None:
-        pass
+        from parallel_queue import _wire
+
+        _wire.close_fd(self.output_w)
 
     def is_alive(self) -> bool:
         return False
@@ -166,10 +173,9 @@ def make_bare_core(**options: object) -> Any:
     from parallel_queue._tasks import CALL
 
     core = Core(Options(num_workers=1, **options), CALL)  # type: ignore[arg-type]
-    core.engine = NoEngine()
     r, w = _wire.make_pipe()
-    core.delivery = Delivery(core, _wire.FrameReader(r))
-    _wire.close_fd(w)  # (the delivery closes the read end)
+    core.engine = NoEngine(w)
+    core.delivery = Delivery(core, _wire.FrameReader(r))  # (it closes the read end)
     return core
 
 

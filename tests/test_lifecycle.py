@@ -7,7 +7,7 @@ import os
 import threading
 
 import pytest
-from conftest import descendants, run_python
+from conftest import descendants, run_python, sleeping_in, wait_until
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
 
@@ -84,6 +84,32 @@ def test_many_consumer_threads_get_each_result_once():
         assert p == sorted(p)  # each thread sees a subsequence of the order
 
 
+def test_a_getter_finding_a_poller_leaves_the_pollers_bell_alone(bare_core):
+    """Regression: two blocking getters both found nothing in hand; B became
+    the poller, listening on the poller's bell; A then saw B polling and
+    returned to wait for its turn, and its clean-up took B's bell out of
+    the getters' bells.  stop() then rang nobody: B slept on, and A waited
+    for B's turn, for ever.  Forced: A's step runs while B polls."""
+    core = bare_core
+    receiver = core.delivery.receiver
+    out = []
+
+    def getter_b() -> None:
+        with pytest.raises(QueueStopped):
+            core.delivery.get(True, None)
+        out.append("stopped")
+
+    b = threading.Thread(target=getter_b)
+    b.start()
+    wait_until(lambda: receiver.poller is not None and sleeping_in(b, "poll"))
+    assert len(core.wakeups.getters) == 1
+    receiver.wait_for_more(None, lambda: True)  # A: someone polls, so it returns
+    assert len(core.wakeups.getters) == 1  # B still listens
+    core.stop()
+    b.join(60)
+    assert not b.is_alive() and out == ["stopped"]
+
+
 def test_context_manager_joins_on_normal_exit():
     with ParallelQueue(num_workers=2) as q:
         q.put(abs, -1)
@@ -117,9 +143,9 @@ def test_terminate_with_tasks_that_never_return():
 
 
 def test_garbage_collected_queue_ends_quietly():
-    """A queue dropped without stop() is ended, by its own dispatcher thread
-    (its finalizer only marks it: see Core.dropped), and nothing is printed.
-    The program waits for that state, bounded."""
+    """A queue dropped without stop() is ended, by the reaper thread (see
+    _reaper), which then ends too, and nothing is printed.  The program
+    waits for that state, bounded."""
     code = """
 import gc, multiprocessing, os, threading, time
 from parallel_queue import ParallelQueue
@@ -142,6 +168,44 @@ print("clean")
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "clean"
+    assert r.stderr == ""
+
+
+@pytest.mark.parametrize("engine", ["processes", "threads"])
+def test_queue_collected_by_a_thread_holding_its_lock_is_still_ended(engine):
+    """Regression: a queue's finalizer took the queue's lock, in whichever
+    thread ran the garbage collection; a thread holding that lock at the
+    moment (the dispatcher allocates a batch under it, the thread engine a
+    result tuple) deadlocked on itself.  Forced: the queue lives only in a
+    reference cycle, collected by a thread that holds its lock.  The
+    clean-up now runs in the reaper thread, after the lock is let go."""
+    code = f"""
+import gc, threading
+from concurrent.futures import ThreadPoolExecutor
+from parallel_queue import ParallelQueue
+ex = ThreadPoolExecutor(1)
+q = ParallelQueue(num_workers=1) if {engine!r} == "processes" else ParallelQueue(executor=ex)
+q.put(abs, -1)
+assert q.get(timeout=30) == 1
+core = q._core
+cycle = [q]
+cycle.append(cycle)
+del q, cycle
+def collect_holding_the_lock():
+    with core.lock:
+        gc.collect()
+t = threading.Thread(target=collect_holding_the_lock)
+t.start()
+t.join()
+for reaper in [t for t in threading.enumerate() if t.name == "parallel_queue-reaper"]:
+    reaper.join()  # it ends once nothing is left to watch
+assert core.lifecycle.closed and not core.is_alive()
+ex.shutdown()
+print("ended")
+"""
+    r = run_python(code)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "ended"
     assert r.stderr == ""
 
 

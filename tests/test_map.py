@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import queue
 import threading
 
 import pytest
@@ -278,6 +279,67 @@ def test_queue_imap_closed_early_leaves_no_stale_result(how):
         assert q.get(timeout=60) == 7
         assert list(q.imap(abs, [-1, -2, -3])) == [1, 2, 3]
         assert q.stats().in_flight == 0
+
+
+@pytest.mark.parametrize("then", ["put", "marker", "get", "imap"])
+def test_queue_imap_dropped_gives_the_queue_back_to_whoever_wants_it_first(then):
+    """A map dropped half-way hands the queue back by itself: the reaper
+    does it (see _reaper), and whoever wants the queue before that does it
+    first.  Forced: the reaper is kept busy, so only the next call can."""
+    from parallel_queue import _reaper
+
+    busy, release = threading.Event(), threading.Event()
+
+    class Token:
+        pass
+
+    token = Token()
+    _reaper.watch(token, lambda: (busy.set(), release.wait()))
+    del token  # the reaper now waits in that action
+    try:
+        assert busy.wait(60)
+        with ParallelQueue(num_workers=2) as q:
+            it = q.imap(square, itertools.count())
+            assert [next(it) for _ in range(3)] == [0, 1, 4]
+            del it  # collected at once: the reaper is told, but busy
+            if then == "put":
+                q.put(abs, -7)
+                assert q.get(timeout=60) == 7
+            elif then == "marker":
+                q.put("marker")
+                assert q.get(timeout=60) == "marker"
+            elif then == "get":
+                with pytest.raises(queue.Empty):
+                    q.get(timeout=0.1)
+            else:
+                assert list(q.imap(abs, [-1, -2])) == [1, 2]
+            assert q.stats().in_flight == 0
+    finally:
+        release.set()
+
+
+def test_queue_imap_collected_by_a_thread_holding_the_queues_lock():
+    """Regression: the map's finalizer took both of the queue's locks in
+    whichever thread ran the garbage collection, and deadlocked a thread
+    that held one.  Forced: the iterator lives only in a reference cycle,
+    collected by a thread that holds the queue's lock."""
+    with ParallelQueue(num_workers=2) as q:
+        it = q.imap(square, itertools.count())
+        assert next(it) == 0
+        cycle = [it]
+        cycle.append(cycle)
+        del it, cycle
+
+        def collect_holding_the_lock() -> None:
+            with q._core.lock:
+                gc.collect()
+
+        t = threading.Thread(target=collect_holding_the_lock)
+        t.start()
+        t.join(60)
+        assert not t.is_alive()
+        q.put(abs, -7)
+        assert q.get(timeout=60) == 7
 
 
 def test_queue_imap_function_that_will_not_pickle_fails_each_task():

@@ -143,6 +143,66 @@ def test_terminate_between_check_and_append_withdraws_the_task(front):
     assert len(front.intake.pending) == 0
 
 
+def test_terminate_leaves_nothing_to_take(front):
+    """Regression: after terminate() emptied pending, takeable() still said
+    stopped_at - dispatched, and a dispatcher mid-loop popped an empty deque
+    (an IndexError, reported as an internal error)."""
+    put = put_through(front)
+    for i in range(3):
+        put(abs, i)
+    front.terminate()
+    with front.lock:
+        assert front.intake.takeable() == 0
+
+
+def test_a_map_taking_the_queue_over_between_check_and_append_refuses_the_put(front):
+    """Regression: put() saw fast_put set, then a map took the queue over,
+    then put() appended: the dispatcher sent the task as the map's first
+    input (with the map's function and form), put() found it gone, "taken,
+    so counted", and returned; every result of the map moved by one.  The
+    map's tasks now wait in a deque of their own: the dispatcher sends none
+    of the put's, and put() withdraws its task and raises."""
+    from parallel_queue._intake import MapLease
+    from parallel_queue._tasks import ONE
+
+    lease = MapLease(abs, ONE, None)
+    sent = []
+
+    def dispatcher_takes() -> None:
+        with front.lock:
+            sent.append(front.intake.take_tasks(front.intake.takeable()).items)
+
+    front.intake.pending.before = lambda: front.begin_map(lease)
+    front.intake.pending.after = dispatcher_takes
+    with pytest.raises(RuntimeError, match="imap"):
+        put_through(front)(pow, 2, 3)
+    assert sent == [[]]
+    assert len(front.intake.pending) == 0 and front.intake.lease is lease
+    front.end_map(lease)
+    assert front.intake.lease is None and front.intake.fast_put
+
+
+def test_a_put_appended_before_a_map_takes_over_stops_the_map(front):
+    """The other order: the task is in pending when the map looks, so the
+    map refuses to start (the queue is not idle) and put() returns."""
+    from parallel_queue._intake import MapLease
+    from parallel_queue._tasks import ONE
+
+    lease = MapLease(abs, ONE, None)
+    refused = []
+
+    def map_starts() -> None:
+        with pytest.raises(RuntimeError, match="not yet taken"):
+            front.begin_map(lease)
+        refused.append(True)
+
+    front.intake.pending.after = map_starts
+    put_through(front)(pow, 2, 3)
+    assert refused and front.intake.lease is None
+    with front.lock:
+        assert front.intake.takeable() == 1
+
+
 def test_producers_racing_stop_lose_nothing_and_run_nothing_extra():
     # Every put() that returned has its result delivered; every put() that
     # raised QueueStopped has none.  Four threads put as fast as they can

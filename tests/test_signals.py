@@ -208,6 +208,7 @@ def test_helper_threads_never_take_ctrl_c():
                 "parallel_queue-progress",
                 "parallel_queue-executor-dispatcher",
                 "parallel_queue-imap-feeder",
+                "parallel_queue-reaper",
             } <= names
             assert [t.name for t in ours if not blocks_sigint(t)] == []
             assert not blocks_sigint(threading.main_thread())
