@@ -188,7 +188,10 @@ class DaskBackend(ProcessPoolBackend):
             payload,
             careful,
             pure=False,
-            key=f"parallel_queue-{self.token}-{seq}",
+            # The careful retry of a rejected packet needs a key of its own:
+            # under the first one Dask hands back the first call's future
+            # (its REJECTED result) instead of running the retry.
+            key=f"parallel_queue-{self.token}-{seq}{'-careful' if careful else ''}",
         )
 
 

@@ -58,6 +58,9 @@ class LocalSource:
 
     def __init__(self, on_taken: Callable[[], None], fds: _wire.FdSet) -> None:
         self.fd, self.fd_w = fds.pipe()
+        # Written under the queue's lock: never block there.  A pipe too full
+        # to take the byte is readable already, which is all a byte is for.
+        os.set_blocking(self.fd_w.fd, False)
         self.packets: deque[Outcome] = deque()
         self.eof = False
         self.taken = 0
@@ -65,7 +68,10 @@ class LocalSource:
 
     def push(self, packet: Outcome) -> None:
         self.packets.append(packet)
-        os.write(self.fd_w.fd, b"\0")  # readable: a get() sleeping in poll() wakes
+        try:
+            os.write(self.fd_w.fd, b"\0")  # readable: a get() sleeping in poll() wakes
+        except BlockingIOError:
+            pass  # full, so readable
 
     def read_ready(self) -> list[Any]:
         os.read(self.fd.fd, 65536)  # called only when readable: never blocks

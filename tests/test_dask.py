@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import signal
 import time
 
 import pytest
+from conftest import drain
 
 from parallel_queue import ParallelQueue, imap
 
@@ -117,3 +119,16 @@ def test_dask_client_by_scheduler_address(dask_client):
             assert list(q.imap(double, range(40))) == [2 * i for i in range(40)]  # a map on the same queue
             q.stop()
             assert list(q) == []
+
+
+def test_dask_packet_that_will_not_unpickle_there_fails_one_slot(dask_client):
+    """Regression: the careful retry of a rejected packet went out under the
+    first call's key, and Dask handed back that call's future (its REJECTED
+    result): every task of the packet failed ("rejected twice"), not only
+    the one whose argument would not unpickle."""
+    from test_executors import EXPECTED_CAREFUL, identity, inputs_with_one_that_will_not_unpickle_there, kinds
+
+    with ParallelQueue(executor=dask_client) as q:
+        it = q.imap(identity, inputs_with_one_that_will_not_unpickle_there(), chunksize=8)
+        out = drain(it, pickle.UnpicklingError)
+    assert kinds(out) == EXPECTED_CAREFUL

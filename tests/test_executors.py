@@ -3,13 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import pickle
 import random
 import threading
 import time
 from concurrent.futures import ProcessPoolExecutor, ThreadPoolExecutor
 
 import pytest
-from conftest import drain
+from conftest import drain, wait_until
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap, imap
 
@@ -186,3 +188,64 @@ def test_map_errors_in_place_on_executors(kind):
         assert drain(imap(fail_on_3, range(6), executor=ex, max_batch=6), ValueError) == expected
         with ParallelQueue(executor=ex) as q:
             assert drain(q.imap(fail_on_3, range(6)), ValueError) == expected
+
+
+def _rebuilt_only_where_made(pid, value):
+    if os.getpid() != pid:
+        raise pickle.UnpicklingError(f"{value} cannot be rebuilt in another process")
+    return RebuiltOnlyHere(value)
+
+
+class RebuiltOnlyHere:
+    """An argument that pickles here, and will not unpickle in any other process."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def __reduce__(self):
+        return _rebuilt_only_where_made, (os.getpid(), self.value)
+
+
+def identity(x):
+    return x
+
+
+def inputs_with_one_that_will_not_unpickle_there():
+    return [RebuiltOnlyHere(i) if i == 3 else i for i in range(8)]
+
+
+EXPECTED_CAREFUL = [0, 1, 2, "UnpicklingError", 4, 5, 6, 7]
+
+
+def kinds(out):
+    return [x if isinstance(x, int) else x.split(":")[0] for x in out]
+
+
+def test_process_pool_packet_that_will_not_unpickle_there_fails_one_slot():
+    """The packet (one, of eight tasks) will not unpickle in the pool's
+    process as a whole: it is sent again one pickle per task, and only the
+    task whose argument will not unpickle fails, in its place."""
+    with ProcessPoolExecutor(2) as ex, ParallelQueue(executor=ex) as q:
+        it = q.imap(identity, inputs_with_one_that_will_not_unpickle_there(), chunksize=8)
+        out = drain(it, pickle.UnpicklingError)
+        assert kinds(out) == EXPECTED_CAREFUL
+
+
+def test_results_nobody_takes_never_block_the_dispatcher_under_the_lock():
+    """Regression: each packet handed over wrote a byte to a blocking pipe,
+    under the queue's lock; with a window larger than the pipe (64 KiB) and
+    nobody calling get(), the write blocked with the lock held, and
+    terminate() then waited for that lock for ever."""
+    n = 70_000
+    with ThreadPoolExecutor(2) as ex:
+        q = ParallelQueue(executor=ex, max_batch=1, in_q_max=n, consumer_buffer_max=n)
+        try:
+            for i in range(n):
+                q.put(abs, -i)
+            source = q._core.engine.source
+            wait_until(lambda: source.taken + len(source.packets) == n, seconds=120)
+            with q._core.lock:  # (the dispatcher does not hold it for ever)
+                pass
+            assert [q.get(timeout=60) for _ in range(n)] == list(range(n))
+        finally:
+            q.terminate()
