@@ -76,7 +76,7 @@ from ._scheduler import Scheduler
 from ._slots import Child, Slot
 from ._supervisor import Supervisor
 from ._tasks import PROGRESS_FIELDS
-from ._threads import helper_thread, sigint_held_back
+from ._threads import helper_thread, run_whole, sigint_held_back
 from ._wakeups import Bell
 from ._wire import Fd
 from ._worker import Inherited, WorkerSpec, worker_main
@@ -129,6 +129,10 @@ class ProcessEngine:
         self.consumer: Optional[Child] = None
         self.thread = helper_thread(self.run_dispatcher, "parallel_queue-dispatcher")
         self.done = Bell()  # rung by the dispatcher as it returns (for join)
+        # Threads in join() now, and whether close() was called: the
+        # descriptors they wait on are released once both say so.
+        self.joiners = 0
+        self.closing = False
         core.engine = self
         try:
             method = self.ctx.get_start_method()
@@ -291,31 +295,53 @@ class ProcessEngine:
 
         Results still coming out are read into memory meanwhile, so the
         consumer never waits for a get() that is not coming.
+
+        A terminate() may close the queue while this waits: this thread is
+        counted among those watching the output pipe (see _receiver) and
+        among the ``joiners``, and the descriptors it waits on are closed
+        only once it has left (see close), never under its feet.
         """
         deadline = None if timeout is None else time.monotonic() + timeout
         delivery = self.core.delivery
-        in_dispatcher = self.thread is threading.current_thread()
-        while True:
+        receiver = delivery.receiver
+        joined = watching = False
+
+        def leave() -> None:
+            nonlocal joined, watching
+            with delivery.lock:
+                if watching:
+                    watching = False
+                    receiver.unwatch()
+            with self.core.lock:
+                if joined:
+                    joined = False
+                    self.joiners -= 1
+                    if not self.joiners and self.closing:
+                        self.release()
+
+        try:
+            with self.core.lock:
+                if self.closing:
+                    return True  # closed meanwhile: every process has ended
+                self.joiners += 1
+                joined = True
+            with delivery.lock:
+                receiver.watch()
+                watching = True
+                pipe_open = not receiver.closed  # (if closed later, it stays open until we leave)
             # The dispatcher reaps every process before it returns, and then
             # rings ``done``: wait for that, not for the processes themselves
             # (two threads woken by every exit only pass the GIL back and
-            # forth).  From the dispatcher's own thread (a callback), wait
-            # for the processes.
-            if in_dispatcher:
-                alive = [p.exit_fd for p in self.processes() if not p.ended()]
-                if not alive:
-                    break
-            elif _wire.readable(self.done.fileno(), 0) or not self.thread.is_alive():
-                break
-            remaining = None if deadline is None else deadline - time.monotonic()
-            if remaining is not None and remaining <= 0:
-                return False
-            waitables: list[Any] = alive if in_dispatcher else [self.done.fileno()]
-            if not delivery.closed and not delivery.receiver.eof:
-                waitables.append(self.output_r.fd)
-            wait(waitables, remaining)
-            delivery.pump()
-        if not in_dispatcher:
+            # forth).
+            while not (_wire.readable(self.done.fileno(), 0) or not self.thread.is_alive()):
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return False
+                waitables = [self.done.fileno()]
+                if pipe_open and not receiver.eof:
+                    waitables.append(self.output_r.fd)
+                wait(waitables, remaining)
+                delivery.pump()
             self.thread.join()  # it has returned (or is returning): no wait
             # After a fault the dispatcher returns with the processes killed
             # and reaped; should one still run, wait for it here.
@@ -325,13 +351,21 @@ class ProcessEngine:
                     wait([p.exit_fd], remaining)
                     if not p.ended():
                         return False
-        while delivery.pump():
-            _wire.readable(self.output_r.fd, None)
-        return True
+            while pipe_open and delivery.pump():
+                _wire.readable(self.output_r.fd, None)
+            return True
+        finally:
+            run_whole(leave)
 
     def close(self) -> None:
         """(lock held; every process has ended) Release every descriptor and
-        process handle."""
+        process handle: now, or as the last join() leaves, if any waits."""
+        self.closing = True
+        if not self.joiners:
+            self.release()
+
+    def release(self) -> None:
+        """(lock held) What close() does, once nobody waits on it."""
         for slot in self.slots:
             _wire.close_fd(slot.tasks_w)
         self.fds.close_all()

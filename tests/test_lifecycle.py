@@ -142,6 +142,50 @@ def test_terminate_with_tasks_that_never_return():
         q.get(timeout=1)
 
 
+def test_terminate_while_another_thread_joins():
+    """terminate() closes the queue while another thread waits in join() on
+    the dispatcher's bell and the output pipe: those descriptors are
+    released only once the joiner has left (closed under its wait, their
+    numbers could be reused by any file the program opens), and the join
+    returns, every process ended."""
+    q = ParallelQueue(num_workers=2)
+    engine = q._core.engine
+    delivery = q._core.delivery
+    errors: list[BaseException] = []
+    go_on = threading.Event()
+    real_pump = delivery.pump
+
+    def pump() -> bool:
+        # The joiner, woken by the queue's end, is held here until
+        # terminate() has returned: the close happens while it is inside.
+        if threading.current_thread() is t:
+            go_on.wait()
+        return real_pump()
+
+    def joiner() -> None:
+        try:
+            q.join()
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    delivery.pump = pump
+    t = threading.Thread(target=joiner)
+    try:
+        q.put(sleep_forever)
+        q.stop()
+        t.start()
+        wait_until(lambda: engine.joiners == 1 and sleeping_in(t, "poll"))
+        q.terminate()
+        assert not engine.done.closed and delivery.receiver.reader.fd.fd >= 0  # still the joiner's
+        go_on.set()
+        t.join(60)
+        assert not t.is_alive() and errors == []
+        assert engine.done.closed and delivery.receiver.reader.fd.fd < 0 and not q.is_alive()
+    finally:
+        go_on.set()
+        q.terminate()
+
+
 def test_garbage_collected_queue_ends_quietly():
     """A queue dropped without stop() is ended, by the reaper thread (see
     _reaper), which then ends too, and nothing is printed.  The program
