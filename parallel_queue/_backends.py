@@ -151,7 +151,7 @@ class ProcessPoolBackend:
             return ns, None
         try:
             return ns, loads_results(payload)
-        except BaseException as e:  # noqa: BLE001 - see _delivery.decode
+        except BaseException as e:  # noqa: BLE001 - see _receiver.Receiver.decode
             salvaged = salvage_results(payload, len(batch.items))
             if salvaged is None:
                 return ns, self.failed(batch, e)

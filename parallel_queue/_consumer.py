@@ -4,7 +4,7 @@ It reads result packets from every worker's pipe, keeps those that arrive
 early in the reorder buffer (``_reorder``), and forwards packets to the main
 process strictly in id order.  It publishes
 ``max_packet_id`` (the highest id it will accept: ``next + buffer - 1``),
-so the priority queue never holds more than ``buffer`` packets; a worker
+so the reorder buffer never holds more than ``buffer`` packets; a worker
 whose packet is past it has sent a WAIT and sleeps until the consumer writes
 to its wake-up pipe.
 

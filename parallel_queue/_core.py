@@ -52,7 +52,7 @@ class Engine(Protocol):
     """
 
     def wind_down(self) -> None:
-        """(after terminate(), or a fault) Stop running tasks: end the
+        """(after terminate()) Stop running tasks: end the
         dispatching thread and every process, and wait until they ended."""
 
     def join(self, timeout: Optional[float]) -> bool:
@@ -237,7 +237,8 @@ class Core:
         # side the delivery's (see _stats).
         with self.both_locks():
             intake = self.intake
-            tasks_put, markers_put, pending = intake.tasks_put, intake.markers_put, len(intake.queued())
+            tasks_put, pending = intake.tasks_put, len(intake.queued())
+            markers_put, markers_taken = intake.markers_put, intake.markers_taken
             mean, p50, p99 = self.latency.summary()
             terminated = self.lifecycle.terminated
         packets, items = self.engine.reorder_counts()
@@ -246,7 +247,7 @@ class Core:
             results_delivered=delivered,
             errors=self.delivery.errors_raised,
             markers_put=markers_put,
-            markers_delivered=self.delivery.markers_delivered,
+            markers_delivered=markers_taken,
             # After terminate() nothing is on its way any more.
             in_flight=0 if terminated else tasks_put - delivered,
             pending=pending,
@@ -279,10 +280,10 @@ class Core:
         values), and every slow path starts with ``check_owner()``.
         """
         self.lifecycle.left_behind_by_fork()
-        self.intake.fast_put = False
+        self.intake.close_fast_path()
         delivery = getattr(self, "delivery", None)
         if delivery is not None:
-            delivery.ready.clear()
+            delivery.left_behind_by_fork()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.left_behind_by_fork()

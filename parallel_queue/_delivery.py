@@ -71,7 +71,10 @@ class Delivery:
     def __init__(self, parts: Parts, reader: Any) -> None:
         """``reader``: where packets come from, in order (see Receiver);
         ``parts``: the queue's other parts that it asks (see _core)."""
-        self.core = parts
+        self.parts = parts
+        # The intake's markers, read here without the queue's lock: put()s
+        # only append, and only get() takes (Intake.take_marker, under this
+        # lock too), so the head seen here stays until this lock says.
         self.markers = parts.intake.markers
         self.lock = threading.Lock()
         self.receiver = Receiver(reader, self.lock, parts.lock, parts.wakeups.getters)
@@ -84,7 +87,6 @@ class Delivery:
         # Results to drop as they come: those of a closed map's tasks.
         self.discard = 0
         self.errors_raised = 0
-        self.markers_delivered = 0
         self.latency = parts.latency
 
     @property
@@ -101,9 +103,9 @@ class Delivery:
 
     def get(self, block: bool, timeout: Optional[float]) -> Any:
         """get()'s slow path: ``ready`` was empty."""
-        self.core.lifecycle.check_owner()
+        self.parts.lifecycle.check_owner()
         deadline = _deadline(block, timeout)
-        if self.core.intake.lease is not None and not self.core.reclaim_map():
+        if self.parts.intake.lease is not None and not self.parts.reclaim_map():
             raise RuntimeError("get() on a queue while its imap() runs (finish or close the map first)")
         while True:
             with self.lock:
@@ -128,7 +130,7 @@ class Delivery:
         (``imap``): it hands out whole packets, so a caller pays per packet
         what ``get()`` pays per result.
         """
-        self.core.lifecycle.check_owner()
+        self.parts.lifecycle.check_owner()
         deadline = _deadline(block, timeout)
         while True:
             with self.lock:
@@ -170,7 +172,7 @@ class Delivery:
         found nothing: ``QueueStopped`` if nothing will ever come, else
         ``queue.Empty``."""
         if not block:
-            with self.lock, self.core.lock:
+            with self.lock, self.parts.lock:
                 self.raise_if_finished()
             raise queue.Empty
         if waiter is None:
@@ -268,11 +270,19 @@ class Delivery:
 
     def take_marker(self) -> Any:
         """(lock held) The marker that is due: the very object that was put."""
-        with self.core.lock:
-            marker = self.markers.popleft()[1]
-            self.markers_delivered += 1
-            self.core.intake.marker_taken()
-        return marker
+        with self.parts.lock:
+            return self.parts.intake.take_marker()
+
+    def left_behind_by_fork(self) -> None:
+        """(in a forked child, no lock: see Core.left_behind_by_fork) Shut the
+        lock-free path of get(): values copied from the parent are not the
+        child's to take."""
+        self.ready.clear()
+
+    def count_error(self) -> None:
+        """A map's iterator raised a task's error it took in a batch."""
+        with self.lock:
+            self.errors_raised += 1
 
     def take_error(self) -> BaseException:
         """(lock held) The task error that is next, counted as delivered."""
@@ -286,7 +296,7 @@ class Delivery:
     def raise_if_finished(self) -> None:
         """(both locks held) Nothing in hand and nothing in the pipe: raise if
         nothing ever will be."""
-        core = self.core
+        core = self.parts
         delivered = self.moved - len(self.ready)
         end = core.lifecycle.end_of_results(delivered)
         if end is not None:

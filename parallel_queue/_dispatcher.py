@@ -74,7 +74,7 @@ class Dispatcher:
         self.modulus = modulus(core.opts.window)
         self.next_id = 0  # the next packet's id (wraps around: see _packet_id)
         self.packets_total = 0
-        self.credits = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
+        self.credits_reader = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
         self.sel: selectors.BaseSelector  # made by run(): a queue that fails to start has none to close
         self.last_sent = False  # the consumer knows how many packets there are
         self.consumer_done = False  # it exited after delivering them all
@@ -179,8 +179,7 @@ class Dispatcher:
     def hand_over(self, slot: Slot, rec: PacketRecord) -> None:
         """Give ``rec`` to the slot's worker: it counts towards the worker's
         quota (max_tasks_per_worker) once, however often it is sent."""
-        slot.outstanding.append(rec)
-        slot.sent_items += len(rec.items)
+        slot.handed(rec)
         self.send(slot, rec)
 
     def send(self, slot: Slot, rec: PacketRecord) -> None:
@@ -221,9 +220,9 @@ class Dispatcher:
         self.watch_writable(slot)
 
     def on_credits(self) -> None:
-        if self.credits.eof:
+        if self.credits_reader.eof:
             return
-        for body in self.credits.read_ready():
+        for body in self.credits_reader.read_ready():
             kind = body[0]
             if kind == Kind.CREDIT:
                 self.on_credit(_wire.decode_credit(body))
@@ -231,7 +230,7 @@ class Dispatcher:
                 self.on_drained(self.slots[_wire.decode_slot(body)])
             elif kind == Kind.FATAL:
                 self.core.fail(init_failure(bytes(body[1:])))
-        if self.credits.eof:
+        if self.credits_reader.eof:
             self.sel.unregister(self.engine.credits_r.fd)
 
     def on_credit(self, c: _wire.Credit) -> None:
@@ -243,7 +242,7 @@ class Dispatcher:
             rec.careful = True
             self.send(slot, rec)
             return
-        rec = slot.outstanding.popleft()
+        rec = slot.credited()
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
         self.supervisor.credited(c.slot)
         self.scheduler.measured_time(c.n_items, c.compute_ns)
@@ -278,8 +277,7 @@ class Dispatcher:
     def on_drained(self, slot: Slot) -> None:
         """Everything the dead worker sent has been counted: start a new one in
         its slot, and send it the packets the dead one had not finished."""
-        lost = list(slot.outstanding)
-        slot.outstanding.clear()
+        lost = slot.take_lost()
         proc = slot.proc
         assert proc is not None
         if lost:
@@ -316,7 +314,7 @@ class Dispatcher:
         consumer.join()
         self.sel.unregister(consumer.exit_fd)
         # Its last credits may still be in the pipe: count them first.
-        while not self.credits.eof and _wire.readable(self.engine.credits_r.fd, 0):
+        while not self.credits_reader.eof and _wire.readable(self.engine.credits_r.fd, 0):
             self.on_credits()
         if self.last_sent and consumer.exitcode == 0:
             self.consumer_done = True

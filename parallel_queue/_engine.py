@@ -2,29 +2,27 @@
 
 ::
 
-     main process                          | other processes
-    ---------------------------------------+----------------------------------------------
-                                           |
-     put() -> intake (pending, markers)    |
-                 |                         |
-                 v             tasks       |
-          [dispatcher thread] ====pipe====>| worker 0 ... worker N-1
-           scheduler: which worker, how    |   unpickle, run, pickle (each step recorded
-           many tasks; supervisor: deaths, |   in the progress array); never sends past
-           timeouts, re-sends  ^  ^        |   max_packet_id (WAIT, then sleep on its
-                 ^             |  |        |   wake-up pipe)
-                 |             |  |        |        |  results                ^ wake-up
-                 |             |  |        |        v                         |
-                 |  progress   |  |        | [consumer process] --------------+
-                 |  array      |  |        |   reorder buffer (_reorder), publishes
-                 +------------(shared mem)----- max_packet_id (shared), credits each packet
-                               |  |        |   received; DRAIN: read a dead worker's pipe
-                               |  +--credits, DRAINED, FATAL ---------+
-                               +-- DRAIN, LAST (ctrl) --------------->|
-                                           |        |
-     get() <- delivery <----- output pipe -|--------+  (packets in id order)
-       markers back in their places,       |
-       each packet unpickled once          |
+     main process                            | other processes
+    -----------------------------------------+------------------------------------------
+     put() --> intake (pending, markers)     |
+                 |                           |
+                 v              tasks        |
+          [dispatcher thread] ==pipe each===>| workers 0 .. N-1: unpickle, run, pickle
+           scheduler: which worker, how many |   (each step noted in the progress
+           supervisor: deaths, timeouts,     |   array); never past max_packet_id,
+             re-sends                        |   then sleep on the wake-up pipe
+             ^      ^      |                 |       |                       ^
+             |      |      |                 |       | results (pipe each)   | wake-up
+             |      |      |                 |       v                       |
+             |      |      +-- ctrl: DRAIN, LAST --> [consumer process] -----+
+             |      +------ credits, DRAINED, FATAL -- reorder buffer (_reorder)
+             |                               |       |
+             +-- shared memory: the progress array (workers write it); max_packet_id
+                 and the reorder counts (the consumer writes them)
+                                             |       |
+     get() <-- delivery <---- output pipe ---|-------+  packets in id order, as
+       markers back in their places; each    |          they were pickled
+       packet unpickled once                 |
 
 - **put()** (any thread) appends to the intake, without a lock on its common
   path (the protocol is in ``_intake``); a marker never leaves the main
@@ -244,11 +242,11 @@ class ProcessEngine:
             opts.max_tasks_per_worker,
             opts.task_timeout is not None,
         )
-        slot.incarnation += 1
+        incarnation = slot.new_incarnation()
         proc = self.ctx.Process(
             target=worker_main,
             args=(Inherited(spec),),
-            name=f"parallel_queue-worker-{slot.index}.{slot.incarnation}",
+            name=f"parallel_queue-worker-{slot.index}.{incarnation}",
             daemon=opts.daemon,
         )
         handed_over = False

@@ -101,11 +101,11 @@ class ExecutorEngine:
         self.backend = backend
         self.intake = core.intake
         self.lifecycle = core.lifecycle
-        self.window = core.opts.consumer_buffer_max
+        self.packets_max = core.opts.consumer_buffer_max  # submitted and not yet taken by get()
         self.fds = _wire.FdSet()
         self.finished: deque[tuple[_Packet, Any, Optional[BaseException]]] = deque()
         self.futures: dict[int, Any] = {}  # seq -> future, submitted and not finished
-        self.buffer: ReorderBuffer[Outcome] = ReorderBuffer(self.window)
+        self.buffer: ReorderBuffer[Outcome] = ReorderBuffer(self.packets_max)
         self.seq = 0
         self.item_seconds = 0.0
         self.thread = helper_thread(self.run, "parallel_queue-executor-dispatcher")
@@ -175,11 +175,11 @@ class ExecutorEngine:
         if fixed:
             return min(fixed, waiting)
         limit = packet_limit(self.core.opts.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
-        free = max(1, self.window - (self.seq - self.source.taken))
+        free = max(1, self.packets_max - (self.seq - self.source.taken))
         return max(1, min(limit, waiting, -(-waiting // free)))
 
     def in_window(self) -> bool:
-        return self.seq - self.source.taken < self.window
+        return self.seq - self.source.taken < self.packets_max
 
     def window_freed(self) -> None:
         """get() took packets (in its thread): the dispatcher may submit more."""

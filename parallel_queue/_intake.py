@@ -127,6 +127,7 @@ class Intake:
         self.dispatched = 0  # tasks taken from ``pending`` (by take_tasks)
         self.markers: deque[tuple[int, Any]] = deque()  # (tasks put before it, the marker)
         self.markers_put = 0
+        self.markers_taken = 0
         # put() may append without the lock: accepting, no map running and
         # no dispatcher asleep waiting for tasks.  One flag for put()'s
         # fast path to read; refresh_fast_put() derives it.
@@ -206,8 +207,9 @@ class Intake:
         self.fast_put = self.lifecycle.accepting and self.lease is None and not self.dispatcher_idle
 
     def close_fast_path(self) -> None:
-        """(lock held) The stream is about to end (stop, terminate, a fault):
-        from now on every put() settles under the lock.  Before counting."""
+        """(lock held) The stream is about to end (stop, terminate, a fault, or
+        a fork left this copy behind): from now on every put() settles under
+        the lock.  Before counting."""
         self.fast_put = False
 
     def put_task(self, item: Any, timeout: Optional[float], sample: Optional[bool] = None) -> None:
@@ -360,10 +362,14 @@ class Intake:
         self.room.release_all()
         self.wakeups.putters.ring()
 
-    def marker_taken(self) -> None:
-        """(lock held) get() handed a marker out: there may be room for more."""
+    def take_marker(self) -> Any:
+        """(lock held, and the delivery's: only get() takes markers) The
+        marker whose place get() has reached; there may be room for more."""
+        marker = self.markers.popleft()[1]
+        self.markers_taken += 1
         if len(self.markers) + 1 >= self.max_markers:
             self.room_freed()
+        return marker
 
     # ------------------------------------------------------------------ maps
 

@@ -2,14 +2,16 @@
 
 ::
 
-               stop()                       the engine finished
-      OPEN ------------> STOPPING ------------------------------+
-        |                   |                                   |
-        | a fault           | a fault                           v
-        +------> BROKEN <---+                              (closed: every
-        |          |                                        process ended,
-        | terminate() (from OPEN, STOPPING or BROKEN)       every descriptor
-        +------> TERMINATED ------------------------------> released)
+               stop()                the engine finished, then join()
+      OPEN ------------> STOPPING -------------------------------+
+        |                   |                                    v
+        | a fault           | a fault                      (closed: every
+        +------> BROKEN <---+                               process ended,
+        |          +------ the engine ended, then join() --> every descriptor
+        |          | terminate()                              released)
+        |          v                                             ^
+        +------> TERMINATED ---------------- at once ------------+
+          terminate() (from STOPPING too)
 
 - **OPEN**: ``put()`` takes tasks.
 - **STOPPING**: ``stop()`` was called.  No task is taken any more; the ones
@@ -28,8 +30,12 @@ the queue ended (a queue collected unclosed is terminated: see _reaper).
 ``foreign`` marks the copy of a queue in a process forked from its owner:
 that copy can only say it is not the child's.
 
-Every transition and every query is made with the queue's lock held (the
-owner of that lock is ``_core.Core``).  The transitions are idempotent: each
+Every transition is made with the queue's lock held (the owner of that
+lock is ``_core.Core``), and so is every query a decision depends on.  A
+few are read without it, where a stale answer only costs a look again:
+``gone`` at the top of an engine's loop (it looks again under the lock
+before it sleeps) and in its clean-up, ``closed`` and ``foreign`` (each set
+once, never reset).  The transitions are idempotent: each
 returns whether it changed anything, so ``stop()``, ``join()`` and
 ``terminate()`` may be called in any state, any number of times.
 """

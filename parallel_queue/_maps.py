@@ -183,7 +183,7 @@ class IMapIterator(Iterator[R]):
             if self._steps:
                 step = self._steps.popleft()
                 if type(step) is not list:  # a task's error (a TaskError, or a thread's LiveError)
-                    self._delivery.errors_raised += 1
+                    self._delivery.count_error()
                     raise step.to_exception()
                 self._cur = iter(step)
             elif not block:

@@ -1,6 +1,6 @@
 """The reorder buffer: packets that arrive early wait for the ones before.
 
-The seed's algorithm: packets carry wrap-around ``PacketID``s, a heap keeps
+The ordering at the heart of the queue: packets carry wrap-around ``PacketID``s, a heap keeps
 those that arrive ahead of the next one expected, and they leave strictly in
 id order.  The consumer process keeps one (``_consumer``); so does the
 executor engine, which runs in the main process (``_executor``).  Whoever
@@ -12,7 +12,7 @@ than ``window`` ids are ever alive at once and the modular comparisons hold.
 from __future__ import annotations
 
 import heapq
-from typing import Any, Generic, Iterator, TypeVar
+from typing import Generic, Iterator, TypeVar
 
 from ._packet_id import PacketID
 
@@ -62,5 +62,3 @@ class ReorderBuffer(Generic[T]):
         while self.next_is_ready():
             yield self.pop_next()
 
-    def __iter__(self) -> Iterator[Any]:
-        return (packet for _, _, _, packet in self._heap)

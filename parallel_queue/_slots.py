@@ -18,8 +18,10 @@ had not finished.  Its state moves only through the methods below::
   the end before the slot's packets are counted or sent again.
 - **RETIRED**: it ended, and no worker will start in it again.
 
-Only the dispatcher thread calls these methods (and reads the rest of a
-slot), but ``Child.ended()`` and ``Child.release()``: see there.
+Only the dispatcher thread writes a slot and calls its methods.  Other
+threads read two things: whether its worker is running and alive
+(``ProcessEngine.workers_alive``, for stats, under the queue's lock), and
+``Child.ended()``/``Child.release()``: see there.
 """
 
 from __future__ import annotations
@@ -174,6 +176,7 @@ class Slot:
 
     def started(self, proc: Child, tasks_w: Fd) -> None:
         """EMPTY or DRAINING -> RUNNING: a new worker, with a fresh task pipe."""
+        assert self.state in (SlotState.EMPTY, SlotState.DRAINING), self.state
         self.proc = proc
         self.tasks_w = tasks_w
         self.writer = _wire.FrameWriter(tasks_w)
@@ -184,18 +187,48 @@ class Slot:
 
     def stop_sent(self) -> None:
         """RUNNING -> STOPPING."""
+        assert self.state is SlotState.RUNNING, self.state
         self.told_to_stop = True
         self.state = SlotState.STOPPING
 
     def worker_ended(self) -> None:
         """RUNNING or STOPPING -> DRAINING: its task pipe is closed."""
+        assert self.state in (SlotState.RUNNING, SlotState.STOPPING), self.state
         _wire.close_fd(self.tasks_w)
         self.writer = None
         self.state = SlotState.DRAINING
 
     def retired(self) -> None:
         """DRAINING -> RETIRED."""
+        assert self.state is SlotState.DRAINING, self.state
         self.state = SlotState.RETIRED
+
+    # ------------------------------------------------------------ its packets
+
+    def new_incarnation(self) -> int:
+        """A worker is about to start in it: its number in this slot."""
+        self.incarnation += 1
+        return self.incarnation
+
+    def handed(self, rec: PacketRecord) -> None:
+        """``rec`` was given to its worker: it counts towards the worker's
+        quota (max_tasks_per_worker) once, however often it is sent."""
+        self.outstanding.append(rec)
+        self.sent_items += len(rec.items)
+
+    def credited(self) -> PacketRecord:
+        """Its worker's oldest packet was received by the consumer."""
+        return self.outstanding.popleft()
+
+    def take_lost(self) -> list[PacketRecord]:
+        """(DRAINING) The packets its dead worker had not finished, oldest first."""
+        lost = list(self.outstanding)
+        self.outstanding.clear()
+        return lost
+
+    def killed_for_timeout(self, seq: int) -> None:
+        """Its worker is killed for running task step ``seq`` past task_timeout."""
+        self.timeout_kill = seq
 
     # --------------------------------------------------------------- queries
 

@@ -188,7 +188,7 @@ class Supervisor:
             else:
                 deadline = start + limit_ns * (1 if 0 <= k < n else n)
                 if deadline <= now:
-                    slot.timeout_kill = seq
+                    slot.killed_for_timeout(seq)
                     overdue.append(slot)
                     continue
             soonest = deadline if soonest is None else min(soonest, deadline)

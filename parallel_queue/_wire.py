@@ -384,7 +384,7 @@ class TaskPacket(NamedTuple):
     ``careful`` packets carry a list of per-item pickles, and the worker
     takes each step one task at a time, so a failure, or a death, is pinned
     on one task (see _worker.run_careful).  ``form`` says what an item is
-    (_worker.CALL, ARGS, STAR, ONE); a map's packet on a queue that runs any
+    (_tasks.CALL, ARGS, STAR, ONE); a map's packet on a queue that runs any
     task (ParallelQueue.imap) carries its function first.
     """
 
@@ -433,7 +433,7 @@ def decode_result(body: bytes | bytearray) -> ResultHeader:
     return ResultHeader(pid, count, ns, bool(careful))
 
 
-_ID = struct.Struct("<Bq")  # WAIT, REJECT (+payload), LAST
+_ID = struct.Struct("<Bq")  # WAIT, REJECT, LAST: a kind and a packet id
 
 
 def encode_id(kind: int, value: int) -> bytes:
