@@ -33,10 +33,9 @@ from ._payload import (
     dumps_results,
     dumps_tasks,
     every_slot_fails,
-    loads_results,
     loads_tasks,
 )
-from ._salvage import salvage_results
+from ._salvage import load_results
 from ._tasks import capture_error, packet_function, run_items
 
 __all__ = ["Backend", "backend_for", "Outcome", "REJECTED"]
@@ -58,9 +57,10 @@ class Backend(Protocol):
     def submit(self, batch: TaskBatch, careful: bool, seq: int) -> Any:
         """Submit one packet; a future (``add_done_callback``, ``result``)."""
 
-    def outcome(self, batch: TaskBatch, returned: Any) -> tuple[int, Optional[Outcome]]:
-        """(ns of compute, the packet's results) from what the call returned;
-        None for a batch the executor could not unpickle (REJECTED)."""
+    def outcome(self, batch: TaskBatch, first: int, returned: Any) -> tuple[int, Optional[Outcome]]:
+        """(ns of compute, the packet's results) from what the call returned
+        (``first``: the packet's first task); None for a batch the executor
+        could not unpickle (REJECTED)."""
 
     def failed(self, batch: TaskBatch, error: BaseException) -> Outcome:
         """The call itself failed (a lost Dask worker, a broken pool): every
@@ -109,16 +109,21 @@ def run_packet_remote(fn_bytes: Optional[bytes], form: int, payload: bytes, care
     return ns, dumps_results(values, errors, items)
 
 
+def _pool_size(executor: Any) -> int:
+    """How many calls a concurrent.futures executor runs at once."""
+    return getattr(executor, "_max_workers", 0) or (os.cpu_count() or 1)
+
+
 class ThreadBackend:
     def __init__(self, executor: concurrent.futures.ThreadPoolExecutor, task_fn: Optional[Callable[..., Any]]) -> None:
         self.executor = executor
         self.task_fn = task_fn
-        self.workers = getattr(executor, "_max_workers", 0) or (os.cpu_count() or 1)
+        self.workers = _pool_size(executor)
 
     def submit(self, batch: TaskBatch, careful: bool, seq: int) -> Any:
         return self.executor.submit(run_packet_local, self.task_fn, batch.form, batch.payload_items())
 
-    def outcome(self, batch: TaskBatch, returned: Any) -> tuple[int, Optional[Outcome]]:
+    def outcome(self, batch: TaskBatch, first: int, returned: Any) -> tuple[int, Optional[Outcome]]:
         ns, values, errors = returned
         return ns, (values, errors)
 
@@ -134,7 +139,7 @@ class ProcessPoolBackend:
 
     @staticmethod
     def executor_size(executor: Any) -> int:
-        return getattr(executor, "_max_workers", 0) or (os.cpu_count() or 1)
+        return _pool_size(executor)
 
     def payload(self, batch: TaskBatch, careful: bool) -> tuple[bytes, bool]:
         if careful:
@@ -145,21 +150,11 @@ class ProcessPoolBackend:
         payload, careful = self.payload(batch, careful)
         return self.executor.submit(run_packet_remote, self.fn_bytes, batch.form, payload, careful)
 
-    def outcome(self, batch: TaskBatch, returned: Any) -> tuple[int, Optional[Outcome]]:
+    def outcome(self, batch: TaskBatch, first: int, returned: Any) -> tuple[int, Optional[Outcome]]:
         ns, payload = returned
         if payload == REJECTED:
             return ns, None
-        try:
-            return ns, loads_results(payload)
-        except BaseException as e:  # noqa: BLE001 - see _receiver.Receiver.decode
-            salvaged = salvage_results(payload, len(batch.items))
-            if salvaged is None:
-                return ns, self.failed(batch, e)
-            values, errors = salvaged
-            for k, err in errors.items():
-                if isinstance(err, BaseException):
-                    errors[k] = TaskError.for_failure(err, "could not unpickle the result here")
-            return ns, (values, errors)
+        return ns, load_results(payload, len(batch.items), first)
 
     def failed(self, batch: TaskBatch, error: BaseException) -> Outcome:
         err = TaskError.from_exception(error) if error.__traceback__ else TaskError.from_message(error)

@@ -85,11 +85,12 @@ class LocalSource:
 
 
 class _Packet(TaskBatch):
-    __slots__ = ("seq", "careful")
+    __slots__ = ("seq", "first", "careful")
 
-    def __init__(self, seq: int, batch: TaskBatch) -> None:
+    def __init__(self, seq: int, first: int, batch: TaskBatch) -> None:
         super().__init__(batch.items, batch.form, batch.map_fn)
         self.seq = seq  # submission order: the reorder buffer's id (it wraps there)
+        self.first = first  # its first task's index (for errors that name it)
         self.careful = False  # sent one pickle per task (it would not unpickle whole)
 
 
@@ -192,8 +193,9 @@ class ExecutorEngine:
                 waiting = self.intake.takeable()
                 if not waiting:
                     return
+                first = self.intake.dispatched
                 batch = self.intake.take_tasks(self.batch_size(waiting))
-            pkt = _Packet(self.seq, batch)
+            pkt = _Packet(self.seq, first, batch)
             self.seq += 1
             self.submit(pkt)
 
@@ -226,7 +228,7 @@ class ExecutorEngine:
             if error is not None:
                 outcome = self.backend.failed(pkt, error)
             else:
-                ns, result = self.backend.outcome(pkt, returned)
+                ns, result = self.backend.outcome(pkt, pkt.first, returned)
                 if result is None and not pkt.careful:  # it would not unpickle as a whole there
                     pkt.careful = True
                     self.submit(pkt)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterable, Callable, Iterable, Optional, TypeVar, Union
 
-from ._maps import AsyncIMapIterator, IMapIterator, length, source_of
+from ._maps import AsyncIMapIterator, IMapIterator, check_chunksize, length, source_of
 from ._progress import require_tqdm
 from ._queue import ParallelSingleTaskQueue
 from ._tasks import ONE, STAR
@@ -40,8 +40,7 @@ def _own_map(
     chunksize: Optional[int],
     options: dict[str, Any],
 ) -> IMapIterator[R]:
-    if chunksize is not None and chunksize < 1:
-        raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+    check_chunksize(chunksize)
     progress = bool(options.pop("progress", False))
     if progress:
         require_tqdm()  # before anything starts
@@ -79,10 +78,9 @@ def imap(
     >>> list(imap(pow, range(5), [2] * 5, num_workers=2))
     [0, 1, 4, 9, 16]
     """
-    if not iterables:
-        raise TypeError("imap() must have at least two arguments.")
+    source = source_of(iterables)
     queue_cls = _StarQueue if len(iterables) > 1 else _OneArgQueue
-    return _own_map(queue_cls, fn, source_of(iterables), length(iterables), num_workers, chunksize, options)
+    return _own_map(queue_cls, fn, source, length(iterables), num_workers, chunksize, options)
 
 
 def aimap(

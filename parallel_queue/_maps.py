@@ -35,7 +35,7 @@ from ._payload import TaskError
 from ._reaper import Watch, watch
 from ._threads import helper_thread, sigint_held_back
 
-__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "length", "source_of"]
+__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "check_chunksize", "length", "source_of"]
 
 R = TypeVar("R")
 
@@ -101,8 +101,7 @@ class IMapIterator(Iterator[R]):
         caller's otherwise).  ``fn`` travels in each packet (None: the
         workers have it); ``inputs`` is read by a feeder thread (None: fed
         by the caller, see AsyncIMapIterator)."""
-        if chunksize is not None and chunksize < 1:
-            raise ValueError(f"chunksize must be at least 1, got {chunksize}")
+        check_chunksize(chunksize)
         core: Core = queue._core
         self._q = queue
         self._core = core
@@ -314,6 +313,8 @@ async def _feed_async(
             await aput(core, functools.partial(_put_one, intake, x, lease))
     except QueueStopped:
         return
+    except QueueBrokenError:
+        return  # the consumer side reports it (as _feed)
     except BaseException as e:  # noqa: BLE001 - the input's own error, raised in its place
         input_error.append(e)
     core.stop()
@@ -335,5 +336,15 @@ def length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
 def source_of(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
     """What a map's feeder reads: the inputs themselves (one iterable) or
     zip's tuples.  No Python code runs per item on the way in, and the items
-    pickle as compactly as they can."""
+    pickle as compactly as they can.  TypeError without any iterable, as
+    the builtin map()."""
+    if not iterables:
+        raise TypeError("imap() must have at least two arguments.")
     return iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+
+
+def check_chunksize(chunksize: Optional[int]) -> None:
+    """ValueError for a chunksize that is not a positive count (before
+    anything starts)."""
+    if chunksize is not None and chunksize < 1:
+        raise ValueError(f"chunksize must be at least 1, got {chunksize}")

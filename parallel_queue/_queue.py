@@ -304,12 +304,11 @@ class ParallelQueue(_QueueBase[Any]):
         ...     list(q.imap(pow, range(4), [2] * 4)), list(q.imap(abs, [-1, -2]))
         ([0, 1, 4, 9], [1, 2])
         """
-        if not iterables:
-            raise TypeError("imap() must have at least two arguments.")
+        source = source_of(iterables)
         # Its packets carry the function ahead of their items (the workers
         # of a queue that runs any task do not have it).
         form = STAR if len(iterables) > 1 else ONE
-        return IMapIterator(self, fn, form, source_of(iterables), chunksize, own=False)
+        return IMapIterator(self, fn, form, source, chunksize, own=False)
 
     async def aput(self, task: Any, *args: Any, **kwargs: Any) -> None:
         """``put()`` for asyncio: waits for room without blocking the event loop."""

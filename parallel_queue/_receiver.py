@@ -20,15 +20,14 @@ watches would let its number be reused under their feet.
 
 from __future__ import annotations
 
-import pickle
 import select
 import threading
 from collections import deque
 from typing import Any, Callable, Optional
 
 from . import _wire
-from ._payload import TaskError, every_slot_fails, loads_results, loads_results_careful, result_unpickling_error
-from ._salvage import salvage_results
+from ._payload import TaskError, loads_results_careful
+from ._salvage import load_results
 from ._threads import Waiters, run_whole
 from ._wakeups import Bell, Bells
 from ._wire import RESULT, decode_result
@@ -87,20 +86,9 @@ class Receiver:
         first = self.decoded
         self.decoded += header.n_items
         payload = memoryview(body)[RESULT.size :]
-        try:
-            if header.careful:
-                return loads_results_careful(payload, first)
-            return loads_results(payload)
-        except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
-            salvaged = salvage_results(payload, header.n_items)
-            if salvaged is None:
-                err = TaskError.for_failure(exc, "could not unpickle the results", pickle.UnpicklingError)
-                return every_slot_fails(header.n_items, err)
-            values, errors = salvaged
-            for k, err in errors.items():
-                if isinstance(err, BaseException):
-                    errors[k] = result_unpickling_error(err, first + k)
-            return values, errors
+        if header.careful:
+            return loads_results_careful(payload, first)
+        return load_results(payload, header.n_items, first)
 
     def read_available(self) -> bool:
         """Read what the output pipe holds now, without waiting; True if a

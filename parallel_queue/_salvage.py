@@ -23,6 +23,8 @@ import pickle
 import types
 from typing import Any, Callable, Optional
 
+from ._payload import TaskError, every_slot_fails, loads_results, result_unpickling_error
+
 __all__ = ["salvage_results", "Unloadable"]
 
 
@@ -179,3 +181,22 @@ def salvage_results(payload: bytes | memoryview, count: int) -> Optional[tuple[l
         else:  # the task's own error would not load: still that slot's failure
             out[k] = _first_failure(err, unpickler.broken)
     return values, out
+
+
+def load_results(payload: bytes | memoryview, count: int, first: int) -> tuple[list[Any], dict[int, Any]]:
+    """A packet's ``(values, errors)``, ``count`` results from task ``first``
+    on: loaded whole if it can be; if not, each value that will not unpickle
+    here fails in its own slot (salvaged, see salvage_results), and only if
+    even that fails does every slot fail."""
+    try:
+        return loads_results(payload)  # type: ignore[no-any-return]
+    except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
+        salvaged = salvage_results(payload, count)
+        if salvaged is None:
+            err = TaskError.for_failure(exc, "could not unpickle the results", pickle.UnpicklingError)
+            return every_slot_fails(count, err)
+        values, errors = salvaged
+        for k, err in errors.items():
+            if isinstance(err, BaseException):
+                errors[k] = result_unpickling_error(err, first + k)
+        return values, errors
