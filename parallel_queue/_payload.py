@@ -108,7 +108,17 @@ class TaskError:
         )
 
     def to_exception(self) -> BaseException:
-        """The exception to raise in ``get()``, with the worker's traceback."""
+        """The exception to raise in ``get()``, with the worker's traceback.
+
+        The traceback's frames are made by running code here (tblib), so each
+        keeps a reference to its caller's frame, and so on up the stack: this
+        frame, and whoever called it (a map's iterator, get()).  None of
+        those frames may hold the exception or its traceback once they
+        return, or the exception would be in a reference cycle, and with it
+        everything up the stack (a dropped map, its queue) would live on
+        until the cyclic garbage collector ran: hence the ``del`` below, and
+        callers raise or return the result without naming it.
+        """
         exc: BaseException
         reason = self.reason
         if self.exc_bytes is not None:
@@ -133,7 +143,10 @@ class TaskError:
         elif self.context is not None:
             exc.__context__ = self.context.to_exception()
         exc.__suppress_context__ = self.suppress
-        return exc
+        try:
+            return exc
+        finally:
+            del exc, tb
 
 
 def _qualified_name(t: type) -> str:

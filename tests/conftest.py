@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import asyncio
 import multiprocessing
 import os
+import signal
 import subprocess
 import sys
+import threading
 import time
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
+
+from parallel_queue import _wire
+from parallel_queue._core import Core
+from parallel_queue._delivery import Delivery
+from parallel_queue._options import Options
+from parallel_queue._tasks import CALL
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,9 +111,6 @@ def sleeping_in(thread: Any, what: str) -> bool:
 def interrupt_main_thread_when(condition: Callable[[], object]) -> Any:
     """A started thread that sends SIGINT to the main thread once
     ``condition()`` holds (Ctrl-C at that very point); join it after."""
-    import signal
-    import threading
-
     main = threading.main_thread()
 
     def send() -> None:
@@ -118,8 +124,6 @@ def interrupt_main_thread_when(condition: Callable[[], object]) -> Any:
 
 async def await_until(condition: Callable[[], object], seconds: float = 30) -> None:
     """``wait_until`` in a coroutine: lets the event loop run in between."""
-    import asyncio
-
     deadline = time.monotonic() + seconds
     while not condition():
         if time.monotonic() > deadline:
@@ -143,7 +147,6 @@ class NoEngine:
         return True
 
     def close(self) -> None:
-        from parallel_queue import _wire
 
         _wire.close_fd(self.output_w)
 
@@ -166,12 +169,6 @@ class NoEngine:
 def make_bare_core(**options: object) -> Any:
     """A queue's core with no engine (its delivery reads a pipe nobody
     writes to); end it with ``terminate()``."""
-    from parallel_queue import _wire
-    from parallel_queue._core import Core
-    from parallel_queue._delivery import Delivery
-    from parallel_queue._options import Options
-    from parallel_queue._tasks import CALL
-
     core = Core(Options(num_workers=1, **options), CALL)  # type: ignore[arg-type]
     r, w = _wire.make_pipe()
     core.engine = NoEngine(w)

@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import multiprocessing
+import os
+import select
+import threading
 import time
 
 import pytest
-from conftest import await_until, wait_until
+from conftest import await_until, descendants, wait_until
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped, aimap
 
@@ -208,10 +212,6 @@ def test_breaking_out_of_aimap_over_an_async_input_leaves_nothing_running():
     the queue (2 workers, the consumer) and the feeder task lived on for as
     long as the event loop ran: the feeder waited forever in aput() and held
     the iterator.  Dropping the iterator now ends them all."""
-    import gc
-    import os
-
-    from conftest import descendants
 
     async def main():
         before = asyncio.all_tasks()
@@ -240,9 +240,6 @@ def test_thread_and_coroutine_getters_never_take_each_others_wake_up(monkeypatch
     its timeout, results stayed stranded and the event loop spun.  Forced
     here: a marker wakes both, and the coroutine runs between the thread's
     poll() returning and the thread acting on it."""
-    import select
-    import threading
-
     q = ParallelQueue(num_workers=1)
     loop = asyncio.new_event_loop()
     real_poll = select.poll

@@ -10,6 +10,7 @@ import time
 
 import pytest
 from conftest import drain
+from test_executors import EXPECTED_CAREFUL, identity, inputs_with_one_that_will_not_unpickle_there, kinds
 
 from parallel_queue import ParallelQueue, imap
 
@@ -126,8 +127,6 @@ def test_dask_packet_that_will_not_unpickle_there_fails_one_slot(dask_client):
     first call's key, and Dask handed back that call's future (its REJECTED
     result): every task of the packet failed ("rejected twice"), not only
     the one whose argument would not unpickle."""
-    from test_executors import EXPECTED_CAREFUL, identity, inputs_with_one_that_will_not_unpickle_there, kinds
-
     with ParallelQueue(executor=dask_client) as q:
         it = q.imap(identity, inputs_with_one_that_will_not_unpickle_there(), chunksize=8)
         out = drain(it, pickle.UnpicklingError)

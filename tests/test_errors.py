@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import multiprocessing
 import pickle
 import queue
+import sys
 import threading
 import traceback
 
@@ -136,7 +139,6 @@ def make_waiter(ev):
 
 
 def test_get_timeout_and_nonblocking_raise_empty():
-    import multiprocessing
 
     ev = multiprocessing.get_context().Event()
     # The Event reaches the workers at process start (it cannot be pickled
@@ -152,7 +154,6 @@ def test_get_timeout_and_nonblocking_raise_empty():
 
 
 def test_put_timeout_raises_full_and_loses_nothing():
-    import multiprocessing
 
     ev = multiprocessing.get_context().Event()
     with ParallelSingleTaskQueue(make_waiter(ev), num_workers=1, in_q_max=1, max_batch=1) as q:
@@ -224,11 +225,11 @@ def test_result_whose_pickling_raises_a_base_exception_fails_in_its_slot(what, c
     assert "Traceback" not in capfd.readouterr().err
 
 
-WORKER_ONLY_MODULE = '''
+WORKER_ONLY_MODULE = """
 class Thing:
     def __init__(self, v):
         self.v = v
-'''
+"""
 
 
 def make_worker_only_thing(i):
@@ -249,9 +250,6 @@ def test_result_that_will_not_unpickle_here_fails_in_its_slot_only(tmp_path, bat
     (its class importable only in the workers: worker_init_f extends
     sys.path) failed its whole packet, 191 slots where 1 should fail.  Now
     only the results that hold such an object fail, each in its own slot."""
-    import functools
-    import sys
-
     (tmp_path / "workeronly.py").write_text(WORKER_ONLY_MODULE)
     init = functools.partial(sys.path.insert, 0, str(tmp_path))
     with ParallelQueue(num_workers=2, worker_init_f=init, max_batch=batch) as q:

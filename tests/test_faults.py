@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import array
 import ctypes
+import fcntl
 import os
+import pickle
 import signal
 import sys
+import termios
 import threading
 import time
 
 import pytest
+from conftest import drain, wait_until
 
 from parallel_queue import (
     ParallelQueue,
@@ -18,7 +23,11 @@ from parallel_queue import (
     TaskTimeoutError,
     WorkerInitError,
     WorkerLostError,
+    _wire,
+    imap,
 )
+from parallel_queue._slots import Child
+from parallel_queue._tasks import P_STAGE, PROGRESS_FIELDS, STAGE_IDLE, STAGE_RUNNING
 
 
 def die(how):
@@ -250,21 +259,15 @@ def identity(x):
 
 def test_batch_that_will_not_unpickle_in_the_worker_fails_one_slot():
     """The batch pickles in the main process but not in the worker: it is sent
-    again one pickle per task, and only the guilty task fails.  With one
-    worker and forty tasks put at once, the bad one shares its packet with
+    again one pickle per task, and only the guilty task fails.  Packets of
+    exactly eight (a map's chunksize): the bad one shares its packet with
     good ones, and later packets wait in the worker's pipe behind it."""
-    with ParallelQueue(num_workers=1, max_batch=8) as q:
-        q.put(time.sleep, 0.2)  # holds the worker while the rest queue up
-        for i in range(40):
-            q.put(identity, LoadsOnlyHere(i) if i == 13 else i)
-        assert q.get(timeout=60) is None
-        got = []
-        for _ in range(40):
-            try:
-                got.append(q.get(timeout=60))
-            except Exception as e:
-                got.append(type(e).__name__)
-    assert got == list(range(13)) + ["UnpicklingError"] + list(range(14, 40))
+    inputs = [LoadsOnlyHere(i) if i == 13 else i for i in range(40)]
+    with ParallelQueue(num_workers=1) as q:
+        got = drain(q.imap(identity, inputs, chunksize=8), Exception)
+    assert [x if isinstance(x, int) else x.split(":")[0] for x in got] == (
+        list(range(13)) + ["UnpicklingError"] + list(range(14, 40))
+    )
 
 
 def test_is_alive_from_another_thread_never_reaps_a_process(monkeypatch):
@@ -272,8 +275,6 @@ def test_is_alive_from_another_thread_never_reaps_a_process(monkeypatch):
     reap a process the dispatcher then saw with exit code None, as a crash.
     Forced: between each process's exit and the dispatcher's reaping it,
     another thread asks is_alive() and stats()."""
-    from parallel_queue._slots import Child
-
     asked = []
     reap = Child.join
 
@@ -301,8 +302,6 @@ def test_child_forked_while_another_thread_holds_the_fd_lock_does_not_hang():
     instant another thread holds the lock that guards our descriptor list; the
     child inherits it held and, without a fresh lock after fork, hangs in
     close_inherited_fds().  Forced here: a thread holds the lock while we fork."""
-    from parallel_queue import _wire
-
     held = threading.Event()
     release = threading.Event()
 
@@ -444,10 +443,6 @@ def test_worker_dying_while_unpickling_an_argument_is_one_error_in_its_slot(chun
     crashed the worker that unpickled it; item 0 of the packet was blamed,
     the retries found nothing to blame, and after three tries the queue
     broke with no result at all.  Now item 7 alone gets WorkerLostError."""
-    from conftest import drain
-
-    from parallel_queue import imap
-
     items = [CrashesWhenLoaded() if i == 7 else i for i in range(30)]
     got = drain(imap(str, items, num_workers=2, chunksize=chunksize), WorkerLostError)
     assert got[:7] == [str(i) for i in range(7)] and got[8:] == [str(i) for i in range(8, 30)]
@@ -460,10 +455,6 @@ def test_worker_dying_while_unpickling_an_argument_is_one_error_in_its_slot(chun
 
 def pipe_bytes(fd):
     """Bytes waiting in the pipe whose end ``fd`` is (either end will do)."""
-    import array
-    import fcntl
-    import termios
-
     buf = array.array("i", [0])
     fcntl.ioctl(fd, termios.FIONREAD, buf)
     return buf[0]
@@ -485,8 +476,6 @@ def test_consumer_never_blocks_on_a_pipe_a_drain_already_emptied(tmp_path):
     in that order, a DRAIN for X (dead too) read X's pipe to its end, and the
     stale event then made the consumer block for ever in a read of X's pipe.
     Forced with the consumer stopped while the events line up."""
-    from conftest import wait_until
-
     gate = tmp_path / "gate"
     q = ParallelQueue(num_workers=2, max_batch=1)
     try:
@@ -496,6 +485,9 @@ def test_consumer_never_blocks_on_a_pipe_a_drain_already_emptied(tmp_path):
         wait_until(lambda: all(len(s.outstanding) == 1 for s in engine.slots))
         x = next(s for s in engine.slots if s.outstanding[0].first_task == 1)
         y = next(s for s in engine.slots if s is not x)
+        # Y runs its task (killed before, it would be sent again, and run
+        # for ever, rather than blamed).
+        wait_until(lambda: engine.progress[y.index * PROGRESS_FIELDS + P_STAGE] == STAGE_RUNNING)
         os.kill(engine.consumer.pid, signal.SIGSTOP)
         os.kill(y.proc.pid, signal.SIGKILL)
         wait_until(lambda: pipe_bytes(engine.ctrl_w.fd) > 0)  # DRAIN(Y): the control pipe first
@@ -547,8 +539,6 @@ def test_a_batch_sent_again_counts_once_towards_max_tasks_per_worker():
     again, and its tasks counted twice towards the worker's quota: the
     dispatcher thought the quota used up, the worker did not, and the next
     get() waited for ever."""
-    import pickle
-
     with ParallelQueue(num_workers=1, max_tasks_per_worker=2) as q:
         got = []
         for item in (FailsToLoad(), "second", "third", "fourth"):
@@ -618,8 +608,6 @@ def test_a_loader_raising_a_base_exception_is_that_tasks_error_and_nothing_more(
     """Regression: KeyboardInterrupt or SystemExit("...") raised while a
     worker unpickled a batch escaped the worker: the error did land in its
     slot, but the worker died printing a traceback (or the message) first."""
-    import pickle
-
     with ParallelQueue(num_workers=1) as q:
         q.put(identity, 1)
         q.put(identity, RaisesWhenLoaded(how))
@@ -655,10 +643,6 @@ def test_idle_workers_killed_from_outside_are_no_start_up_deaths():
     """Regression: a worker that had long passed worker_init_f and was killed
     while idle counted as dying at start-up: three such kills broke the
     queue with WorkerInitError."""
-    from conftest import wait_until
-
-    from parallel_queue._tasks import P_STAGE, PROGRESS_FIELDS, STAGE_IDLE
-
     with ParallelQueue(num_workers=2) as q:
         q.put(identity, 0)
         assert q.get(timeout=60) == 0

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import threading
+from multiprocessing import heap
 
 import pytest
 from conftest import descendants, run_python, sleeping_in, wait_until
@@ -351,7 +353,6 @@ def test_no_descriptor_leak_across_many_queues():
     assert descendants(os.getpid()) == []
     # Shared memory comes from multiprocessing's heap and goes back to it:
     # twenty more queues must not have added arenas.
-    from multiprocessing import heap
 
     arenas = len(heap.BufferWrapper._heap._arenas)
     for _ in range(20):
@@ -361,8 +362,6 @@ def test_no_descriptor_leak_across_many_queues():
 
 def test_failed_start_leaves_nothing_behind():
     """A task function that cannot reach spawned workers: a clear error, no processes, no fds."""
-    import pickle
-
     lock = threading.Lock()
 
     def uses_lock(x):

@@ -5,13 +5,16 @@ from __future__ import annotations
 import gc
 import itertools
 import os
+import pickle
 import queue
 import threading
+import weakref
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from conftest import descendants, drain
 
-from parallel_queue import ParallelQueue, WorkerLostError, imap
+from parallel_queue import ParallelQueue, WorkerLostError, _dispatcher, _executor, _reaper, imap
 
 
 def square(x):
@@ -129,8 +132,6 @@ def test_break_close_and_garbage_collection_stop_workers():
 def packet_sizes(monkeypatch):
     """The number of tasks in each packet the dispatchers make from now on
     (they are threads of this process)."""
-    from parallel_queue import _dispatcher, _executor
-
     sizes = []
     for module, name in ((_dispatcher, "PacketRecord"), (_executor, "_Packet")):
         cls = getattr(module, name)
@@ -196,7 +197,6 @@ def kind_of(x):
 def test_unpicklable_input_fails_in_its_own_place(several):
     # imap sends the inputs themselves (or zip's tuples) as task items: an
     # input that will not pickle fails in its slot, its neighbours run.
-    import pickle
 
     inputs = [1, "two", threading.Lock(), 4.0]
     if several:
@@ -214,7 +214,6 @@ def test_unpicklable_input_fails_in_its_own_place(several):
 
 
 def test_queue_imap_runs_maps_back_to_back_on_the_same_workers():
-    from concurrent.futures import ThreadPoolExecutor
 
     with ParallelQueue(num_workers=2) as q:
         processes = set(descendants(os.getpid()))
@@ -286,8 +285,6 @@ def test_queue_imap_dropped_gives_the_queue_back_to_whoever_wants_it_first(then)
     """A map dropped half-way hands the queue back by itself: the reaper
     does it (see _reaper), and whoever wants the queue before that does it
     first.  Forced: the reaper is kept busy, so only the next call can."""
-    from parallel_queue import _reaper
-
     busy, release = threading.Event(), threading.Event()
 
     class Token:
@@ -318,6 +315,43 @@ def test_queue_imap_dropped_gives_the_queue_back_to_whoever_wants_it_first(then)
         release.set()
 
 
+def test_a_task_error_does_not_keep_a_dropped_map_alive():
+    """Regression: a task's exception, rebuilt with the worker's traceback,
+    was in a reference cycle with the frames that made it, the map's
+    iterator among them: after ``for`` ended on the error, the iterator
+    (and the queue's lease) lived on until the cyclic garbage collector
+    ran, and the next imap(), put() or get() was refused.  With that
+    collector off, the iterator must go the moment nobody holds it."""
+    gc.disable()
+    try:
+        with ParallelQueue(num_workers=2) as q:
+            it = q.imap(fail_on_3, range(10))
+            iterator = weakref.ref(it)
+            with pytest.raises(ValueError, match="three"):
+                for _ in it:
+                    pass
+            del it
+            assert iterator() is None
+            assert list(q.imap(abs, [-1, -2])) == [1, 2]
+
+            class Sentinel:
+                pass
+
+            def get_holding(sentinel: Sentinel) -> None:
+                # This frame is on the stack that made the exception's traceback.
+                q.get(timeout=60)
+
+            q.put(fail_on_3, 3)
+            sentinel = Sentinel()
+            held = weakref.ref(sentinel)
+            with pytest.raises(ValueError, match="three"):
+                get_holding(sentinel)
+            del sentinel
+            assert held() is None  # no cycle keeps that stack alive either
+    finally:
+        gc.enable()
+
+
 def test_queue_imap_collected_by_a_thread_holding_the_queues_lock():
     """Regression: the map's finalizer took both of the queue's locks in
     whichever thread ran the garbage collection, and deadlocked a thread
@@ -343,7 +377,6 @@ def test_queue_imap_collected_by_a_thread_holding_the_queues_lock():
 
 
 def test_queue_imap_function_that_will_not_pickle_fails_each_task():
-    import pickle
 
     lock = threading.Lock()
     with ParallelQueue(num_workers=2) as q:

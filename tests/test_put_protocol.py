@@ -22,8 +22,9 @@ from conftest import interrupt_main_thread_when, make_bare_core, sleeping_in
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
 from parallel_queue._core import Core
-from parallel_queue._intake import Intake
+from parallel_queue._intake import Intake, MapLease
 from parallel_queue._stats import SAMPLE_EVERY
+from parallel_queue._tasks import ONE
 from parallel_queue._threads import Waiters
 
 
@@ -162,9 +163,6 @@ def test_a_map_taking_the_queue_over_between_check_and_append_refuses_the_put(fr
     so counted", and returned; every result of the map moved by one.  The
     map's tasks now wait in a deque of their own: the dispatcher sends none
     of the put's, and put() withdraws its task and raises."""
-    from parallel_queue._intake import MapLease
-    from parallel_queue._tasks import ONE
-
     lease = MapLease(abs, ONE, None)
     sent = []
 
@@ -185,9 +183,6 @@ def test_a_map_taking_the_queue_over_between_check_and_append_refuses_the_put(fr
 def test_a_put_appended_before_a_map_takes_over_stops_the_map(front):
     """The other order: the task is in pending when the map looks, so the
     map refuses to start (the queue is not idle) and put() returns."""
-    from parallel_queue._intake import MapLease
-    from parallel_queue._tasks import ONE
-
     lease = MapLease(abs, ONE, None)
     refused = []
 
@@ -279,7 +274,6 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
     waited for it forever.  Interrupt a waiting put() at each of its steps,
     and with a real SIGINT while it sleeps: the lock is free afterwards, and
     the waiter it left does no harm."""
-
     with monkeypatch.context() as m:
         # Any Condition the queue makes is hit at its worst moment: put()
         # must not wait through one (a lock held by a Condition's ``with``

@@ -7,10 +7,15 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
+import types
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import ROOT, live_processes, run_python
+from conftest import ROOT, interrupt_main_thread_when, live_processes, run_python, sleeping_in
+
+from parallel_queue import ParallelQueue, QueueStopped, _delivery, _receiver, _threads, imap
 
 PRELUDE = """
 import multiprocessing, os, signal, sys, threading
@@ -185,10 +190,6 @@ def test_helper_threads_never_take_ctrl_c():
     asleep in put()'s lock wait was never interrupted.  Every helper thread
     we start must block SIGINT, so the signal goes to a thread that handles
     it.  Checked directly on the threads' signal masks."""
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    from parallel_queue import ParallelQueue, imap
 
     def blocks_sigint(t: threading.Thread) -> bool:
         with open(f"/proc/self/task/{t.native_id}/status") as f:
@@ -228,8 +229,6 @@ def test_interrupt_inside_a_waiting_get_leaves_nothing_held(monkeypatch, where):
     had marked itself the poller and before the try that unmarks it, and
     terminate() then waited forever for a poller that was gone.  Raise it at
     each step of a waiting get() and check nothing stays held or marked."""
-    from parallel_queue import ParallelQueue, _delivery, _receiver
-
     owner, name = where
     q = ParallelQueue(num_workers=1)
     try:
@@ -258,12 +257,6 @@ def test_interrupt_while_waiting_for_the_pollers_turn(monkeypatch):
     it a second time.  Here every Condition the delivery side makes is hit
     at that moment, and a real SIGINT reaches the waiting get(): it raises
     KeyboardInterrupt alone, leaves nothing held, and the queue goes on."""
-    import threading
-    import types
-
-    from conftest import interrupt_main_thread_when, sleeping_in
-
-    from parallel_queue import ParallelQueue, QueueStopped, _delivery, _receiver
 
     class ReleaseThenInterrupted(threading.Condition):
         def _release_save(self):  # type: ignore[override]
@@ -561,10 +554,6 @@ def test_a_press_pending_as_start_up_begins_leaves_ctrl_c_working(monkeypatch, w
     pending handlers), after SIGINT was blocked in the main thread and
     before the clean-up could undo it: SIGINT then stayed blocked in that
     thread for good, and no later Ctrl-C reached the program."""
-    import threading
-
-    from parallel_queue import _threads
-
     assert threading.current_thread() is threading.main_thread()
     real = getattr(_threads.signal, where)
     state = {"pressed": False}

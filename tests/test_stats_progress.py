@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import signal
 import threading
@@ -57,8 +58,6 @@ def make_gate(ev):
 
 def test_stats_see_the_reorder_buffer():
     """Task 0 is held back; later ones finish and wait in the reorder buffer."""
-    import multiprocessing
-
     ev = multiprocessing.get_context().Event()
     with ParallelSingleTaskQueue(make_gate(ev), num_workers=2, max_batch=1) as q:
         for i in range(6):
