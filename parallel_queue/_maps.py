@@ -104,6 +104,7 @@ class IMapIterator(Iterator[R]):
         check_chunksize(chunksize)
         core: Core = queue._core
         self._q = queue
+        self._own = own
         self._core = core
         self._delivery = core.delivery
         self._lease = MapLease(fn, form, chunksize)
@@ -111,7 +112,6 @@ class IMapIterator(Iterator[R]):
             # Read by whoever wants the queue next, should this iterator be
             # collected unclosed (see MapLease.abandoned).
             self._lease.holder = weakref.ref(self)
-        core.begin_map(self._lease)
         # Results in hand: ``_cur`` iterates the current run of plain values;
         # ``_steps`` holds what follows in the packet (see split_results).
         self._cur: Iterator[Any] = _EMPTY
@@ -119,19 +119,27 @@ class IMapIterator(Iterator[R]):
         self._input_error: list[BaseException] = []
         self._done = False
         self._feeder: Optional[threading.Thread] = None
-        if inputs is not None:
-            self._feeder = helper_thread(
-                _feed, "parallel_queue-imap-feeder", (core, inputs, self._input_error, self._lease, own)
-            )
-            self._feeder.start()
-        # Dropped without close(): a queue of its own is dropped with it (the
-        # reaper ends it); a caller's queue is given back, by the reaper too
-        # (see _reaper).  Either way the feeder stops on its next put.  The
-        # action holds the core, not this iterator.
         self._watch: Optional[Watch] = None
-        if not own:
-            with sigint_held_back():
-                self._watch = watch(self, functools.partial(core.end_map, self._lease))
+        core.begin_map(self._lease)
+        try:
+            # Dropped without close(): a queue of its own is dropped with it
+            # (the reaper ends it); a caller's queue is given back, by the
+            # reaper too (see _reaper).  Either way the feeder stops on its
+            # next put.  The action holds the core, not this iterator.
+            if not own:
+                with sigint_held_back():
+                    self._watch = watch(self, functools.partial(core.end_map, self._lease))
+            if inputs is not None:
+                self._feeder = helper_thread(
+                    _feed, "parallel_queue-imap-feeder", (core, inputs, self._input_error, self._lease, own)
+                )
+                with sigint_held_back():  # recorded once started (a press raises after: see below)
+                    self._feeder.start()
+        except BaseException:
+            # Interrupted (a Ctrl-C caught by the program) or failed: the map
+            # never began for its caller, so undo it; the queue stays usable.
+            self.close()
+            raise
 
     def __iter__(self) -> Iterator[R]:
         # A generator: ``for`` then takes each value at C speed (``yield
@@ -209,8 +217,9 @@ class IMapIterator(Iterator[R]):
         """Every result was taken: end the workers (or give the queue back),
         and raise the input's own error, if reading the input failed."""
         self._done = True
-        if self._watch is not None:
-            self._watch.cancel()
+        if not self._own:
+            if self._watch is not None:
+                self._watch.cancel()
             self._core.end_map(self._lease)  # every result was taken
         else:
             if self._feeder is not None:
@@ -224,13 +233,15 @@ class IMapIterator(Iterator[R]):
         taken are dropped."""
         self._done = True
         self._cur, self._steps = _EMPTY, deque()
-        if self._watch is not None:
-            self._watch.cancel()
-            self._core.end_map(self._lease)
-        else:
+        if self._own:
             self._q.terminate()
-        if self._feeder is not None and self._feeder is not threading.current_thread():
-            self._feeder.join()
+        else:
+            if self._watch is not None:
+                self._watch.cancel()
+            self._core.end_map(self._lease)
+        feeder = self._feeder
+        if feeder is not None and feeder.ident is not None and feeder is not threading.current_thread():
+            feeder.join()
 
     def __enter__(self) -> IMapIterator[R]:
         return self

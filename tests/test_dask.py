@@ -9,7 +9,7 @@ import signal
 import time
 
 import pytest
-from conftest import drain
+from conftest import drain, wait_until
 from test_executors import EXPECTED_CAREFUL, identity, inputs_with_one_that_will_not_unpickle_there, kinds
 
 from parallel_queue import ParallelQueue, imap
@@ -77,7 +77,7 @@ def test_dask_worker_killed_mid_task_never_hangs(dask_client):
     with ParallelQueue(executor=dask_client, max_batch=1) as q:
         for i in range(4):
             q.put(hang_then_return, i)
-        time.sleep(0.5)  # let tasks start; the outcome below holds either way
+        wait_until(lambda: any(dask_client.processing().values()))  # tasks are on the workers
         victim = sorted(pids.values())[0]
         os.kill(victim, signal.SIGKILL)
         outcomes = []

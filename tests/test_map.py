@@ -376,6 +376,46 @@ def test_queue_imap_collected_by_a_thread_holding_the_queues_lock():
         assert q.get(timeout=60) == 7
 
 
+@pytest.mark.parametrize("where", ["registering", "starting the feeder"])
+def test_queue_imap_interrupted_while_it_starts_leaves_the_queue_usable(monkeypatch, where):
+    """Regression: a Ctrl-C caught by the program (a notebook cell, say)
+    that landed while ParallelQueue.imap() started its feeder left the
+    queue leased to a map nobody had: every later imap(), put() and get()
+    was refused.  Forced at each step after the lease is taken."""
+    from parallel_queue import _maps
+
+    real_thread = _maps.helper_thread
+
+    if where == "registering":
+
+        def watch(obj, action):
+            raise KeyboardInterrupt
+
+        monkeypatch.setattr(_maps, "watch", watch)
+    else:
+
+        class PressedWhileStarting(threading.Thread):
+            def start(self) -> None:
+                super().start()
+                raise KeyboardInterrupt  # the press, just after the thread began
+
+        def helper_thread(target, name, args=()):
+            t = real_thread(target, name, args)
+            t.__class__ = PressedWhileStarting
+            return t
+
+        monkeypatch.setattr(_maps, "helper_thread", helper_thread)
+    with ParallelQueue(num_workers=2) as q:
+        with pytest.raises(KeyboardInterrupt):
+            q.imap(square, itertools.count())
+        monkeypatch.undo()
+        assert q._core.intake.lease is None
+        assert not [t for t in threading.enumerate() if t.name == "parallel_queue-imap-feeder"]
+        assert list(q.imap(abs, [-1, -2])) == [1, 2]
+        q.put(abs, -3)
+        assert q.get(timeout=60) == 3
+
+
 def test_queue_imap_function_that_will_not_pickle_fails_each_task():
 
     lock = threading.Lock()
