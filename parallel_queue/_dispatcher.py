@@ -72,6 +72,7 @@ class Dispatcher:
         self.scheduler = scheduler
         self.supervisor = supervisor
         self.modulus = modulus(core.opts.window)
+        self.timed = core.opts.task_timeout is not None
         self.next_id = 0  # the next packet's id (wraps around: see _packet_id)
         self.packets_total = 0
         self.credits_reader = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
@@ -172,6 +173,10 @@ class Dispatcher:
                 n = scheduler.batch_size(slot, waiting, self.intake.fixed_batch(), free_credits(self.slots))
                 batch = self.intake.take_tasks(n)
             rec = PacketRecord(self.next_id, first_task, batch)
+            # With task_timeout, each task's every step is timed on its own
+            # (see _worker.run_careful): a whole batch's (un)pickling could
+            # hide one slow task behind the others' share of the time.
+            rec.careful = self.timed
             self.next_id = (self.next_id + 1) % self.modulus
             self.packets_total += 1
             self.hand_over(slot, rec)

@@ -587,6 +587,27 @@ def test_task_timeout_covers_pickling_the_result_and_unpickling_the_arguments(wh
     assert ("pickle its result" if where == "result" else "unpickle its arguments") in str(info.value)
 
 
+class TakesSecondsToPickle:
+    def __reduce__(self):
+        time.sleep(3)
+        return str, ("late",)
+
+
+def slow_to_pickle_at(i):
+    return TakesSecondsToPickle() if i == 7 else i
+
+
+def test_task_timeout_times_each_result_of_a_batch_on_its_own():
+    """Regression: a batch's results were pickled together, and that step
+    was allowed task_timeout once per task in it: one result taking three
+    seconds to pickle, among twenty quick ones, passed a task_timeout of
+    0.5 s.  Each task's steps are now timed on their own."""
+    with ParallelQueue(num_workers=1, task_timeout=0.5) as q:
+        out = drain(q.imap(slow_to_pickle_at, range(20), chunksize=20), TaskTimeoutError)
+    assert out[:7] == list(range(7)) and out[8:] == list(range(8, 20))
+    assert out[7].startswith("TaskTimeoutError") and "pickle its result" in out[7]
+
+
 def raise_keyboard_interrupt():
     raise KeyboardInterrupt
 
