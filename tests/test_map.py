@@ -72,10 +72,9 @@ def fail_on_multiples_of_7(x):
 
 
 def test_for_loops_and_next_share_one_position():
-    # ``for`` takes results through a generator and next() through
-    # __next__; both read the same run of values, so mixing them, breaking
-    # out and starting a new loop after an error repeats, skips or reorders
-    # nothing.  Packets of 5: each next() below comes at the end of a run.
+    # Mixing ``for`` and next(), breaking out and starting a new loop after
+    # an error repeats, skips or reorders nothing.  Packets of 5: each
+    # next() below comes at the end of a run.
     it = imap(fail_on_multiples_of_7, range(1, 300), num_workers=2, chunksize=5)
     out: list = []
     loops = 0
@@ -96,6 +95,21 @@ def test_for_loops_and_next_share_one_position():
             break
     assert out == [x if x % 7 else f"multiple of 7: {x}" for x in range(1, 300)]
     assert loops > 300 // 7
+
+
+def test_the_iterator_is_its_own_iterator_and_goes_on_after_an_error():
+    """Regression: iter() of the map made a new generator, which ended for
+    good at the first task error; a caller who kept it (``g = iter(it)``,
+    as itertools and zip do) got StopIteration from its next next(), and
+    every later result was silently lost."""
+    for it in (imap(fail_on_3, range(10), num_workers=2), ParallelQueue(num_workers=2).imap(fail_on_3, range(10))):
+        try:
+            assert iter(it) is it
+            out = drain(iter(it), ValueError)
+            assert out == [0, 1, 2, "ValueError: three: 3", 4, 5, 6, 7, 8, 9]
+        finally:
+            it.close()
+            it._q.terminate()
 
 
 def test_input_error_raised_after_earlier_results():
