@@ -167,7 +167,9 @@ class _QueueBase(Generic[R]):
         ``timeout`` is shared by all of them; check ``is_alive()`` to learn
         whether they ended in time.  Results not yet collected stay
         available to ``get()``.  Any number of times, in any order with
-        ``stop()`` and ``terminate()``.
+        ``stop()`` and ``terminate()``.  Called on a queue not yet stopped,
+        it waits until another thread calls ``stop()`` (and the tasks put
+        before it are done) or ``terminate()``, or until ``timeout``.
         """
         if self._core.join(timeout):
             self._watch.cancel()
