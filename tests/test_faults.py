@@ -27,7 +27,7 @@ from parallel_queue import (
     imap,
 )
 from parallel_queue._slots import Child
-from parallel_queue._tasks import P_STAGE, PROGRESS_FIELDS, STAGE_IDLE, STAGE_RUNNING
+from parallel_queue._tasks import P_ITEM, P_STAGE, PROGRESS_FIELDS, STAGE_IDLE, STAGE_RUNNING
 
 
 def die(how):
@@ -485,9 +485,12 @@ def test_consumer_never_blocks_on_a_pipe_a_drain_already_emptied(tmp_path):
         wait_until(lambda: all(len(s.outstanding) == 1 for s in engine.slots))
         x = next(s for s in engine.slots if s.outstanding[0].first_task == 1)
         y = next(s for s in engine.slots if s is not x)
-        # Y runs its task (killed before, it would be sent again, and run
-        # for ever, rather than blamed).
-        wait_until(lambda: engine.progress[y.index * PROGRESS_FIELDS + P_STAGE] == STAGE_RUNNING)
+        # Y runs its task: killed before, it would be sent again, and run
+        # for ever, rather than blamed.  Its stage says RUNNING a moment
+        # before its task index leaves -1 (the batch's); a kill in between
+        # rightly sends the packet again, as no task of it had started.
+        y0 = y.index * PROGRESS_FIELDS
+        wait_until(lambda: engine.progress[y0 + P_STAGE] == STAGE_RUNNING and engine.progress[y0 + P_ITEM] == 0)
         os.kill(engine.consumer.pid, signal.SIGSTOP)
         os.kill(y.proc.pid, signal.SIGKILL)
         wait_until(lambda: pipe_bytes(engine.ctrl_w.fd) > 0)  # DRAIN(Y): the control pipe first
