@@ -61,4 +61,3 @@ class ReorderBuffer(Generic[T]):
         """Every packet that may leave now, in order."""
         while self.next_is_ready():
             yield self.pop_next()
-
