@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from parallel_queue import ParallelQueue
 
-from . import peers, workloads
+from . import payloads, peers, workloads
 
 Result = dict[str, Any]
 
@@ -364,6 +364,22 @@ def check_targets(results: dict[str, Result]) -> list[tuple[str, float, float, b
                 1.0,
             )
         )
+    if "payloads" in results:
+        # The large-payload issue's targets: parallel_queue's warm map against
+        # Pool.imap at its best chunksize (1, 4 or 16), in MB/s.
+        cells = {(c["direction"], c["kind"], c["size"]): c for c in results["payloads"]["cells"]}
+        for (direction, kind, size), need in (
+            (("results", "bytes", "1MB"), 1.5),
+            (("results", "numpy", "8MB"), 2.0),
+            (("arguments", "numpy", "8MB"), 2.0),
+            (("results", "bytes", "100KB"), 1.2),
+            (("arguments", "bytes", "100KB"), 1.2),
+            (("results", "text", "1MB"), 1.0),
+        ):
+            c = cells.get((direction, kind, size))
+            if c is not None:
+                ratio = c["peers"][peers.PQQueueImap.name] / c["pool_best"]
+                checks.append((f"{kind} {size} {direction} >= {need}x Pool.imap at its best chunksize", ratio, need))
     out = []
     for name, ratio, need in checks:
         lower_is_better = "<=" in name
@@ -382,6 +398,14 @@ def print_report(results: dict[str, Result], checks: list[tuple[str, float, floa
         for peer, p in r["peers"].items():
             extra = f"  efficiency {p['efficiency']:.0%}" if "efficiency" in p else ""
             print(f"    {peer:42s} {p['median']:12,.0f} tasks/s   put/get ratio {mine / p['median']:6.2f}{extra}")
+    if "payloads" in results:
+        print()
+        print(
+            "Payload sweep, MB/s (machine: memcpy {memcpy:,.0f} MB/s, pipe {pipe:,.0f} MB/s):".format(
+                **results["payloads"]["machine"]
+            )
+        )
+        print(payloads.table(results["payloads"]))
     print()
     print("Targets:")
     for name, ratio, need, ok in checks:
@@ -432,7 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = parser.parse_args(argv)
     rounds = args.rounds or (3 if args.quick else 5)
-    names = ["trivial", "cpu_3ms", "heavy_tail", "payload_1mb", "latency", "lifecycle", "dask"]
+    names = ["trivial", "cpu_3ms", "heavy_tail", "payload_1mb", "latency", "lifecycle", "payloads", "dask"]
     if args.only:
         names = [n for n in names if n in args.only.split(",")]
     print(
@@ -447,6 +471,8 @@ def main(argv: list[str] | None = None) -> int:
                 results[r["workload"]] = r
         elif name == "latency":
             results[name] = run_latency(rounds)
+        elif name == "payloads":
+            results[name] = payloads.run_payloads(args.quick, rounds, _throughput)
         elif name == "lifecycle":
             # A round takes tens of milliseconds and one start or stop moves
             # by a millisecond or two on a shared machine: more of them.
