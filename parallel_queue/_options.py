@@ -76,20 +76,22 @@ class Options:
     def __init__(
         self,
         *,
-        num_workers: Optional[int] = None,
-        daemon: bool = False,
-        in_q_max: int = 1000,
-        out_q_max: int = 1000,
-        worker_q_max: int = 100,
-        worker_init_f: Optional[Callable[[], Any]] = None,
-        consumer_buffer_max: Optional[int] = None,
-        mp_context: Union[None, str, BaseContext] = None,
-        task_timeout: Optional[float] = None,
-        max_tasks_per_worker: Optional[int] = None,
-        max_batch: Optional[int] = None,
-        progress: bool = False,
+        num_workers: Optional[int],
+        daemon: bool,
+        in_q_max: int,
+        out_q_max: int,
+        worker_q_max: int,
+        worker_init_f: Optional[Callable[[], Any]],
+        consumer_buffer_max: Optional[int],
+        mp_context: Union[None, str, BaseContext],
+        task_timeout: Optional[float],
+        max_tasks_per_worker: Optional[int],
+        max_batch: Optional[int],
+        progress: bool,
         default_workers: Optional[int] = None,
     ) -> None:
+        # Every option is given: their defaults are the public constructors'
+        # (``_queue``), written nowhere else.
         workers = num_workers if num_workers is not None else (default_workers or os.cpu_count() or 1)
         _at_least(1, num_workers=workers, in_q_max=in_q_max, out_q_max=out_q_max, worker_q_max=worker_q_max)
         if workers >= MAX_WORKERS:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import inspect
 import multiprocessing
 import os
 import signal
@@ -14,7 +15,7 @@ from typing import Any, Callable, Iterator, Optional
 
 import pytest
 
-from parallel_queue import _wire
+from parallel_queue import ParallelQueue, _wire
 from parallel_queue._core import Core
 from parallel_queue._delivery import Delivery
 from parallel_queue._options import Options
@@ -169,7 +170,12 @@ class NoEngine:
 def make_bare_core(**options: object) -> Any:
     """A queue's core with no engine (its delivery reads a pipe nobody
     writes to); end it with ``terminate()``."""
-    core = Core(Options(num_workers=1, **options), CALL)  # type: ignore[arg-type]
+    defaults = {
+        name: param.default
+        for name, param in inspect.signature(ParallelQueue.__init__).parameters.items()
+        if name not in ("self", "executor")
+    }
+    core = Core(Options(**{**defaults, "num_workers": 1, **options}), CALL)
     r, w = _wire.make_pipe()
     core.engine = NoEngine(w)
     core.delivery = Delivery(core, _wire.FrameReader(r))  # (it closes the read end)
