@@ -17,18 +17,23 @@ transitions of the lifecycle that touch several parts (``stop``,
 handing it back (``begin_map``, ``end_map``), and answers ``stats()``.
 
 Locks: ``lock`` guards every part but the delivery, which has a lock of its
-own.  When both are taken, the delivery's comes first (``both_locks``).
-Neither is ever held while waiting (see ``_threads.Waiters``).
+own.  When both are taken, the delivery's comes first (get() takes them
+so), written out as ``with self.delivery.lock, self.lock:``.  Not through a
+context manager of ours: a KeyboardInterrupt can land in a Python-level
+``__enter__`` after it took the locks and before the ``with`` block began,
+and then nothing releases them (the next call that wants the lock, the
+``terminate()`` that the interrupt sets off, deadlocks); a lock's own
+``__enter__`` is C, and cannot be split from its ``__exit__`` so.  Neither
+lock is ever held while waiting (see ``_threads.Waiters``).
 """
 
 from __future__ import annotations
 
 import atexit
-import contextlib
 import multiprocessing.util  # noqa: F401 - imported before our exit handler is registered: see there
 import os
 import threading
-from typing import TYPE_CHECKING, Iterator, Optional, Protocol
+from typing import TYPE_CHECKING, Optional, Protocol
 
 from ._intake import Intake, MapLease
 from ._lifecycle import Lifecycle
@@ -91,13 +96,6 @@ class Core:
         self.engine: Engine
         self.progress_bar: Optional[ProgressBar] = None
         _cores.add(self)
-
-    @contextlib.contextmanager
-    def both_locks(self) -> Iterator[None]:
-        """The delivery's lock, then the core's: the one order in which both
-        are ever held (get() takes them so)."""
-        with self.delivery.lock, self.lock:
-            yield
 
     # ------------------------------------------------------------ transitions
 
@@ -191,7 +189,7 @@ class Core:
         result put before taken, no marker waiting), with no map running
         (one whose iterator was collected is ended first)."""
         self.reclaim_map()
-        with self.both_locks():
+        with self.delivery.lock, self.lock:  # (the order: module docstring)
             intake = self.intake
             if not self.lifecycle.accepting:
                 raise self.lifecycle.refusal()
@@ -207,7 +205,7 @@ class Core:
         collected): hand the queue back.  Its feeder's next put raises
         QueueStopped; tasks already sent still run, and their results are
         dropped as they come.  Any number of times; no wait."""
-        with self.both_locks():
+        with self.delivery.lock, self.lock:  # (the order: module docstring)
             if self.intake.take_back(lease):
                 self.delivery.discard_up_to(self.intake.dispatched)
                 self.wakeups.getters.ring()
@@ -235,7 +233,7 @@ class Core:
         delivered = self.delivery.delivered
         # Both locks: the latency sampler's put side is the intake's, its get
         # side the delivery's (see _stats).
-        with self.both_locks():
+        with self.delivery.lock, self.lock:  # (the order: module docstring)
             intake = self.intake
             tasks_put, pending = intake.tasks_put, len(intake.queued())
             markers_put, markers_taken = intake.markers_put, intake.markers_taken
