@@ -347,6 +347,8 @@ def loads_results_careful(payload: bytes | memoryview, first: int) -> tuple[list
         if part is not None and k not in errors:
             try:
                 value = pickle.loads(part)
+            except KeyboardInterrupt:
+                raise  # a Ctrl-C in the main process (see _salvage.load_results)
             except BaseException as e:  # noqa: BLE001 - a loader's SystemExit is that slot's error
                 errors[k] = result_unpickling_error(e, first + k)
         values.append(value)

@@ -71,7 +71,11 @@ class Receiver:
         """The next packet's ``(values, errors)`` if one was read; else None."""
         if not self.bodies:
             return None
-        return self.decode(self.bodies.popleft())
+        # Taken only once decoded: a Ctrl-C while it loads leaves it first in
+        # line, and the next get() decodes it again (nothing is lost).
+        packet = self.decode(self.bodies[0])
+        self.bodies.popleft()
+        return packet
 
     def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
         """(packets in order) A packet's ``(values, errors)``.
@@ -84,11 +88,13 @@ class Receiver:
             return body
         header = decode_result(body)
         first = self.decoded
-        self.decoded += header.n_items
         payload = memoryview(body)[RESULT.size :]
         if header.careful:
-            return loads_results_careful(payload, first)
-        return load_results(payload, header.n_items, first)
+            packet = loads_results_careful(payload, first)
+        else:
+            packet = load_results(payload, header.n_items, first)
+        self.decoded += header.n_items  # (after: a load interrupted is tried again)
+        return packet
 
     def read_available(self) -> bool:
         """Read what the output pipe holds now, without waiting; True if a

@@ -190,6 +190,13 @@ def load_results(payload: bytes | memoryview, count: int, first: int) -> tuple[l
     even that fails does every slot fail."""
     try:
         return loads_results(payload)  # type: ignore[no-any-return]
+    except KeyboardInterrupt:
+        # Here, in the main process, that is a Ctrl-C landing while the
+        # results load (a loader's Python code, or a collection's callback,
+        # gives it a place to land): taken as a failure of the packet, the
+        # press was lost and the program went on.  The caller keeps the
+        # packet (see _receiver.Receiver.next_packet).
+        raise
     except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
         salvaged = salvage_results(payload, count)
         if salvaged is None:
