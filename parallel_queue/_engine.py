@@ -114,6 +114,22 @@ def _forget_parent_alive() -> None:
 os.register_at_fork(after_in_child=_forget_parent_alive)
 
 
+class _EndedThread:
+    """Stands for a dispatcher thread that has ended, once its Thread object
+    is let go (see ProcessEngine.let_go)."""
+
+    ident = 0
+
+    def is_alive(self) -> bool:
+        return False
+
+    def join(self, timeout: Optional[float] = None) -> None:
+        pass
+
+
+_ENDED = _EndedThread()
+
+
 class ProcessEngine:
     """Owns the processes, pipes, shared memory and dispatcher of one queue."""
 
@@ -125,7 +141,12 @@ class ProcessEngine:
         self.fds = _wire.FdSet()
         self.slots: list[Slot] = []
         self.consumer: Optional[Child] = None
-        self.thread = helper_thread(self.run_dispatcher, "parallel_queue-dispatcher")
+        self.thread: threading.Thread | _EndedThread = helper_thread(self.run_dispatcher, "parallel_queue-dispatcher")
+        self.dispatcher: Optional[Dispatcher] = None
+        # Shared memory (made by start(), let go by let_go()).
+        self.reorder: Any = None
+        self.max_packet_id: Any = None
+        self.progress: Any = None
         self.done = Bell()  # rung by the dispatcher as it returns (for join)
         # Threads in join() now, and whether close() was called: the
         # descriptors they wait on are released once both say so.
@@ -198,12 +219,14 @@ class ProcessEngine:
             _wire.close_fd(fd)  # the consumer's ends: held by it alone from now on
         for slot in self.slots:
             self.start_worker(slot)
+        assert isinstance(self.thread, threading.Thread)
         self.thread.start()
         core.running()
         if opts.progress:
             core.show_progress()
 
     def run_dispatcher(self) -> None:
+        assert self.dispatcher is not None
         self.dispatcher.run()
 
     def dispatcher_returned(self) -> None:
@@ -370,6 +393,23 @@ class ProcessEngine:
         self.done.close()
         for p in self.processes():
             p.release()
+        self.let_go()
+
+    def let_go(self) -> None:
+        """Drop, with Ctrl-C held back, what dies with a callback in Python:
+        the shared arrays (multiprocessing frees each block in a Finalize)
+        and the dispatcher's Thread object (threading's set of threads drops
+        it in a weak reference's callback).  Otherwise they die in the cyclic
+        collector, at any allocation of the main thread later, and a press
+        landing in such a callback is swallowed by Python ("Exception
+        ignored"): the program goes on; half-way through multiprocessing's
+        heap bookkeeping, it also leaves that inconsistent."""
+        with sigint_held_back():
+            self.reorder = self.max_packet_id = self.progress = None
+            if self.dispatcher is not None:
+                self.dispatcher.supervisor.progress = None
+            if self.thread is not threading.current_thread() and not self.thread.is_alive():
+                self.thread = _ENDED
 
     def is_alive(self) -> bool:
         with self.core.lock:  # see _slots.Child
@@ -384,7 +424,8 @@ class ProcessEngine:
         return 0 if dispatcher is None else dispatcher.replaced
 
     def reorder_counts(self) -> tuple[int, int]:
-        return self.reorder[0], self.reorder[1]
+        reorder = self.reorder
+        return (0, 0) if reorder is None else (reorder[0], reorder[1])  # (None: let go, see let_go)
 
     def left_behind_by_fork(self) -> None:
         """In a forked child (see Core): the child's multiprocessing must not

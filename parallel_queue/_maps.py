@@ -207,13 +207,14 @@ class IMapIterator(Iterator[R]):
         """Every result was taken: end the workers (or give the queue back),
         and raise the input's own error, if reading the input failed."""
         self._done = True
+        if self._feeder is not None:
+            self._feeder.join()  # (every result taken: it has put its last task, and returns)
+            self._let_go_of_feeder()
         if not self._own:
             if self._watch is not None:
                 self._watch.cancel()
             self._core.end_map(self._lease)  # every result was taken
         else:
-            if self._feeder is not None:
-                self._feeder.join()
             self._q.join()
         if self._input_error:
             raise self._input_error.pop() from None
@@ -232,6 +233,14 @@ class IMapIterator(Iterator[R]):
         feeder = self._feeder
         if feeder is not None and feeder.ident is not None and feeder is not threading.current_thread():
             feeder.join()
+            del feeder
+            self._let_go_of_feeder()
+
+    def _let_go_of_feeder(self) -> None:
+        """The feeder has ended: its Thread object is dropped here, with Ctrl-C
+        held back (see _engine.ProcessEngine.let_go for why)."""
+        with sigint_held_back():
+            self._feeder = None
 
     def __enter__(self) -> IMapIterator[R]:
         return self
