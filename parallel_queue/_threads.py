@@ -106,7 +106,10 @@ def run_whole(cleanup: Callable[[], None]) -> None:
     clean-up left half done (a poller still marked, a pipe still counted as
     watched) makes every later getter, or ``terminate()``, wait for ever.
     ``cleanup`` must be idempotent: it may run again after an interrupted
-    run, from its start.
+    run, from its start.  The ``KeyboardInterrupt`` does not show an
+    exception that was on its way out of the wait as its context (the end
+    of a map's results, say): it is the press's doing, and one press shows
+    one traceback (as in sigint_held_back).
     """
     interrupted: Optional[BaseException] = None
     while True:
@@ -116,6 +119,7 @@ def run_whole(cleanup: Callable[[], None]) -> None:
         except KeyboardInterrupt as k:
             interrupted = k
     if interrupted is not None:
+        interrupted.__suppress_context__ = True
         raise interrupted
 
 
