@@ -29,7 +29,6 @@ from . import _threads
 from ._errors import QueueBrokenError, QueueStopped
 from ._intake import Intake
 from ._lifecycle import Lifecycle
-from ._payload import TaskError
 from ._receiver import Receiver
 from ._stats import LatencySampler
 from ._wakeups import Wakeups
@@ -122,25 +121,28 @@ class Delivery:
                 waiter = self.receiver.turns.add() if found == TURN else None
             self.wait_outside(waiter, block, deadline)
 
-    def get_batch(self, block: bool, timeout: Optional[float]) -> tuple[list[Any], dict[int, TaskError]]:
-        """Every task result of the next packet: ``(values, errors)``.
+    def take_batch_into(self, dest: deque[Any], block: bool, timeout: Optional[float]) -> None:
+        """Move every task result in hand, at least one packet's, onto
+        ``dest`` as steps: runs of plain values (lists) and each task's error
+        in its place (see split_results).
 
-        ``errors`` maps an index of ``values`` to its error; those values are
-        None.  For queues without markers whose only reader this is
-        (``imap``): it hands out whole packets, so a caller pays per packet
-        what ``get()`` pays per result.
+        For queues without markers whose only reader this is (``imap``): it
+        hands out whole packets, so a caller pays per packet what ``get()``
+        pays per result.  Moved rather than returned, so that a Ctrl-C
+        landing as this returns loses nothing (see move_steps_into).
         """
         self.parts.lifecycle.check_owner()
         deadline = _deadline(block, timeout)
         while True:
             with self.lock:
                 if self.markers:
-                    raise TypeError("get_batch() on a queue with markers")
+                    raise TypeError("a map on a queue with markers")
                 while True:
                     if self.discard:
                         self.drop_discarded()
                     if self.ready or self.steps:
-                        return self.take_steps()
+                        self.move_steps_into(dest)
+                        return
                     found = self.look_for_more(block, deadline)
                     if found != MORE:
                         break
@@ -152,9 +154,7 @@ class Delivery:
         another thread polls (``queue.Empty`` at once if this one may not
         wait), None if this thread should poll."""
         receiver = self.receiver
-        packet = receiver.next_packet()
-        if packet is not None:
-            self.split(*packet)
+        if self.take_packet():
             return MORE
         if block and receiver.poller_elsewhere():
             # A blocking getter waits for the poller's turn (outside the
@@ -188,24 +188,36 @@ class Delivery:
         self.raise_if_finished()
         return True
 
-    def take_steps(self) -> tuple[list[Any], dict[int, TaskError]]:
-        """(lock held) What ``ready`` and ``steps`` hold, as one batch."""
-        values: list[Any] = []
-        errors: dict[int, TaskError] = {}
-        ready = self.ready
+    def move_steps_into(self, dest: deque[Any]) -> None:
+        """(lock held, something in hand) Move what ``ready`` and ``steps``
+        hold onto ``dest``, counted as delivered.  Run whole, idempotent, as
+        take_packet's hand-over is, so that a Ctrl-C loses nothing: ``steps``
+        is cleared last, and only while it still holds this batch."""
+        ready, steps = self.ready, self.steps
+        # (``ready`` is empty under a map, the only caller: a map begins on an
+        # idle queue, and get() refuses to run while it does.)
+        batch: list[Any] = []
         while ready:
-            values.append(ready.popleft())
-        counted = len(values)  # what was in ``ready`` is in ``moved`` already
-        for step in self.steps:
-            if type(step) is list:
-                values.extend(step)
-            else:
-                errors[len(values)] = step
-                values.append(None)
-        self.steps.clear()
-        self.latency.got_range(self.moved, len(values) - counted)
-        self.moved += len(values) - counted
-        return values, errors
+            batch.append(ready.popleft())
+        counted = len(batch)  # what was in ``ready`` is in ``moved`` already
+        if batch:
+            steps.appendleft(batch)
+        if not steps:
+            return
+        n = sum(len(step) if type(step) is list else 1 for step in steps) - counted
+        batch = [iter(step) if type(step) is list else step for step in steps]  # (the map's runs: see _maps)
+        first = self.moved
+
+        def hand_over() -> None:
+            if not steps:
+                return  # (a run cut short after its last step)
+            if not (dest and dest[-1] is batch[-1]):
+                dest.extend(batch)
+            self.moved = first + n
+            self.latency.got_range(first, n)
+            steps.clear()
+
+        _threads.run_whole(hand_over)
 
     def next_in_hand(self, block: bool, deadline: Optional[float]) -> Optional[str]:
         """(lock held) VALUE if ``ready`` holds one, MARKER if a marker is due,
@@ -233,10 +245,8 @@ class Delivery:
         """(lock held) Drop what is in hand of the results to discard."""
         while self.discard:
             if not self.steps:
-                packet = self.receiver.next_packet()
-                if packet is None:
+                if not self.take_packet():
                     return
-                self.split(*packet)
                 continue
             step = self.steps[0]
             if type(step) is list and len(step) > self.discard:
@@ -250,23 +260,58 @@ class Delivery:
 
     def move_run(self) -> None:
         """(lock held, ``ready`` empty) Move the next run of values into ``ready``,
-        up to the next marker's position."""
-        run = self.steps[0]
+        up to the next marker's position.  Run whole and idempotent, as
+        take_packet's hand-over is: ``steps`` gives the run up only while
+        the run is first in it, and ``ready`` takes it from an iterator,
+        which a second extend finds used up."""
+        steps, ready = self.steps, self.ready
+        run = steps[0]
         markers = self.markers
-        limit = markers[0][0] - self.moved if markers else len(run)
-        if limit < len(run):
-            self.steps[0] = run[limit:]
-            run = run[:limit]
-        else:
-            self.steps.popleft()
-        self.latency.got_range(self.moved, len(run))
-        # ``moved`` first: a lock-free get() may take from ``ready`` at once.
-        self.moved += len(run)
-        self.ready.extend(run)
+        first = self.moved
+        limit = markers[0][0] - first if markers else len(run)
+        head, rest = (run[:limit], run[limit:]) if limit < len(run) else (run, None)
+        values = iter(head)
 
-    def split(self, values: list[Any], errors: dict[int, Any]) -> None:
-        """(lock held) A packet's results as steps (see split_results)."""
-        self.steps.extend(split_results(values, errors))
+        def hand_over() -> None:
+            if steps and steps[0] is run:
+                if rest is None:
+                    steps.popleft()
+                else:
+                    steps[0] = rest
+            self.latency.got_range(first, len(head))
+            # ``moved`` first: a lock-free get() may take from ``ready`` at once.
+            self.moved = first + len(head)
+            ready.extend(values)
+
+        _threads.run_whole(hand_over)
+
+    def take_packet(self) -> bool:
+        """(lock held) The next packet read, decoded and split into steps
+        (see split_results); False if none was read.
+
+        The hand-over from the receiver is run whole (see _threads.run_whole),
+        for a program that catches a Ctrl-C and goes on getting from the
+        queue.  A press can land at any call: had it landed between the
+        receiver dropping the packet and the steps taking it, the packet was
+        lost; between the steps taking it and the receiver dropping it, it
+        would come out twice.  So the hand-over is idempotent (the steps
+        take the packet unless their last step is its last; the receiver
+        drops it only while it is first) and repeated until one run of it
+        was not cut short."""
+        peeked = self.receiver.peek()
+        if peeked is None:
+            return False
+        body, packet, decoded = peeked
+        new = split_results(*packet)
+        steps, receiver = self.steps, self.receiver
+
+        def hand_over() -> None:
+            if not (steps and steps[-1] is new[-1]):  # (steps are fresh objects: ``is`` tells)
+                steps.extend(new)
+            receiver.taken(body, decoded)
+
+        _threads.run_whole(hand_over)
+        return True
 
     def take_marker(self) -> Any:
         """(lock held) The marker that is due: the very object that was put."""
@@ -314,8 +359,11 @@ class Delivery:
 
     def idle(self, tasks_put: int) -> bool:
         """(both locks held) Every result of the ``tasks_put`` tasks was taken,
-        and nothing is in hand (a map may take the queue over)."""
-        return self.moved + self.discard == tasks_put and not self.ready and not self.steps
+        and nothing is in hand (a map may take the queue over).  ``steps``
+        may still hold results to discard (a drop cut short by Ctrl-C): every
+        result not moved is one of them then, and the next getter drops
+        them before it looks at its own."""
+        return self.moved + self.discard == tasks_put and not self.ready
 
     def discard_up_to(self, tasks: int) -> None:
         """(both locks held) The results of the first ``tasks`` tasks that were

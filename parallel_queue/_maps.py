@@ -28,10 +28,8 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterat
 
 from ._aio import aget, aput
 from ._core import Core
-from ._delivery import split_results
 from ._errors import QueueBrokenError, QueueStopped
 from ._intake import MapLease
-from ._payload import TaskError
 from ._reaper import Watch, watch
 from ._threads import helper_thread, sigint_held_back
 
@@ -44,6 +42,7 @@ R = TypeVar("R")
 FEED_CHUNK = 256
 
 _EMPTY: Iterator[Any] = iter(())
+_RUN: Any = type(iter([]))  # a run of values in a map's hands
 
 
 class NothingInHand(Exception):
@@ -112,8 +111,9 @@ class IMapIterator(Iterator[R]):
             # Read by whoever wants the queue next, should this iterator be
             # collected unclosed (see MapLease.abandoned).
             self._lease.holder = weakref.ref(self)
-        # Results in hand: ``_cur`` iterates the current run of plain values;
-        # ``_steps`` holds what follows in the packet (see split_results).
+        # Results in hand, in order (see _advance): runs of plain values, as
+        # iterators, and task errors; ``_cur`` is the current run (the first
+        # in ``_steps``), or used up.
         self._cur: Iterator[Any] = _EMPTY
         self._steps: deque[Any] = deque()
         self._input_error: list[BaseException] = []
@@ -151,50 +151,62 @@ class IMapIterator(Iterator[R]):
         return self
 
     def __next__(self) -> R:
-        for value in self._cur:
-            return value  # type: ignore[no-any-return]
-        return self._advance(True)
+        while True:
+            for value in self._cur:
+                return value  # type: ignore[no-any-return]
+            self._advance(True)
 
     def next_in_hand(self) -> R:
         """The next result if one is in hand; ``NothingInHand`` if not (for aimap)."""
-        for value in self._cur:
-            return value  # type: ignore[no-any-return]
-        if self._steps:
-            return self._advance(False)
-        if self._done:
-            raise StopAsyncIteration
-        raise NothingInHand
-
-    def take(self, values: list[Any], errors: dict[int, Any]) -> None:
-        """A packet's results: runs of values, and each error in its place."""
-        if not errors:
-            self._cur = iter(values)
-            return
-        self._steps.extend(split_results(values, errors))
-        self._cur = _EMPTY
-
-    def _advance(self, block: bool) -> R:
-        """The current run is used up: the next run's first value, or an error
-        raised in its place, or (``block``) the next packet."""
         while True:
-            if self._steps:
-                step = self._steps.popleft()
-                if type(step) is not list:  # a task's error (a TaskError, or a thread's LiveError)
-                    self._delivery.count_error()
-                    raise step.to_exception()
-                self._cur = iter(step)
-            elif not block:
-                raise NothingInHand
-            else:
-                self.take(*self._next_packet())
             for value in self._cur:
                 return value  # type: ignore[no-any-return]
+            if not self._steps:
+                if self._done:
+                    raise StopAsyncIteration
+                raise NothingInHand
+            self._advance(False)
 
-    def _next_packet(self) -> tuple[list[Any], dict[int, TaskError]]:
+    def _advance(self, block: bool) -> None:
+        """The current run is used up: make the next run current, or raise
+        the next task's error, or (``block``) fetch the next packet.
+
+        Results stay where they are until taken, so that a Ctrl-C landing in
+        here loses none, for a program that catches it and goes on: a run is
+        an iterator, first in ``_steps`` as long as it is current (values
+        are taken from it in place, by ``__next__``), and dropped from there
+        once used up; an error is dropped only as it is raised."""
+        steps = self._steps
+        while True:
+            if not steps:
+                if not block:
+                    raise NothingInHand
+                self._fetch()
+                continue
+            step = steps[0]
+            if type(step) is _RUN:
+                if step is not self._cur:
+                    self._cur = step
+                    return
+                steps.popleft()  # used up
+                continue
+            # A task's error (a TaskError, or a thread's LiveError).
+            error = step.to_exception()
+            try:
+                self._delivery.count_error()
+                steps.popleft()
+                raise error
+            finally:
+                del error  # (its traceback holds this frame: no cycle to keep the map alive)
+
+    def _fetch(self) -> None:
+        """Wait for the next packet's results, and move them onto ``_steps``
+        (StopIteration at the end)."""
         if self._done:
             raise StopIteration
         try:
-            return self._delivery.get_batch(True, None)
+            self._delivery.take_batch_into(self._steps, True, None)
+            return
         except QueueStopped:
             pass  # (ended outside the except: a Ctrl-C in the join must not chain onto this)
         except BaseException:
@@ -274,13 +286,12 @@ class AsyncIMapIterator(AsyncIterator[R]):
             except NothingInHand:
                 pass
             try:
-                values, errors = await aget(core, lambda: it._delivery.get_batch(False, None))
+                await aget(core, lambda: it._delivery.take_batch_into(it._steps, False, None))
             except QueueStopped:
                 break  # (ended outside the except, as imap does)
             except BaseException:
                 await self.aclose()
                 raise
-            it.take(values, errors)
         await self._end_feeder()
         it.at_end()
         raise StopAsyncIteration

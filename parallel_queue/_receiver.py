@@ -67,34 +67,44 @@ class Receiver:
 
     # --------------------------------------------------------------- packets
 
-    def next_packet(self) -> Optional[tuple[list[Any], dict[int, Any]]]:
-        """The next packet's ``(values, errors)`` if one was read; else None."""
+    def peek(self) -> Optional[tuple[Any, tuple[list[Any], dict[int, TaskError]], int]]:
+        """The first packet read, if any: ``(body, (values, errors), decoded)``,
+        the packet still first in line; ``decoded`` is what ``self.decoded``
+        becomes once it is taken (``taken``).  Changes nothing: a Ctrl-C
+        while it loads leaves the packet where it was, and the next get()
+        decodes it again (nothing is lost)."""
         if not self.bodies:
             return None
-        # Taken only once decoded: a Ctrl-C while it loads leaves it first in
-        # line, and the next get() decodes it again (nothing is lost).
-        packet = self.decode(self.bodies[0])
-        self.bodies.popleft()
-        return packet
+        body = self.bodies[0]
+        packet, n_items = self.decode(body, self.decoded)
+        return body, packet, self.decoded + n_items
 
-    def decode(self, body: Any) -> tuple[list[Any], dict[int, TaskError]]:
-        """(packets in order) A packet's ``(values, errors)``.
+    def taken(self, body: Any, decoded: int) -> None:
+        """The packet ``body`` (from ``peek``) is in the taker's hands: drop it.
+        Idempotent, for a hand-over that may run again (see
+        Delivery.take_packet): only drops ``body`` while it is first."""
+        bodies = self.bodies
+        if bodies and bodies[0] is body:
+            self.decoded = decoded  # (before the pop: a run cut short between them runs again)
+            bodies.popleft()
+
+    def decode(self, body: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
+        """(packets in order) A packet's ``(values, errors)``, and its number
+        of task results; ``first`` is the number of its first task.
 
         A value that will not unpickle here fails in its own slot: the fast
         load of the whole packet is tried first, then each value on its own
         (a careful packet's are pickled one by one; any other is salvaged,
         see _salvage)."""
         if type(body) is tuple:  # from the executor engine: already (values, errors)
-            return body
+            return body, 0
         header = decode_result(body)
-        first = self.decoded
         payload = memoryview(body)[RESULT.size :]
         if header.careful:
             packet = loads_results_careful(payload, first)
         else:
             packet = load_results(payload, header.n_items, first)
-        self.decoded += header.n_items  # (after: a load interrupted is tried again)
-        return packet
+        return packet, header.n_items
 
     def read_available(self) -> bool:
         """Read what the output pipe holds now, without waiting; True if a

@@ -754,3 +754,80 @@ def test_a_press_in_a_waits_clean_up_shows_one_traceback():
     e = info.value
     assert "".join(traceback.format_exception(type(e), e, e.__traceback__)).count("Traceback") == 1
     assert len(runs) == 2
+
+
+# Where results change hands in the main process: the receiver's packets to
+# the delivery's steps, the steps to a map.  (Not the receiver's own reading of
+# the pipe: a press as a read returns still loses what it read, a window that
+# only holding SIGINT back around every read, some 20 us each, would close.)
+HAND_OVER_FILES = tuple(os.path.join("parallel_queue", name) for name in ("_delivery.py", "_threads.py", "_maps.py"))
+
+
+def test_a_press_anywhere_in_gets_hand_over_loses_and_repeats_nothing():
+    """Regression: a Ctrl-C landing between the receiver giving up a decoded
+    packet and the delivery's steps taking it lost the packet, for a program
+    that catches the KeyboardInterrupt and goes on getting from the queue.
+    Forced: a KeyboardInterrupt at every place a signal can land in get()'s
+    code, one after the other; after each, the program keeps calling get()
+    and must have every value once, in order."""
+    with ParallelQueue(num_workers=2, max_batch=4) as q:
+        n, base = 0, 0
+        while True:
+            n += 1
+            expected = list(range(base, base + 8))
+            base += 8
+            for x in expected:
+                q.put(abs, x)
+            tracer, seen = interrupt_at_event(n, HAND_OVER_FILES)
+            got, interrupted = [], False
+            sys.settrace(tracer)
+            try:
+                while len(got) < len(expected):
+                    try:
+                        got.append(q.get(timeout=60))
+                    except KeyboardInterrupt:
+                        interrupted = True
+            finally:
+                sys.settrace(None)
+            assert got == expected, (n, seen[0])
+            if not interrupted:
+                break  # every place has had its press
+        assert n > 20
+
+
+def test_a_press_anywhere_in_a_maps_hand_over_loses_and_repeats_nothing():
+    """Regression: a Ctrl-C landing as the delivery returned a batch of results
+    to a map, before the map took it, lost the batch for a program that
+    caught the KeyboardInterrupt and went on iterating the map.  Forced, as
+    for get(): after each press the map either ended (the press came while
+    it waited: it closed itself) having given a prefix of the results, or
+    goes on and gives every one of them once, in order."""
+    with ParallelQueue(num_workers=2, max_batch=4) as q:
+        n, closed, went_on = 0, 0, 0
+        while True:
+            n += 1
+            expected = list(range(n * 100, n * 100 + 12))
+            it = q.imap(abs, expected, chunksize=2)
+            tracer, seen = interrupt_at_event(n, HAND_OVER_FILES)
+            got, interrupted = [], False
+            sys.settrace(tracer)
+            try:
+                while True:
+                    try:
+                        got.append(next(it))
+                    except StopIteration:
+                        break
+                    except KeyboardInterrupt:
+                        interrupted = True
+            finally:
+                sys.settrace(None)
+            it.close()
+            if interrupted and len(got) < len(expected):
+                closed += 1
+                assert got == expected[: len(got)], (n, seen[0])
+            else:
+                went_on += interrupted
+                assert got == expected, (n, seen[0])
+            if not interrupted:
+                break
+        assert closed > 0 and went_on > 0, (closed, went_on)
