@@ -251,6 +251,7 @@ class Dispatcher:
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
         self.supervisor.credited(c.slot)
         self.scheduler.measured_time(c.n_items, c.compute_ns)
+        self.scheduler.measured_result_size(c.n_items, c.result_bytes)
 
     # ------------------------------------------------------------ slow paths
 

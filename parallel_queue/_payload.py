@@ -19,6 +19,7 @@ import cloudpickle
 from tblib import Traceback
 
 from ._errors import RemoteError
+from ._wire import BIG_FRAME
 
 PROTOCOL = pickle.HIGHEST_PROTOCOL
 
@@ -286,17 +287,102 @@ def every_slot_fails(n: int, error: Any) -> tuple[list[Any], dict[int, Any]]:
     return [None] * n, dict.fromkeys(range(n), error)
 
 
+# A buffer this large (a numpy array's data, a bytearray, a large bytes
+# result) travels out of band: after the pickle, as it is, with no copy into
+# the pickle stream on the way out, and on the way in none out of it (a
+# numpy array is rebuilt on the received bytes themselves).
+# (No smaller than a large frame: a frame with buffers is read into a
+# bytearray, so its arrays load writable, see _wire.FrameReader.)
+OOB_MIN = BIG_FRAME
+
+
+class _BigBytes:
+    """A large ``bytes`` or ``bytearray`` result, pickled as an out-of-band
+    buffer (pickle writes both into the stream, and never offers them to a
+    buffer callback).  It loads as what it was, with one copy."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data = data
+
+    def __reduce_ex__(self, protocol: Any) -> Any:
+        return type(self.data), (pickle.PickleBuffer(self.data),)
+
+
+_BYTES = (bytes, bytearray)
+
+
+def _is_big_bytes(x: Any) -> bool:
+    return type(x) in _BYTES and len(x) >= OOB_MIN
+
+
+def _big_bytes_out_of_band(values: list[Any]) -> list[Any]:
+    """``values``, with each large ``bytes`` or ``bytearray`` (a value, or an
+    item of a tuple value) wrapped to travel out of band; ``values`` itself
+    if none is."""
+    out: Optional[list[Any]] = None
+    for k, v in enumerate(values):
+        t = type(v)
+        if t in _BYTES:
+            if len(v) >= OOB_MIN:
+                out = out or list(values)
+                out[k] = _BigBytes(v)
+        elif t is tuple and any(_is_big_bytes(x) for x in v):
+            out = out or list(values)
+            out[k] = tuple(_BigBytes(x) if _is_big_bytes(x) else x for x in v)
+    return values if out is None else out
+
+
 def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[Any]) -> bytes:
-    """Pickle the results of a packet of ``items``; a value that will not
-    pickle fails in its slot."""
+    """Pickle the results of a packet of ``items``, all in one stream; a value
+    that will not pickle fails in its slot."""
+    return _dumps_results(values, errors, items, None)
+
+
+def dumps_results_oob(
+    values: list[Any], errors: dict[int, TaskError], items: list[Any]
+) -> tuple[bytes, list[memoryview]]:
+    """As dumps_results, with every buffer of ``OOB_MIN`` bytes or more out of
+    band: ``(pickle, buffers)``; ``loads_results(pickle, buffers)`` loads it."""
+    out = _OutOfBand()
+    payload = _dumps_results(_big_bytes_out_of_band(values), errors, items, out)
+    return payload, out.buffers
+
+
+class _OutOfBand:
+    """A pickler's buffer callback: keeps the large buffers out of the stream."""
+
+    def __init__(self) -> None:
+        self.buffers: list[memoryview] = []
+
+    def __call__(self, buf: pickle.PickleBuffer) -> bool:
+        try:
+            raw = buf.raw()
+        except BufferError:  # not contiguous: in the stream
+            return True
+        if raw.nbytes < OOB_MIN:
+            return True
+        self.buffers.append(raw)
+        return False
+
+    def fresh(self) -> _OutOfBand:
+        """For a new attempt at pickling: what a failed one gave is forgotten."""
+        self.buffers.clear()
+        return self
+
+
+def _dumps_results(
+    values: list[Any], errors: dict[int, TaskError], items: list[Any], out: Optional[_OutOfBand]
+) -> bytes:
     # BaseException throughout: a result's __reduce__ raising SystemExit or
     # KeyboardInterrupt is that task's error, not the worker's end.
     try:
-        return pickle.dumps((values, errors), PROTOCOL)
+        return pickle.dumps((values, errors), PROTOCOL, buffer_callback=out and out.fresh())
     except BaseException:  # noqa: BLE001
         pass
     try:
-        return bytes(cloudpickle.dumps((values, errors), PROTOCOL))
+        return bytes(cloudpickle.dumps((values, errors), PROTOCOL, buffer_callback=out and out.fresh()))
     except BaseException:  # noqa: BLE001
         pass
     for k, v in enumerate(values):
@@ -311,11 +397,13 @@ def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[A
                 what = f"task {k} of the packet ({describe_task(items[k])})"
                 errors[k] = TaskError.for_failure(e, f"could not pickle the result of {what}")
                 values[k] = None
-    return cloudpickle.dumps((values, errors), PROTOCOL)  # type: ignore[no-any-return]
+    return cloudpickle.dumps((values, errors), PROTOCOL, buffer_callback=out and out.fresh())  # type: ignore[no-any-return]
 
 
-def loads_results(payload: bytes | memoryview) -> tuple[list[Any], dict[int, TaskError]]:
-    return pickle.loads(payload)  # type: ignore[no-any-return]
+def loads_results(
+    payload: bytes | memoryview, buffers: Optional[list[memoryview]] = None
+) -> tuple[list[Any], dict[int, TaskError]]:
+    return pickle.loads(payload, buffers=buffers)  # type: ignore[no-any-return]
 
 
 def dump_one_result(value: Any, item: Any) -> tuple[Optional[bytes], Optional[TaskError]]:

@@ -30,7 +30,7 @@ from ._payload import TaskError, loads_results_careful
 from ._salvage import load_results
 from ._threads import Waiters, run_whole
 from ._wakeups import Bell, Bells
-from ._wire import RESULT, decode_result
+from ._wire import decode_result, split_result
 
 __all__ = ["Receiver"]
 
@@ -99,11 +99,11 @@ class Receiver:
         if type(body) is tuple:  # from the executor engine: already (values, errors)
             return body, 0
         header = decode_result(body)
-        payload = memoryview(body)[RESULT.size :]
+        payload, buffers = split_result(body, header)
         if header.careful:
             packet = loads_results_careful(payload, first)
         else:
-            packet = load_results(payload, header.n_items, first)
+            packet = load_results(payload, header.n_items, first, buffers)
         return packet, header.n_items
 
     def read_available(self) -> bool:

@@ -67,8 +67,8 @@ class _SalvagingUnpickler(pickle._Unpickler):  # type: ignore[name-defined,misc]
     stack: list[Any]
     append: Callable[[Any], None]
 
-    def __init__(self, data: bytes | memoryview) -> None:
-        super().__init__(io.BytesIO(data))
+    def __init__(self, data: bytes | memoryview, buffers: Optional[list[memoryview]] = None) -> None:
+        super().__init__(io.BytesIO(data), buffers=buffers)
         self.broken: dict[int, tuple[Any, BaseException]] = {}  # id -> (object, why)
 
 
@@ -156,12 +156,14 @@ def _first_failure(value: Any, broken: dict[int, tuple[Any, BaseException]]) -> 
     return None
 
 
-def salvage_results(payload: bytes | memoryview, count: int) -> Optional[tuple[list[Any], dict[int, Any]]]:
+def salvage_results(
+    payload: bytes | memoryview, count: int, buffers: Optional[list[memoryview]] = None
+) -> Optional[tuple[list[Any], dict[int, Any]]]:
     """``(values, errors)`` of a packet's results, with each value that could
     not be rebuilt here replaced by None and its error (the exception that
     stopped it) in ``errors``: ``errors[k]`` is an exception for those, and
     whatever the packet carried for the others.  None if even this fails."""
-    unpickler = _SalvagingUnpickler(payload)
+    unpickler = _SalvagingUnpickler(payload, buffers)
     try:
         loaded = unpickler.load()
         values, errors = loaded
@@ -183,13 +185,16 @@ def salvage_results(payload: bytes | memoryview, count: int) -> Optional[tuple[l
     return values, out
 
 
-def load_results(payload: bytes | memoryview, count: int, first: int) -> tuple[list[Any], dict[int, Any]]:
+def load_results(
+    payload: bytes | memoryview, count: int, first: int, buffers: Optional[list[memoryview]] = None
+) -> tuple[list[Any], dict[int, Any]]:
     """A packet's ``(values, errors)``, ``count`` results from task ``first``
     on: loaded whole if it can be; if not, each value that will not unpickle
     here fails in its own slot (salvaged, see salvage_results), and only if
-    even that fails does every slot fail."""
+    even that fails does every slot fail.  ``buffers``: the packet's
+    out-of-band buffers (see _payload.dumps_results_oob)."""
     try:
-        return loads_results(payload)  # type: ignore[no-any-return]
+        return loads_results(payload, buffers)
     except KeyboardInterrupt:
         # Here, in the main process, that is a Ctrl-C landing while the
         # results load (a loader's Python code, or a collection's callback,
@@ -198,7 +203,7 @@ def load_results(payload: bytes | memoryview, count: int, first: int) -> tuple[l
         # packet (see _receiver.Receiver.next_packet).
         raise
     except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
-        salvaged = salvage_results(payload, count)
+        salvaged = salvage_results(payload, count, buffers)
         if salvaged is None:
             err = TaskError.for_failure(exc, "could not unpickle the results", pickle.UnpicklingError)
             return every_slot_fails(count, err)

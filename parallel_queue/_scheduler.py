@@ -6,8 +6,8 @@ take).  Batches size themselves: a worker that is idle gets what is there at
 once (one task at low load), and while every worker is busy, tasks
 accumulate, so the next batch is larger; a measured per-task time caps a
 batch at about ``TARGET_PACKET_SECONDS`` of work, so slow tasks still
-spread over all workers, and a measured size caps it at about
-``TARGET_PACKET_BYTES``.
+spread over all workers, and a measured size (of a task, or of its result,
+whichever is larger) caps it at about ``TARGET_PACKET_BYTES``.
 """
 
 from __future__ import annotations
@@ -24,23 +24,26 @@ __all__ = ["Scheduler", "TARGET_PACKET_SECONDS", "TARGET_PACKET_BYTES"]
 # uneven length, and keep the reorder window (counted in packets) short.
 TARGET_PACKET_SECONDS = 0.005
 
-# The most pickled bytes a packet should carry (by the measured mean size of
-# a task).  Bigger packets cost less per task for small tasks; for large
-# arguments (arrays, documents) a cap keeps one packet from holding gigabytes
-# and lets several workers share them.
+# The most pickled bytes a packet should carry, either way (by the measured
+# mean size of a task and of a result).  Bigger packets cost less per task
+# for small tasks; for large arguments or results (arrays, documents) a cap
+# keeps one packet from holding gigabytes, lets several workers share them,
+# and lets results flow on to the main process while the next ones are made
+# (a packet's results travel together, once its last task has run).
 TARGET_PACKET_BYTES = 1 << 20
 
 
 class Scheduler:
     """Picks slots and sizes packets from what it has measured."""
 
-    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes")
+    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes", "result_bytes")
 
     def __init__(self, max_batch: Optional[int], max_tasks_per_worker: int) -> None:
         self.max_batch = max_batch
         self.quota = max_tasks_per_worker  # 0: no limit
         self.item_seconds = 0.0  # running mean of a task's run time; 0 until measured
         self.item_bytes = 0.0  # running mean of a task's pickled size
+        self.result_bytes = 0.0  # running mean of a result's pickled size
 
     def pick_slot(self, slots: Iterable[Slot]) -> Optional[Slot]:
         """The slot that may take a packet now with the fewest packets held."""
@@ -58,8 +61,9 @@ class Scheduler:
             n = min(fixed, waiting)
         else:
             limit = packet_limit(self.max_batch, self.item_seconds, TARGET_PACKET_SECONDS)
-            if self.item_bytes > 0:
-                limit = min(limit, max(1, int(TARGET_PACKET_BYTES / self.item_bytes)))
+            size = max(self.item_bytes, self.result_bytes)
+            if size > 0:
+                limit = min(limit, max(1, int(TARGET_PACKET_BYTES / size)))
             n = min(limit, waiting)
             if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
                 # Enough work waiting to matter: spread it over the free
@@ -75,6 +79,11 @@ class Scheduler:
         """A worker ran ``n_items`` tasks in ``compute_ns``."""
         if n_items:
             self.item_seconds = running_mean(self.item_seconds, compute_ns / n_items / 1e9)
+
+    def measured_result_size(self, n_items: int, result_bytes: int) -> None:
+        """A packet of ``n_items`` results came to ``result_bytes``."""
+        if n_items and result_bytes:
+            self.result_bytes = running_mean(self.result_bytes, result_bytes / n_items)
 
     def measured_size(self, n_items: int, payload_bytes: int) -> None:
         """A packet of ``n_items`` tasks pickled to ``payload_bytes``."""

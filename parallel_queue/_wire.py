@@ -25,13 +25,16 @@ import sys
 import threading
 from collections import deque
 from multiprocessing import reduction
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 _LEN = struct.Struct("<Q")
 
 # Reading: how much to ask the kernel for at once.  Larger means fewer system
 # calls for big payloads (a big pipe holds up to 1 MiB, see make_pipe).
 READ_CHUNK = 1 << 18
+# A frame this large that a read did not bring whole is read straight into
+# its body (see FrameReader).
+BIG_FRAME = 1 << 16
 
 # ---------------------------------------------------------------- fd handling
 
@@ -222,17 +225,28 @@ class FrameReader:
     died stays in the buffer; ``discard_partial()`` drops it.  ``scratch``
     (see ``scratch_buffer``) is where reads land before whole frames are
     copied out.
+
+    A large frame (``BIG_FRAME`` bytes or more) that a read did not bring
+    whole is not gathered through the scratch buffer: its body is allocated
+    once, at its final size, and the rest of it is read straight into it.
+    Gathering cost two more copies of every byte (into the partial buffer,
+    then out into the body), which is what large results paid here twice,
+    in the consumer and in the main process.  Such a body is a bytearray.
     """
 
-    __slots__ = ("fd", "_buf", "eof", "_scratch")
+    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos")
 
     def __init__(self, fd: Fd, scratch: memoryview | None = None) -> None:
         self.fd = fd
         self._buf = bytearray()  # the start of a frame not yet whole
         self.eof = False
         self._scratch = scratch if scratch is not None else scratch_buffer()
+        self._big: bytearray | None = None  # a large frame's body, being read into
+        self._big_pos = 0  # how much of it has come
 
     def read_ready(self) -> list[bytes]:
+        if self._big is not None:
+            return self._read_big()
         try:
             n = os.readv(self.fd.fd, [self._scratch])
         except (BlockingIOError, InterruptedError):
@@ -252,8 +266,18 @@ class FrameReader:
         while end - pos >= 8:
             (size,) = _LEN.unpack_from(data, pos)
             if end - pos - 8 < size:
+                if size >= BIG_FRAME:
+                    # The rest of the data is this frame's start: the body
+                    # takes it, and the next reads go straight into it.
+                    big = bytearray(size)
+                    have = end - pos - 8
+                    big[:have] = data[pos + 8 : end]
+                    self._big, self._big_pos = big, have
+                    pos = end
                 break
-            bodies.append(bytes(data[pos + 8 : pos + 8 + size]))
+            chunk = data[pos + 8 : pos + 8 + size]
+            # (A large body is a bytearray, however it came: its buffers load writable.)
+            bodies.append(bytearray(chunk) if size >= BIG_FRAME else bytes(chunk))  # type: ignore[arg-type]
             pos += 8 + size
         if buf:
             data.release()  # a bytearray with a view on it cannot shrink
@@ -261,6 +285,24 @@ class FrameReader:
         elif pos < end:
             buf += data[pos:]
         return bodies
+
+    def _read_big(self) -> list[bytes]:
+        """One read into the large frame's body; the body once it is whole."""
+        big = self._big
+        assert big is not None
+        with memoryview(big) as view:
+            try:
+                n = os.readv(self.fd.fd, [view[self._big_pos :]])
+            except (BlockingIOError, InterruptedError):
+                return []
+        if not n:
+            self.eof = True
+            return []
+        self._big_pos += n
+        if self._big_pos < len(big):
+            return []
+        self._big = None
+        return [big]  # type: ignore[list-item]  # (a bytearray: bodies are only read)
 
     def drain(self) -> list[bytes]:
         """Everything whole that is in the pipe now (the writer is known dead)."""
@@ -272,6 +314,7 @@ class FrameReader:
 
     def discard_partial(self) -> None:
         self._buf.clear()
+        self._big = None
         self.eof = False
 
 
@@ -412,25 +455,55 @@ class ResultHeader(NamedTuple):
 
     ``compute_ns`` is the time the worker spent running the packet's tasks
     (the dispatcher sizes batches from it).  ``careful``: the payload holds
-    one pickle per result (see TaskPacket).
+    one pickle per result (see TaskPacket).  ``n_buffers``: how many
+    out-of-band buffers follow the pickle (see split_result).
     """
 
     packet_id: int
     n_items: int
     compute_ns: int
     careful: bool
+    n_buffers: int
 
 
-RESULT = struct.Struct("<BqIQB")
+RESULT = struct.Struct("<BqIQBI")
+_BUFFER_LEN = struct.Struct("<Q")
 
 
-def encode_result(packet_id: int, count: int, compute_ns: int, careful: bool = False) -> bytes:
-    return RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, careful)
+def encode_result(
+    packet_id: int, count: int, compute_ns: int, careful: bool = False, buffers: Sequence[memoryview] = ()
+) -> bytes:
+    """A result frame's header: the fixed part, then each out-of-band
+    buffer's length (the pickle and the buffers follow it, in that order)."""
+    head = RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, careful, len(buffers))
+    if not buffers:
+        return head
+    return head + b"".join(_BUFFER_LEN.pack(b.nbytes) for b in buffers)
 
 
 def decode_result(body: bytes | bytearray) -> ResultHeader:
-    _, pid, count, ns, careful = RESULT.unpack_from(body)
-    return ResultHeader(pid, count, ns, bool(careful))
+    _, pid, count, ns, careful, n_buffers = RESULT.unpack_from(body)
+    return ResultHeader(pid, count, ns, bool(careful), n_buffers)
+
+
+def split_result(body: bytes | bytearray, header: ResultHeader) -> tuple[memoryview, list[memoryview] | None]:
+    """A result frame's pickle, and its out-of-band buffers (None if it has
+    none): views of ``body``, which a numpy array loaded from them keeps
+    alive (zero-copy; writable if ``body`` is a bytearray, as a frame this
+    large is: see FrameReader)."""
+    view = memoryview(body)
+    n = header.n_buffers
+    if not n:
+        return view[RESULT.size :], None
+    lengths = struct.unpack_from(f"<{n}Q", view, RESULT.size)
+    start = RESULT.size + 8 * n
+    end = len(view) - sum(lengths)
+    buffers = []
+    pos = end
+    for length in lengths:
+        buffers.append(view[pos : pos + length])
+        pos += length
+    return view[start:end], buffers
 
 
 _ID = struct.Struct("<Bq")  # WAIT, REJECT, LAST: a kind and a packet id
@@ -448,7 +521,8 @@ class Credit(NamedTuple):
     """Consumer -> dispatcher: the worker in ``slot`` is done with ``packet_id``.
 
     ``rejected``: it could not unpickle the batch, so the dispatcher sends
-    the packet again with each task pickled on its own.
+    the packet again with each task pickled on its own.  ``result_bytes``:
+    the size of the packet's results (the dispatcher sizes packets by it too).
     """
 
     slot: int
@@ -456,18 +530,19 @@ class Credit(NamedTuple):
     n_items: int
     compute_ns: int
     rejected: bool
+    result_bytes: int = 0
 
 
-_CREDIT = struct.Struct("<BHqIQB")
+_CREDIT = struct.Struct("<BHqIQBQ")
 
 
 def encode_credit(c: Credit) -> bytes:
-    return _CREDIT.pack(Kind.CREDIT, c.slot, c.packet_id, c.n_items, c.compute_ns, c.rejected)
+    return _CREDIT.pack(Kind.CREDIT, c.slot, c.packet_id, c.n_items, c.compute_ns, c.rejected, c.result_bytes)
 
 
 def decode_credit(body: bytes | bytearray) -> Credit:
-    _, slot, pid, count, ns, rej = _CREDIT.unpack_from(body)
-    return Credit(slot, pid, count, ns, bool(rej))
+    _, slot, pid, count, ns, rej, size = _CREDIT.unpack_from(body)
+    return Credit(slot, pid, count, ns, bool(rej), size)
 
 
 _SLOT = struct.Struct("<BH")  # DRAIN, DRAINED

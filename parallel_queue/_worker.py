@@ -24,7 +24,7 @@ import threading
 import time
 from collections import ChainMap
 from multiprocessing.reduction import ForkingPickler
-from typing import Any, NamedTuple, Optional
+from typing import Any, NamedTuple, Optional, Sequence
 
 import cloudpickle
 
@@ -34,8 +34,8 @@ from ._packet_id import ahead, modulus
 from ._payload import (
     TaskError,
     dump_one_result,
-    dumps_results,
     dumps_results_envelope,
+    dumps_results_oob,
     load_one_task,
     loads_tasks,
     loads_tasks_envelope,
@@ -237,8 +237,8 @@ class _Worker:
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
         self.step(STAGE_SAVING, len(items))
-        payload = dumps_results(values, errors, items)
-        self.send(pkt.packet_id, len(items), compute_ns, False, payload)
+        payload, buffers = dumps_results_oob(values, errors, items)
+        self.send(pkt.packet_id, len(items), compute_ns, False, payload, buffers)
 
     def run_careful(self, pkt: _wire.TaskPacket) -> None:
         """A careful packet: every step one task at a time, each recorded.
@@ -278,14 +278,16 @@ class _Worker:
         self.done += len(items)
         self.send(pkt.packet_id, len(items), compute_ns, True, dumps_results_envelope(results, errors))
 
-    def send(self, packet_id: int, count: int, compute_ns: int, careful: bool, payload: bytes) -> None:
-        """Send a packet's results, once the consumer will take them."""
+    def send(
+        self, packet_id: int, count: int, compute_ns: int, careful: bool, payload: bytes, buffers: Sequence[Any] = ()
+    ) -> None:
+        """Send a packet's results, once the consumer will take them: the
+        out-of-band ``buffers`` are written from where they are."""
         self.prog[self.p0 + P_STAGE] = STAGE_SENDING
         self.check_own_pipes()
         self.wait_for_window(packet_id)
-        _wire.write_frame_blocking(
-            self.spec.results_out.fd, _wire.encode_result(packet_id, count, compute_ns, careful), payload
-        )
+        header = _wire.encode_result(packet_id, count, compute_ns, careful, buffers)
+        _wire.write_frame_blocking(self.spec.results_out.fd, header, payload, *buffers)
 
     def check_own_pipes(self) -> None:
         """Exit if a task closed our pipes, or replaced them with its own files.

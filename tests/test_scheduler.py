@@ -89,3 +89,18 @@ def test_large_tasks_are_capped_by_size_and_max_batch():
     s.measured_time(100, 100)
     s.measured_size(1, TARGET_PACKET_BYTES // 4)  # four tasks fill a packet
     assert s.batch_size(slot, waiting=100, fixed=None, free_credits=1) == 4
+
+
+def test_large_results_cap_a_packet_as_large_tasks_do():
+    """A packet's results travel together, once its last task has run: large
+    ones (tiny tasks making arrays) are capped by their measured size too,
+    the larger of the two sizes counting."""
+    slot = running_slots(1)[0]
+    s = Scheduler(None, 0)
+    s.measured_time(100, 100)
+    s.measured_size(100, 1000)  # tiny arguments
+    assert s.batch_size(slot, waiting=100, fixed=None, free_credits=1) == 100
+    s.measured_result_size(2, TARGET_PACKET_BYTES)  # two results fill a packet
+    assert s.batch_size(slot, waiting=100, fixed=None, free_credits=1) == 2
+    s.measured_result_size(5, 0)  # (a packet whose size is unknown changes nothing)
+    assert s.batch_size(slot, waiting=100, fixed=None, free_credits=1) == 2

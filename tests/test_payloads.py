@@ -1,0 +1,277 @@
+"""Large payloads: out-of-band buffers, large frames, and faults mid-transfer."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+
+import numpy
+import pytest
+from conftest import ROOT, live_processes, run_python, wait_until
+
+from parallel_queue import ParallelQueue, _wire
+from parallel_queue._payload import OOB_MIN, dumps_results_oob, loads_results
+
+MAIN_PID = os.getpid()
+SIZES = [OOB_MIN - 1, OOB_MIN, OOB_MIN + 1, 3 * OOB_MIN]
+
+
+def make(spec):
+    kind, size, i = spec
+    if kind == "bytes":
+        return bytes([i % 256]) * size
+    if kind == "bytearray":
+        return bytearray([i % 256]) * size
+    if kind == "tuple":
+        return (i, bytes([i % 256]) * size, "text")
+    if kind == "numpy":
+        return numpy.full(size // 8, float(i))
+    if kind == "fortran":
+        return numpy.asfortranarray(numpy.full((size // 64, 8), float(i)))
+    if kind == "strided":  # not contiguous: pickled in the stream
+        return numpy.full(size // 4, float(i))[::2]
+    raise ValueError(kind)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_buffers_of_at_least_the_threshold_travel_out_of_band(size):
+    """The pickler's buffers and large bytes leave the stream from the
+    threshold on, and come back equal, of their own type."""
+    values = [make((kind, size, 7)) for kind in ("bytes", "bytearray", "tuple", "numpy", "strided")]
+    payload, buffers = dumps_results_oob(values, {}, values)
+    sizes = sorted(b.nbytes for b in buffers)
+    expected = sorted(n for n in (size, size, size, size // 8 * 8) if n >= OOB_MIN)
+    assert sizes == expected
+    back, errors = loads_results(payload, [memoryview(bytearray(b)) for b in buffers])
+    assert errors == {}
+    for got, want in zip(back, values):
+        assert type(got) is type(want)
+        if isinstance(want, numpy.ndarray):
+            assert numpy.array_equal(got, want)
+        else:
+            assert got == want
+
+
+@pytest.mark.parametrize("kind", ["bytes", "bytearray", "tuple", "numpy", "fortran", "strided"])
+def test_large_results_come_back_whole_in_order_and_of_their_type(kind):
+    specs = [(kind, size, i) for i, size in enumerate(SIZES * 3)]
+    with ParallelQueue(num_workers=2) as q:
+        got = list(q.imap(make, specs))
+    assert len(got) == len(specs)
+    for value, spec in zip(got, specs):
+        want = make(spec)
+        assert type(value) is type(want)
+        if isinstance(want, numpy.ndarray):
+            assert numpy.array_equal(value, want)
+            assert value.flags.writeable  # as Pool gives them
+            value[0] = -1  # (and writing to it is fine)
+        else:
+            assert value == want
+
+
+def test_a_large_array_result_is_not_copied_out_of_what_was_received():
+    """Zero-copy: an array of the threshold or more is rebuilt on the bytes
+    the main process read (the frame's bytearray), not copied out of it."""
+    with ParallelQueue(num_workers=2) as q:
+        small, big = q.imap(make, [("numpy", OOB_MIN // 2, 1), ("numpy", 4 * OOB_MIN, 2)])
+    # The big one's memory is the whole frame it came in; the small one (in
+    # the pickle stream) has a copy of its own.
+    assert type(_memory_of(big)) is bytearray and len(_memory_of(big)) > big.nbytes
+    assert len(_memory_of(small)) == small.nbytes
+
+
+def _memory_of(array):
+    """What holds an array's data, past the arrays and views it was made by."""
+    base = array
+    while isinstance(base, numpy.ndarray) and base.base is not None:
+        base = base.base
+    return base.obj if isinstance(base, memoryview) else base
+
+
+def _rebuild_in_a_worker(i):
+    if os.getpid() == MAIN_PID:
+        raise RuntimeError(f"result {i} cannot be rebuilt in the main process")
+    return i
+
+
+class LoadsOnlyInWorkers:
+    def __init__(self, i):
+        self.i = i
+
+    def __reduce__(self):
+        return _rebuild_in_a_worker, (self.i,)
+
+
+def mixed(i):
+    if i == 1:
+        return LoadsOnlyInWorkers(i)
+    return numpy.full(OOB_MIN // 4, float(i)) if i % 2 == 0 else bytes([i]) * OOB_MIN
+
+
+def test_a_result_that_will_not_load_fails_alone_beside_out_of_band_buffers():
+    """The salvage of a packet (see _salvage) is given its buffers: the
+    result that will not load fails in its slot, the large ones beside it in
+    the same packet come out whole."""
+    with ParallelQueue(num_workers=2) as q:
+        it = q.imap(mixed, range(4), chunksize=4)
+        first = next(it)
+        with pytest.raises(pickle.UnpicklingError, match="task #1"):
+            next(it)
+        rest = list(it)
+    assert numpy.array_equal(first, numpy.full(OOB_MIN // 4, 0.0))
+    assert numpy.array_equal(rest[0], numpy.full(OOB_MIN // 4, 2.0))
+    assert rest[1] == bytes([3]) * OOB_MIN
+
+
+def big_result(n):
+    return bytes([n % 256]) * n
+
+
+def test_a_worker_killed_while_it_writes_a_large_result_loses_nothing():
+    """The worker is killed half-way through writing a 16 MB result (the
+    consumer is stopped, so the pipe fills and the write blocks).  The frame
+    cut short is dropped, and the packet goes again, careful (as for any
+    death after its tasks ran: see _supervisor): the slot has its value,
+    whole, in its place, and the queue goes on."""
+    q = ParallelQueue(num_workers=2, max_batch=1)
+    engine = q._core.engine
+    try:
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        os.kill(engine.consumer.pid, signal.SIGSTOP)
+        q.put(big_result, 16 << 20)
+        q.put(abs, -2)
+        writer = []
+
+        def blocked_writing():
+            for slot in engine.slots:
+                try:
+                    with open(f"/proc/{slot.proc.pid}/wchan") as f:
+                        if "pipe_w" in f.read():  # pipe_write, pipe_wait_writable
+                            writer.append(slot.proc.pid)
+                            return True
+                except OSError:
+                    pass
+            return False
+
+        wait_until(blocked_writing)
+        os.kill(writer[0], signal.SIGKILL)
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        assert q.get(timeout=60) == big_result(16 << 20)
+        assert q.get(timeout=60) == 2
+        assert q.stats().workers_replaced == 1
+        q.put(big_result, 1 << 20)
+        assert q.get(timeout=60) == big_result(1 << 20)
+    finally:
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        q.terminate()
+
+
+def test_the_main_process_killed_with_large_payloads_in_flight_leaves_nothing():
+    """SIGKILL of the main process while 8 MB results stream: no process of
+    the queue is left, and nothing new in /dev/shm."""
+    shm_before = set(os.listdir("/dev/shm"))
+    tests = os.path.join(ROOT, "tests")
+    code = textwrap.dedent(
+        f"""
+        import sys
+        sys.path.insert(0, {tests!r})
+        from test_payloads import big_result
+        from parallel_queue import ParallelQueue
+        q = ParallelQueue(num_workers=2)
+        for _ in range(50):
+            q.put(big_result, 8 << 20)
+        q.get()
+        print("streaming", flush=True)
+        while True:
+            q.get()
+            q.put(big_result, 8 << 20)
+        """
+    )
+    child = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    try:
+        assert child.stdout.readline() == "streaming\n"
+        queue_processes = live_processes(parent=child.pid)
+        assert len(queue_processes) == 3  # two workers and the consumer
+        child.kill()
+        child.wait()
+        wait_until(lambda: not any(os.path.exists(f"/proc/{pid}") and _alive(pid) for pid in queue_processes))
+    finally:
+        child.kill()
+        child.wait()
+        child.stdout.close()
+    assert set(os.listdir("/dev/shm")) - shm_before == set()
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_large_payloads_need_no_numpy():
+    """numpy stays optional: large bytes and bytearray results go out of band
+    in an interpreter where numpy cannot be imported, and nothing imports it."""
+    r = run_python(
+        textwrap.dedent(
+            """
+        import sys
+        sys.modules["numpy"] = None  # any import of it fails
+        from parallel_queue import ParallelQueue
+
+        def make(n):
+            return bytes([n % 256]) * n, bytearray(n)
+
+        if __name__ == "__main__":
+            with ParallelQueue(num_workers=2) as q:
+                got = list(q.imap(make, [1 << 16, 1 << 20, 5]))
+            assert [(len(a), type(b).__name__, len(b)) for a, b in got] == [
+                (1 << 16, "bytearray", 1 << 16), (1 << 20, "bytearray", 1 << 20), (5, "bytearray", 5)
+            ], got
+            print("ok")
+        """
+        )
+    )
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == "ok\n"
+
+
+def test_a_large_frame_is_read_straight_into_its_body():
+    """FrameReader: a frame of BIG_FRAME or more that a read did not bring
+    whole is completed by reads into its own bytearray; the frames after it
+    come as usual; a writer dying half-way leaves a partial frame that
+    discard_partial() drops."""
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+    try:
+        reader = _wire.FrameReader(_wire.Fd(r), _wire.scratch_buffer(1 << 12))
+        big = bytes(range(256)) * (_wire.BIG_FRAME // 256 + 3)
+        bodies = []
+        for body in (b"small", big, b"after"):
+            data = b"".join(bytes(x) for x in _wire.frame((body,)))
+            for k in range(0, len(data), 3000):
+                os.write(w, data[k : k + 3000])
+                bodies += reader.read_ready()
+        assert bodies == [b"small", big, b"after"]
+        assert type(bodies[1]) is bytearray
+        # A writer that dies half-way through a large frame.
+        data = b"".join(bytes(x) for x in _wire.frame((big,)))
+        for k in range(0, len(data) // 2, 3000):
+            os.write(w, data[k : k + 3000])
+            assert reader.read_ready() == []
+        os.close(w)
+        w = -1
+        while not reader.eof:
+            assert reader.read_ready() == []
+        reader.discard_partial()
+        assert reader._big is None and not reader._buf
+    finally:
+        os.close(r)
+        if w >= 0:
+            os.close(w)
