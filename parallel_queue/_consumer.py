@@ -74,7 +74,11 @@ class _Consumer:
         # keeps the write end, for the slot's next worker).
         for fd in (*spec.results_in, spec.ctrl_in):
             _wire.set_nonblocking(fd)
-        self.readers = [_wire.FrameReader(fd, scratch) for fd in spec.results_in]
+        # Large bodies, read from the workers' pipes, go back to the pool
+        # once written out to the main process (see BodyPool).
+        self.pool = _wire.BodyPool()
+        self.readers = [_wire.FrameReader(fd, scratch, self.pool) for fd in spec.results_in]
+        self.sent: Optional[bytes] = None  # the body being written out, if any
         self.ctrl = _wire.FrameReader(spec.ctrl_in, scratch)
         _wire.set_nonblocking(spec.output_out)
         _wire.set_nonblocking(spec.credits_out)
@@ -163,9 +167,15 @@ class _Consumer:
         moved = False
         # One packet at a time, and only when the output pipe took the last
         # one: the window only advances as fast as get() reads.
-        while buffer.next_is_ready() and not self.output.pending_bytes:
+        while not self.output.pending_bytes:
+            if self.sent is not None:  # written out whole: its memory serves the next frame
+                self.pool.give(self.sent)
+                self.sent = None
+            if not buffer.next_is_ready():
+                break
             packet = buffer.pop_next()
             self.count_buffer()  # before it can reach get(): stats() then never counts it twice
+            self.sent = packet
             self.output.send(packet)
             self.delivered += 1
             moved = True

@@ -170,6 +170,7 @@ class Dispatcher:
                 if not waiting:
                     return
                 first_task = self.intake.dispatched
+                scheduler.work_on(self.intake.lease)
                 n = scheduler.batch_size(slot, waiting, self.intake.fixed_batch(), free_credits(self.slots))
                 batch = self.intake.take_tasks(n)
             rec = PacketRecord(self.next_id, first_task, batch)

@@ -83,6 +83,9 @@ class LocalSource:
             self.on_taken()
         return out
 
+    def give_back(self, body: Any) -> None:
+        """(packets here are not read into buffers: nothing to take back)"""
+
 
 class _Packet(TaskBatch):
     __slots__ = ("seq", "first", "careful")

@@ -87,6 +87,7 @@ class Receiver:
         if bodies and bodies[0] is body:
             self.decoded = decoded  # (before the pop: a run cut short between them runs again)
             bodies.popleft()
+            self.reader.give_back(body)  # (kept for the next frame only if nothing uses it)
 
     def decode(self, body: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
         """(packets in order) A packet's ``(values, errors)``, and its number

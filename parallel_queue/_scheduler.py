@@ -36,7 +36,7 @@ TARGET_PACKET_BYTES = 1 << 20
 class Scheduler:
     """Picks slots and sizes packets from what it has measured."""
 
-    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes", "result_bytes")
+    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes", "result_bytes", "workload")
 
     def __init__(self, max_batch: Optional[int], max_tasks_per_worker: int) -> None:
         self.max_batch = max_batch
@@ -44,6 +44,17 @@ class Scheduler:
         self.item_seconds = 0.0  # running mean of a task's run time; 0 until measured
         self.item_bytes = 0.0  # running mean of a task's pickled size
         self.result_bytes = 0.0  # running mean of a result's pickled size
+        self.workload: object = None  # what the means were measured on (see work_on)
+
+    def work_on(self, workload: object) -> None:
+        """The tasks to size from now on are ``workload``'s (a map's lease, or
+        None for tasks put one by one): if that changed, the means measured
+        on the last one no longer hold.  (A queue warmed up on tiny tasks
+        once sent a map's 200 tasks of 8 MB results in one packet: 1.6 GB,
+        to one worker, before any of them was measured.)"""
+        if workload is not self.workload:
+            self.workload = workload
+            self.item_seconds = self.item_bytes = self.result_bytes = 0.0
 
     def pick_slot(self, slots: Iterable[Slot]) -> Optional[Slot]:
         """The slot that may take a packet now with the fewest packets held."""

@@ -217,6 +217,64 @@ def scratch_buffer(size: int = READ_CHUNK) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
+class BodyPool:
+    """Large frame bodies given back once their reader is done with them, for
+    the next large frames to be read into.
+
+    A fresh bytearray of a few megabytes is zero-filled in fresh pages: a
+    page fault per 4 KiB, half of the consumer's time on large results (the
+    memory that malloc hands back to the kernel as the body is freed comes
+    back as fresh pages next time).  A body is taken back only if nothing
+    still uses its memory: a numpy array rebuilt on it (zero-copy) exports
+    its buffer, and a bytearray with exports refuses to change size, which
+    is what ``give`` tries.  At most ``MAX_POOLED`` bodies, ``MAX_POOLED_BYTES``
+    in all, are kept.
+    """
+
+    __slots__ = ("free", "held")
+
+    def __init__(self) -> None:
+        self.free: list[bytearray] = []
+        self.held = 0  # bytes in ``free``
+
+    def take(self, size: int) -> bytearray:
+        """A bytearray of ``size`` bytes, its contents undefined."""
+        free = self.free
+        for i in range(len(free) - 1, -1, -1):
+            body = free[i]
+            alloc = body.__alloc__()
+            # Resized within its allocation (CPython resizes a bytearray in
+            # place from half its allocation up): no copy, no fresh page.
+            if alloc // 2 <= size < alloc:
+                del free[i]
+                self.held -= len(body)
+                if len(body) > size:
+                    del body[size:]
+                elif len(body) < size:
+                    body.extend(bytes(size - len(body)))
+                return body
+        return bytearray(size)
+
+    def give(self, body: Any) -> None:
+        """``body`` is no longer needed by its reader: keep it if nothing else
+        uses its memory."""
+        if type(body) is not bytearray or len(body) < BIG_FRAME:
+            return
+        if len(self.free) >= MAX_POOLED or self.held + len(body) > MAX_POOLED_BYTES:
+            return
+        try:
+            del body[-1:]  # refused while anything exports its buffer
+        except BufferError:
+            return
+        body.append(0)  # (both in place: see take)
+        self.free.append(body)
+        self.held += len(body)
+
+
+MAX_POOLED = 4
+MAX_POOLED_BYTES = 64 << 20
+
+
 class FrameReader:
     """Collects bytes from a pipe and yields whole frame bodies.
 
@@ -231,16 +289,18 @@ class FrameReader:
     once, at its final size, and the rest of it is read straight into it.
     Gathering cost two more copies of every byte (into the partial buffer,
     then out into the body), which is what large results paid here twice,
-    in the consumer and in the main process.  Such a body is a bytearray.
+    in the consumer and in the main process.  Such a body is a bytearray,
+    from ``pool`` (see BodyPool), which ``give_back`` refills.
     """
 
-    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos")
+    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos", "pool")
 
-    def __init__(self, fd: Fd, scratch: memoryview | None = None) -> None:
+    def __init__(self, fd: Fd, scratch: memoryview | None = None, pool: BodyPool | None = None) -> None:
         self.fd = fd
         self._buf = bytearray()  # the start of a frame not yet whole
         self.eof = False
         self._scratch = scratch if scratch is not None else scratch_buffer()
+        self.pool = pool if pool is not None else BodyPool()
         self._big: bytearray | None = None  # a large frame's body, being read into
         self._big_pos = 0  # how much of it has come
 
@@ -269,15 +329,19 @@ class FrameReader:
                 if size >= BIG_FRAME:
                     # The rest of the data is this frame's start: the body
                     # takes it, and the next reads go straight into it.
-                    big = bytearray(size)
+                    big = self.pool.take(size)
                     have = end - pos - 8
                     big[:have] = data[pos + 8 : end]
                     self._big, self._big_pos = big, have
                     pos = end
                 break
             chunk = data[pos + 8 : pos + 8 + size]
-            # (A large body is a bytearray, however it came: its buffers load writable.)
-            bodies.append(bytearray(chunk) if size >= BIG_FRAME else bytes(chunk))  # type: ignore[arg-type]
+            if size >= BIG_FRAME:  # a bytearray, however it came: its buffers load writable
+                body = self.pool.take(size)
+                body[:] = chunk
+                bodies.append(body)  # type: ignore[arg-type]
+            else:
+                bodies.append(bytes(chunk))
             pos += 8 + size
         if buf:
             data.release()  # a bytearray with a view on it cannot shrink
@@ -303,6 +367,10 @@ class FrameReader:
             return []
         self._big = None
         return [big]  # type: ignore[list-item]  # (a bytearray: bodies are only read)
+
+    def give_back(self, body: Any) -> None:
+        """A body this reader gave is no longer needed (see BodyPool)."""
+        self.pool.give(body)
 
     def drain(self) -> list[bytes]:
         """Everything whole that is in the pipe now (the writer is known dead)."""

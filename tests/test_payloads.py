@@ -275,3 +275,36 @@ def test_a_large_frame_is_read_straight_into_its_body():
         os.close(r)
         if w >= 0:
             os.close(w)
+
+
+def test_a_body_goes_back_to_the_pool_only_when_nothing_uses_its_memory():
+    pool = _wire.BodyPool()
+    body = pool.take(_wire.BIG_FRAME * 2)
+    view = memoryview(body)[10:20]  # as a zero-copy array's buffer would
+    pool.give(body)
+    assert pool.free == []
+    view.release()
+    pool.give(body)
+    assert pool.free == [body] and len(body) == _wire.BIG_FRAME * 2
+    # Taken again for a frame a little smaller, or a little larger: the same
+    # memory, resized in place.
+    smaller = pool.take(_wire.BIG_FRAME * 2 - 100)
+    assert smaller is body and len(body) == _wire.BIG_FRAME * 2 - 100
+    pool.give(body)
+    assert pool.take(_wire.BIG_FRAME * 2) is body
+    pool.give(body)
+    # Not for a frame of another size altogether, and small bodies are not kept.
+    assert pool.take(_wire.BIG_FRAME * 5) is not body
+    pool.give(bytearray(100))
+    assert pool.free == [body]
+
+
+def test_what_the_pool_keeps_is_bounded():
+    pool = _wire.BodyPool()
+    bodies = [bytearray(_wire.BIG_FRAME) for _ in range(_wire.MAX_POOLED + 2)]
+    for b in bodies:
+        pool.give(b)
+    assert len(pool.free) == _wire.MAX_POOLED
+    pool = _wire.BodyPool()
+    pool.give(bytearray(_wire.MAX_POOLED_BYTES + 1))
+    assert pool.free == []
