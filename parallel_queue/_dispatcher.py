@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING, Optional, Protocol
 from . import _wire
 from ._errors import QueueBrokenError
 from ._packet_id import modulus
-from ._payload import dumps_individually, dumps_tasks
+from ._payload import OOB_MIN, dumps_individually, dumps_tasks_oob
 from ._scheduler import Scheduler, free_credits
 from ._slots import Child, PacketRecord, Slot, SlotState
 from ._supervisor import Supervisor, init_failure
@@ -190,15 +190,20 @@ class Dispatcher:
 
     def send(self, slot: Slot, rec: PacketRecord) -> None:
         """Write ``rec`` to the slot's task pipe (again, after a rejection)."""
+        buffers: list[memoryview] = []
         if rec.careful:
             payload = dumps_individually(rec.payload_items())
         else:
-            payload, rec.careful = dumps_tasks(rec.payload_items())
-        self.scheduler.measured_size(len(rec.items), len(payload))
+            # Large bytes arguments are looked for unless tasks are measured small.
+            item_bytes = self.scheduler.item_bytes
+            large = item_bytes == 0 or item_bytes >= OOB_MIN // 4
+            payload, buffers, rec.careful = dumps_tasks_oob(rec.payload_items(), large)
+        self.scheduler.measured_size(len(rec.items), len(payload) + sum(b.nbytes for b in buffers))
         writer = slot.writer
         assert writer is not None
         try:
-            writer.send(_wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form), payload)
+            header = _wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form, buffers)
+            writer.send(header, payload, *buffers)
         except BrokenPipeError:
             writer.clear()  # the worker is gone; its exit fd tells us next
         self.watch_writable(slot)

@@ -227,6 +227,42 @@ def dumps_tasks(items: list[Any]) -> tuple[bytes, bool]:
         return dumps_individually(items), True
 
 
+def dumps_tasks_oob(items: list[Any], large: bool) -> tuple[bytes, list[memoryview], bool]:
+    """As dumps_tasks, with every buffer of ``OOB_MIN`` bytes or more out of
+    band (see dumps_results_oob): ``(pickle, buffers, careful)``.  ``large``:
+    the tasks may carry large ``bytes`` (looked for in the arguments, which
+    tiny tasks are spared)."""
+    out = _OutOfBand()
+    if large:
+        items = [_big_bytes_in_task(item) for item in items]
+    try:
+        return bytes(cloudpickle.dumps(items, PROTOCOL, buffer_callback=out)), out.buffers, False
+    except BaseException:  # noqa: BLE001 - user pickling code may raise SystemExit too
+        return dumps_individually(items), [], True
+
+
+def _big_bytes_in_task(item: Any) -> Any:
+    """A task item with its large ``bytes`` arguments wrapped to travel out of
+    band (transparently: they load as they were).  An item is an argument,
+    a tuple of them, or ``(fn, args, kwargs)``."""
+    if _is_big_bytes(item):
+        return _BigBytes(item)
+    if type(item) is not tuple:
+        return item
+    if len(item) == 3 and type(item[1]) is tuple and type(item[2]) is dict:
+        fn, args, kwargs = item
+        if any(_is_big_bytes(v) for v in kwargs.values()):
+            kwargs = {k: _BigBytes(v) if _is_big_bytes(v) else v for k, v in kwargs.items()}
+        return fn, _wrapped(args), kwargs
+    return _wrapped(item)
+
+
+def _wrapped(args: tuple[Any, ...]) -> tuple[Any, ...]:
+    if not any(_is_big_bytes(a) for a in args):
+        return args
+    return tuple(_BigBytes(a) if _is_big_bytes(a) else a for a in args)
+
+
 def dumps_individually(items: list[Any]) -> bytes:
     """A careful packet's payload: one pickle per item, in a plain list."""
     parts: list[Any] = []
@@ -241,11 +277,12 @@ def dumps_individually(items: list[Any]) -> bytes:
     return pickle.dumps(parts, PROTOCOL)
 
 
-def loads_tasks(payload: bytes | memoryview, careful: bool) -> list[Any]:
-    """Unpickle a batch in the worker.  Raises if a whole batch cannot be
-    loaded; a careful one fails item by item instead."""
+def loads_tasks(payload: bytes | memoryview, careful: bool, buffers: Optional[list[memoryview]] = None) -> list[Any]:
+    """Unpickle a batch in the worker (``buffers``: its out-of-band buffers).
+    Raises if a whole batch cannot be loaded; a careful one fails item by
+    item instead."""
     if not careful:
-        return pickle.loads(payload)  # type: ignore[no-any-return]
+        return pickle.loads(payload, buffers=buffers)  # type: ignore[no-any-return]
     return [load_one_task(part) for part in loads_tasks_envelope(payload)]
 
 

@@ -496,7 +496,8 @@ class TaskPacket(NamedTuple):
     takes each step one task at a time, so a failure, or a death, is pinned
     on one task (see _worker.run_careful).  ``form`` says what an item is
     (_tasks.CALL, ARGS, STAR, ONE); a map's packet on a queue that runs any
-    task (ParallelQueue.imap) carries its function first.
+    task (ParallelQueue.imap) carries its function first.  ``buffers``: the
+    out-of-band buffers of the pickle (None if it has none).
     """
 
     packet_id: int
@@ -504,18 +505,45 @@ class TaskPacket(NamedTuple):
     careful: bool
     form: int
     payload: bytes | memoryview
+    buffers: list[memoryview] | None = None
 
 
-_TASKS = struct.Struct("<BqIBB")
+_TASKS = struct.Struct("<BqIBBI")
+_BUFFER_LEN = struct.Struct("<Q")  # an out-of-band buffer's length, in a frame's header
 
 
-def encode_tasks(packet_id: int, count: int, careful: bool, form: int) -> bytes:
-    return _TASKS.pack(Kind.TASKS, packet_id, count, careful, form)
+def encode_tasks(packet_id: int, count: int, careful: bool, form: int, buffers: Sequence[Any] = ()) -> bytes:
+    """A task frame's header: the fixed part, then each out-of-band buffer's
+    length (the pickle and the buffers follow, as in a result frame)."""
+    head = _TASKS.pack(Kind.TASKS, packet_id, count, careful, form, len(buffers))
+    if not buffers:
+        return head
+    return head + b"".join(_BUFFER_LEN.pack(memoryview(b).nbytes) for b in buffers)
 
 
 def decode_tasks(body: bytearray) -> TaskPacket:
-    _, pid, count, ind, form = _TASKS.unpack_from(body)
-    return TaskPacket(pid, count, bool(ind), form, memoryview(body)[_TASKS.size :])
+    _, pid, count, ind, form, n_buffers = _TASKS.unpack_from(body)
+    payload, buffers = _split_buffers(body, _TASKS.size, n_buffers)
+    return TaskPacket(pid, count, bool(ind), form, payload, buffers)
+
+
+def _split_buffers(body: bytes | bytearray, start: int, n: int) -> tuple[memoryview, list[memoryview] | None]:
+    """A frame's pickle, from ``start`` on, and its ``n`` out-of-band buffers
+    (None if it has none), whose lengths come first: views of ``body``, which
+    a numpy array loaded from them keeps alive (zero-copy; writable if
+    ``body`` is a bytearray, as a frame this large is: see FrameReader)."""
+    view = memoryview(body)
+    if not n:
+        return view[start:], None
+    lengths = struct.unpack_from(f"<{n}Q", view, start)
+    start += 8 * n
+    end = len(view) - sum(lengths)
+    buffers = []
+    pos = end
+    for length in lengths:
+        buffers.append(view[pos : pos + length])
+        pos += length
+    return view[start:end], buffers
 
 
 class ResultHeader(NamedTuple):
@@ -535,7 +563,6 @@ class ResultHeader(NamedTuple):
 
 
 RESULT = struct.Struct("<BqIQBI")
-_BUFFER_LEN = struct.Struct("<Q")
 
 
 def encode_result(
@@ -555,23 +582,8 @@ def decode_result(body: bytes | bytearray) -> ResultHeader:
 
 
 def split_result(body: bytes | bytearray, header: ResultHeader) -> tuple[memoryview, list[memoryview] | None]:
-    """A result frame's pickle, and its out-of-band buffers (None if it has
-    none): views of ``body``, which a numpy array loaded from them keeps
-    alive (zero-copy; writable if ``body`` is a bytearray, as a frame this
-    large is: see FrameReader)."""
-    view = memoryview(body)
-    n = header.n_buffers
-    if not n:
-        return view[RESULT.size :], None
-    lengths = struct.unpack_from(f"<{n}Q", view, RESULT.size)
-    start = RESULT.size + 8 * n
-    end = len(view) - sum(lengths)
-    buffers = []
-    pos = end
-    for length in lengths:
-        buffers.append(view[pos : pos + length])
-        pos += length
-    return view[start:end], buffers
+    """A result frame's pickle, and its out-of-band buffers (see _split_buffers)."""
+    return _split_buffers(body, RESULT.size, header.n_buffers)
 
 
 _ID = struct.Struct("<Bq")  # WAIT, REJECT, LAST: a kind and a packet id

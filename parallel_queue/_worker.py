@@ -226,7 +226,7 @@ class _Worker:
         prog[p0 + P_PACKET] = pkt.packet_id
         self.step(STAGE_LOADING, -1)
         try:
-            items = loads_tasks(pkt.payload, False)
+            items = loads_tasks(pkt.payload, False, pkt.buffers)
         except BaseException:  # noqa: BLE001 - a loader's SystemExit too: user code
             self.run_careful(self.fetch_careful(pkt.packet_id))
             return

@@ -308,3 +308,69 @@ def test_what_the_pool_keeps_is_bounded():
     pool = _wire.BodyPool()
     pool.give(bytearray(_wire.MAX_POOLED_BYTES + 1))
     assert pool.free == []
+
+
+def describe(arg):
+    """What a task saw of its argument, and whether its memory is the frame
+    it came in (zero-copy) rather than a copy of its own."""
+    if isinstance(arg, numpy.ndarray):
+        held = _memory_of(arg)
+        in_frame = type(held) is bytearray and len(held) > arg.nbytes
+        arg[0] = -1.0  # writable, as Pool gives it
+        return "ndarray", arg.nbytes, float(arg[1:].sum()), in_frame
+    if isinstance(arg, tuple):
+        return tuple(describe(a) for a in arg)
+    return type(arg).__name__, len(arg), sum(arg[:3])
+
+
+def with_keyword(x, data=None):
+    return describe(data)
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_large_arguments_arrive_whole_and_of_their_type(size):
+    """Arguments go out of band too, from the threshold on: numpy arrays are
+    rebuilt in the worker on the frame they came in; bytes, bytearray and
+    keyword arguments arrive as they were."""
+    args = [
+        numpy.full(size // 8, 2.0),
+        bytes([3]) * size,
+        bytearray([4]) * size,
+        (bytes([5]) * size, numpy.full(size // 8, 1.0)),
+    ]
+    with ParallelQueue(num_workers=2) as q:
+        got = list(q.imap(describe, args))
+        q.put(with_keyword, 0, data=bytes([6]) * size)
+        keyword = q.get(timeout=60)
+    n = size // 8
+    large = n * 8 >= OOB_MIN
+    assert got[0] == ("ndarray", n * 8, 2.0 * (n - 1), large)
+    assert got[1] == ("bytes", size, 9)
+    assert got[2] == ("bytearray", size, 12)
+    assert got[3] == (("bytes", size, 15), ("ndarray", n * 8, 1.0 * (n - 1), large))
+    assert keyword == ("bytes", size, 18)
+    assert args[0][0] == 2.0  # the caller's array is its own
+
+
+class FailsToLoadInWorkers:
+    def __reduce__(self):
+        return _refuse_in_worker, ()
+
+
+def _refuse_in_worker():
+    if os.getpid() != MAIN_PID:
+        raise ValueError("this argument does not load in a worker")
+
+
+def test_an_argument_that_will_not_load_fails_alone_beside_large_ones():
+    """The batch will not load whole in the worker: it is sent again, one
+    pickle per task, and only the bad argument's task fails."""
+    args = [numpy.full(OOB_MIN // 8 * 2, 1.0), FailsToLoadInWorkers(), bytes(OOB_MIN * 2)]
+    with ParallelQueue(num_workers=2) as q:
+        it = q.imap(describe, args, chunksize=3)
+        first = next(it)
+        with pytest.raises(pickle.UnpicklingError):
+            next(it)
+        last = next(it)
+    assert first[:3] == ("ndarray", OOB_MIN * 2, OOB_MIN // 8 * 2 - 1.0)
+    assert last == ("bytes", OOB_MIN * 2, 0)
