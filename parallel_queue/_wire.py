@@ -335,13 +335,13 @@ class FrameReader:
                     self._big, self._big_pos = big, have
                     pos = end
                 break
-            chunk = data[pos + 8 : pos + 8 + size]
-            if size >= BIG_FRAME:  # a bytearray, however it came: its buffers load writable
-                body = self.pool.take(size)
-                body[:] = chunk
-                bodies.append(body)  # type: ignore[arg-type]
-            else:
-                bodies.append(bytes(chunk))
+            with data[pos + 8 : pos + 8 + size] as chunk:  # (released: ``buf`` is trimmed below)
+                if size >= BIG_FRAME:  # a bytearray, however it came: its buffers load writable
+                    body = self.pool.take(size)
+                    body[:] = chunk
+                    bodies.append(body)  # type: ignore[arg-type]
+                else:
+                    bodies.append(bytes(chunk))
             pos += 8 + size
         if buf:
             data.release()  # a bytearray with a view on it cannot shrink

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pickle
 import signal
@@ -374,3 +375,27 @@ def test_an_argument_that_will_not_load_fails_alone_beside_large_ones():
         last = next(it)
     assert first[:3] == ("ndarray", OOB_MIN * 2, OOB_MIN // 8 * 2 - 1.0)
     assert last == ("bytes", OOB_MIN * 2, 0)
+
+
+@pytest.mark.parametrize("size", [100, _wire.BIG_FRAME + 100])
+def test_a_frame_split_across_reads_is_joined(size):
+    """Regression: a frame whose start a read left in the partial buffer, and
+    the next read completed, was cut out of that buffer through a view that
+    was still alive when the buffer was trimmed: BufferError, and the
+    consumer process died (the payload benchmark's 1 KB cells)."""
+    r, w = os.pipe()
+    fcntl.fcntl(w, 1031, 1 << 20)  # F_SETPIPE_SZ: room for every frame at once
+    os.set_blocking(r, False)
+    try:
+        reader = _wire.FrameReader(_wire.Fd(r), _wire.scratch_buffer(1 << 20))
+        bodies = [bytes([k]) * size for k in range(1, 4)]
+        data = b"".join(b"".join(bytes(x) for x in _wire.frame((body,))) for body in bodies)
+        got = []
+        cuts = [0, 5, len(data) // 2, len(data) - 3, len(data)]
+        for start, end in zip(cuts, cuts[1:]):
+            os.write(w, data[start:end])  # (the pipe holds it all, and one read takes it)
+            got += reader.read_ready()
+        assert [bytes(b) for b in got] == bodies
+    finally:
+        os.close(r)
+        os.close(w)
