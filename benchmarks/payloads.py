@@ -163,3 +163,44 @@ def table(result: Result) -> str:
             + f"   {mine / cell['pool_best']:5.2f}x"
         )
     return "\n".join(lines)
+
+
+def chart(result: Result, path: str) -> bool:
+    """The sweep as a PNG: MB/s of each peer, per cell, one panel per
+    direction, with the machine's memcpy and pipe figures in the title.
+    False if matplotlib is not installed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    directions = ["results", "arguments"]
+    fig, axes = plt.subplots(1, len(directions), figsize=(13, 7.5), sharex=True)
+    for ax, direction in zip(axes, directions):
+        cells = [c for c in result["cells"] if c["direction"] == direction]
+        names = list(cells[0]["peers"]) if cells else []
+        height = 0.8 / max(1, len(names))
+        for k, name in enumerate(names):
+            ys = [i + k * height for i in range(len(cells))]
+            ours = name.startswith(("parallel_queue", "ParallelQueue"))
+            color = ("tab:green", "tab:olive")[k % 2] if ours else plt.cm.Greys(0.35 + 0.5 * k / len(names))
+            ax.barh(ys, [c["peers"].get(name, 0) for c in cells], height=height, color=color, label=name)
+        ax.set_yticks([i + 0.4 - height / 2 for i in range(len(cells))])
+        ax.set_yticklabels([f"{c['kind']} {c['size']}" for c in cells], fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xscale("log")
+        ax.set_xlabel("MB/s (median, log scale)")
+        ax.set_title(f"{direction}", fontsize=10)
+    axes[0].legend(fontsize=7, loc="lower right")
+    m = result["machine"]
+    fig.suptitle(
+        f"Payload sweep, 2 workers: MB/s moved (this machine: memcpy {m['memcpy']:,.0f} MB/s,"
+        f" one pipe {m['pipe']:,.0f} MB/s)",
+        fontsize=10,
+    )
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True

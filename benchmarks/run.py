@@ -488,6 +488,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     if chart(results, os.path.join(args.out, "latest.png")):
         print(f"chart: {os.path.join(args.out, 'latest.png')}")
+    if "payloads" in results and payloads.chart(results["payloads"], os.path.join(args.out, "payloads.png")):
+        print(f"chart: {os.path.join(args.out, 'payloads.png')}")
     return 0
 
 

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import time
 
 import numpy
 import pytest
@@ -399,3 +400,38 @@ def test_a_frame_split_across_reads_is_joined(size):
     finally:
         os.close(r)
         os.close(w)
+
+
+def echo_size(arg):
+    """A large argument's size and first value, and a large result."""
+    return numpy.full(arg.size, arg[0] + 1.0)
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
+def test_large_payloads_under_every_start_method(method):
+    args = [numpy.full((k + 1) * OOB_MIN // 8, float(k)) for k in range(6)]
+    with ParallelQueue(num_workers=2, mp_context=method) as q:
+        got = list(q.imap(echo_size, args))
+    for k, value in enumerate(got):
+        assert numpy.array_equal(value, numpy.full((k + 1) * OOB_MIN // 8, k + 1.0))
+
+
+def big_then_slow(n):
+    if n < 0:
+        time.sleep(60)  # past the task_timeout below
+    return numpy.full(n, 1.0)
+
+
+def test_large_results_beside_a_timed_out_task_and_worker_recycling():
+    """task_timeout and max_tasks_per_worker with large results: the slow task
+    fails in its slot, every large result beside it arrives whole."""
+    sizes = [OOB_MIN, 4 * OOB_MIN, -1, 2 * OOB_MIN, 16 * OOB_MIN, OOB_MIN + 8]
+    with ParallelQueue(num_workers=2, task_timeout=2, max_tasks_per_worker=2) as q:
+        for n in sizes:
+            q.put(big_then_slow, n)
+        for n in sizes:
+            if n < 0:
+                with pytest.raises(TimeoutError):
+                    q.get(timeout=60)
+            else:
+                assert numpy.array_equal(q.get(timeout=60), numpy.full(n, 1.0))
