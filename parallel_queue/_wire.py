@@ -17,6 +17,7 @@ and a dead writer leaves at most a partial tail that the reader discards.
 from __future__ import annotations
 
 import fcntl
+import itertools
 import mmap
 import os
 import select
@@ -32,6 +33,11 @@ _LEN = struct.Struct("<Q")
 # Reading: how much to ask the kernel for at once.  Larger means fewer system
 # calls for big payloads (a big pipe holds up to 1 MiB, see make_pipe).
 READ_CHUNK = 1 << 18
+# The most buffers one writev() is given: the kernel refuses more than
+# IOV_MAX (1024 on Linux) with EINVAL, and a packet may have more parts than
+# that (a result of a thousand arrays).
+WRITEV_MAX = 64
+
 # A frame this large that a read did not bring whole is read straight into
 # its body (see FrameReader).
 BIG_FRAME = 1 << 16
@@ -414,7 +420,7 @@ class FrameWriter:
         out = self._out
         while out:
             try:
-                n = os.writev(self.fd.fd, list(out)[:64])
+                n = os.writev(self.fd.fd, list(itertools.islice(out, WRITEV_MAX)))
             except (BlockingIOError, InterruptedError):
                 return False
             self.pending_bytes -= n
@@ -442,7 +448,7 @@ def write_frame_blocking(fd: int, *body_parts: bytes | memoryview) -> None:
     """Write one whole frame to a blocking pipe (a worker's result pipe)."""
     bufs = deque(memoryview(p).cast("B") for p in frame(body_parts))
     while bufs:
-        _written(bufs, os.writev(fd, bufs))
+        _written(bufs, os.writev(fd, list(itertools.islice(bufs, WRITEV_MAX))))
 
 
 def read_exact(fd: int, n: int) -> bytearray | None:

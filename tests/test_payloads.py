@@ -435,3 +435,20 @@ def test_large_results_beside_a_timed_out_task_and_worker_recycling():
                     q.get(timeout=60)
             else:
                 assert numpy.array_equal(q.get(timeout=60), numpy.full(n, 1.0))
+
+
+
+def many_arrays(n):
+    return [numpy.full(OOB_MIN // 8, float(k)) for k in range(n)]
+
+
+def test_a_result_of_more_buffers_than_one_write_takes_runs_once():
+    """Regression: a result of 1,100 arrays of 64 KiB was written with one
+    writev() of 1,100 buffers, past the kernel's limit (EINVAL): the worker
+    died, and the task ran again, careful, in a new worker (silently run
+    twice).  Writes now take at most WRITEV_MAX buffers at a time."""
+    with ParallelQueue(num_workers=2) as q:
+        q.put(many_arrays, 1100)
+        got = q.get(timeout=120)
+        assert q.stats().workers_replaced == 0
+    assert len(got) == 1100 and all(float(a[0]) == k for k, a in enumerate(got))
