@@ -348,6 +348,13 @@ class Delivery:
         lease = core.intake.lease
         if lease is not None and lease.end is not None and delivered >= lease.end:
             raise QueueStopped("the map's every result was delivered")
+        if self.receiver.cut:
+            err = QueueBrokenError(
+                "a Ctrl-C landed while results were read from the consumer's pipe, and what was being"
+                " read is lost: the results after it cannot be trusted (end the queue: terminate())"
+            )
+            core.fail_locked(err)
+            raise err
         if self.receiver.eof:
             err = QueueBrokenError("the consumer process died; results still in flight are lost")
             core.fail_locked(err)

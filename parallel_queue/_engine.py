@@ -359,7 +359,15 @@ class ProcessEngine:
                 if remaining is not None and remaining <= 0:
                     return False
                 waitables = [self.done.fileno()]
-                if pipe_open and not receiver.eof:
+                if receiver.cut:
+                    # A Ctrl-C cut a read of the output pipe short: nothing
+                    # can read it any more, and the consumer would wait for
+                    # ever to write the rest (see _wire.FrameReader.read_into).
+                    # Its death ends the rest, as any consumer's death does
+                    # (the dispatcher kills and reaps).
+                    if self.consumer is not None:
+                        self.consumer.kill()
+                elif pipe_open and not receiver.eof:
                     waitables.append(self.output_r.fd)
                 wait(waitables, remaining)
                 delivery.pump()

@@ -58,6 +58,11 @@ class Receiver:
         self.closed = False
 
     @property
+    def cut(self) -> bool:
+        """A Ctrl-C cut a read of the pipe short: what follows cannot be trusted."""
+        return bool(self.reader.cut)
+
+    @property
     def eof(self) -> bool:
         """The writer (the consumer) is gone and everything it wrote was read."""
         return bool(self.reader.eof)
@@ -111,11 +116,11 @@ class Receiver:
         """Read what the output pipe holds now, without waiting; True if a
         packet came (or the end): then whoever sleeps watching the pipe (the
         poller, coroutines) is rung, as it is empty again."""
-        if self.closed or self.reader.eof or not _wire.readable(self.reader.fd.fd, 0):
+        reader = self.reader
+        if self.closed or reader.eof or reader.cut or not _wire.readable(reader.fd.fd, 0):
             return False
-        got = self.reader.read_ready()
-        self.bodies.extend(got)
-        if got or self.reader.eof:
+        got = reader.read_into(self.bodies)
+        if got or reader.eof:
             with self.queue_lock:
                 self.getters.ring()
             return True
@@ -128,7 +133,7 @@ class Receiver:
         with self.lock:
             while self.read_available():
                 pass
-            return not (self.closed or self.reader.eof)
+            return not (self.closed or self.reader.eof or self.reader.cut)
 
     # --------------------------------------------------------------- waiting
 

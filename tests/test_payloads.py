@@ -9,13 +9,14 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy
 import pytest
 from conftest import ROOT, live_processes, run_python, wait_until
 
-from parallel_queue import ParallelQueue, _wire
+from parallel_queue import ParallelQueue, QueueBrokenError, _wire
 from parallel_queue._payload import OOB_MIN, dumps_results_oob, loads_results
 
 MAIN_PID = os.getpid()
@@ -437,7 +438,6 @@ def test_large_results_beside_a_timed_out_task_and_worker_recycling():
                 assert numpy.array_equal(q.get(timeout=60), numpy.full(n, 1.0))
 
 
-
 def many_arrays(n):
     return [numpy.full(OOB_MIN // 8, float(k)) for k in range(n)]
 
@@ -452,3 +452,48 @@ def test_a_result_of_more_buffers_than_one_write_takes_runs_once():
         got = q.get(timeout=120)
         assert q.stats().workers_replaced == 0
     assert len(got) == 1100 and all(float(a[0]) == k for k, a in enumerate(got))
+
+
+def numbered(i):
+    return bytes([i % 251]) * (200_000 + i)
+
+
+def test_a_press_as_a_read_of_results_returns_breaks_the_queue_and_garbles_nothing(monkeypatch):
+    """Regression: a Ctrl-C landing as the main process's read of the
+    consumer's pipe returned lost the bytes it took, and every frame after
+    them was read out of step: a program that caught the KeyboardInterrupt
+    and went on getting had wrong values with no error (large buffers are
+    not checked by any unpickling), then a MemoryError from a garbage length.
+    Now the reader is marked cut: the results read before it still come
+    out, then get() raises QueueBrokenError, and join() ends the processes."""
+    real = _wire.os.readv
+    armed = []
+
+    def readv_then_press(fd, buffers):
+        n = real(fd, buffers)
+        if armed and threading.current_thread() is threading.main_thread() and n > 0:
+            armed.clear()
+            raise KeyboardInterrupt  # as a press landing as readv returns
+        return n
+
+    q = ParallelQueue(num_workers=2)
+    try:
+        for i in range(40):
+            q.put(numbered, i)
+        assert q.get(timeout=60) == numbered(0)
+        monkeypatch.setattr(_wire.os, "readv", readv_then_press)
+        armed.append(1)
+        got = []
+        with pytest.raises(KeyboardInterrupt):
+            while True:
+                got.append(q.get(timeout=60))
+        with pytest.raises(QueueBrokenError, match="Ctrl-C"):
+            while True:
+                got.append(q.get(timeout=60))
+        assert got == [numbered(i) for i in range(1, len(got) + 1)]  # never a wrong one
+        monkeypatch.undo()
+        q.stop()
+        q.join(timeout=60)
+        assert not q.is_alive()
+    finally:
+        q.terminate()
