@@ -530,7 +530,7 @@ class TaskPacket(NamedTuple):
     careful: bool
     form: int
     payload: bytes | memoryview
-    buffers: list[memoryview] | None = None
+    buffers: list[Any] | None = None
 
 
 _TASKS = struct.Struct("<BqIBBI")
@@ -552,21 +552,29 @@ def decode_tasks(body: bytearray) -> TaskPacket:
     return TaskPacket(pid, count, bool(ind), form, payload, buffers)
 
 
-def _split_buffers(body: bytes | bytearray, start: int, n: int) -> tuple[memoryview, list[memoryview] | None]:
+def _split_buffers(body: bytes | bytearray, start: int, n: int) -> tuple[memoryview, list[Any] | None]:
     """A frame's pickle, from ``start`` on, and its ``n`` out-of-band buffers
-    (None if it has none), whose lengths come first: views of ``body``, which
-    a numpy array loaded from them keeps alive (zero-copy; writable if
-    ``body`` is a bytearray, as a frame this large is: see FrameReader)."""
+    (None if it has none), whose lengths come first.  A buffer that is most
+    of the frame is a view of ``body``, which a numpy array loaded from it
+    keeps alive (zero-copy; writable if ``body`` is a bytearray, as a frame
+    this large is: see FrameReader); a smaller one is a copy of its own."""
     view = memoryview(body)
     if not n:
         return view[start:], None
     lengths = struct.unpack_from(f"<{n}Q", view, start)
     start += 8 * n
     end = len(view) - sum(lengths)
-    buffers = []
+    buffers: list[Any] = []
     pos = end
     for length in lengths:
-        buffers.append(view[pos : pos + length])
+        part: Any = view[pos : pos + length]
+        if 2 * length < len(view):
+            # A small part of its frame is copied out: an array kept on it
+            # would keep the whole frame (a 64 KiB array beside an 8 MiB
+            # result held 8 MiB).  Zero-copy is for the buffer that is most
+            # of its frame, so what is kept is at most twice what is used.
+            part = bytearray(part)
+        buffers.append(part)
         pos += length
     return view[start:end], buffers
 
@@ -606,7 +614,7 @@ def decode_result(body: bytes | bytearray) -> ResultHeader:
     return ResultHeader(pid, count, ns, bool(careful), n_buffers)
 
 
-def split_result(body: bytes | bytearray, header: ResultHeader) -> tuple[memoryview, list[memoryview] | None]:
+def split_result(body: bytes | bytearray, header: ResultHeader) -> tuple[memoryview, list[Any] | None]:
     """A result frame's pickle, and its out-of-band buffers (see _split_buffers)."""
     return _split_buffers(body, RESULT.size, header.n_buffers)
 
