@@ -32,11 +32,17 @@ TARGET_PACKET_SECONDS = 0.005
 # (a packet's results travel together, once its last task has run).
 TARGET_PACKET_BYTES = 1 << 20
 
+# How much larger than the largest packet measured so far the next may be
+# (see Scheduler.batch_size).  Larger reaches big packets of tiny tasks in
+# fewer round trips (each a few hundred microseconds, at every map's start);
+# smaller sends fewer tasks on means that may not hold for them.
+GROWTH = 8
+
 
 class Scheduler:
     """Picks slots and sizes packets from what it has measured."""
 
-    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes", "result_bytes", "workload")
+    __slots__ = ("max_batch", "quota", "item_seconds", "item_bytes", "result_bytes", "largest", "workload")
 
     def __init__(self, max_batch: Optional[int], max_tasks_per_worker: int) -> None:
         self.max_batch = max_batch
@@ -44,6 +50,7 @@ class Scheduler:
         self.item_seconds = 0.0  # running mean of a task's run time; 0 until measured
         self.item_bytes = 0.0  # running mean of a task's pickled size
         self.result_bytes = 0.0  # running mean of a result's pickled size
+        self.largest = 0  # the most tasks of a packet measured so far
         self.workload: object = None  # what the means were measured on (see work_on)
 
     def work_on(self, workload: object) -> None:
@@ -55,6 +62,7 @@ class Scheduler:
         if workload is not self.workload:
             self.workload = workload
             self.item_seconds = self.item_bytes = self.result_bytes = 0.0
+            self.largest = 0
 
     def pick_slot(self, slots: Iterable[Slot]) -> Optional[Slot]:
         """The slot that may take a packet now with the fewest packets held."""
@@ -75,6 +83,11 @@ class Scheduler:
             size = max(self.item_bytes, self.result_bytes)
             if size > 0:
                 limit = min(limit, max(1, int(TARGET_PACKET_BYTES / size)))
+            # Packets grow from one task, by at most GROWTH times the largest
+            # one measured: means taken on a few tasks may not hold for many (a
+            # map whose first results were small sent 195 tasks of 8 MB
+            # results in one packet: 1.6 GB, before one was measured).
+            limit = min(limit, max(1, GROWTH * self.largest))
             n = min(limit, waiting)
             if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
                 # Enough work waiting to matter: spread it over the free
@@ -88,6 +101,7 @@ class Scheduler:
 
     def measured_time(self, n_items: int, compute_ns: int) -> None:
         """A worker ran ``n_items`` tasks in ``compute_ns``."""
+        self.largest = max(self.largest, n_items)
         if n_items:
             self.item_seconds = running_mean(self.item_seconds, compute_ns / n_items / 1e9)
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from parallel_queue._intake import TaskBatch
 from parallel_queue._options import CREDITS_PER_WORKER
-from parallel_queue._scheduler import TARGET_PACKET_BYTES, TARGET_PACKET_SECONDS, Scheduler, free_credits
+from parallel_queue._scheduler import GROWTH, TARGET_PACKET_BYTES, TARGET_PACKET_SECONDS, Scheduler, free_credits
 from parallel_queue._sizing import MAX_BATCH
 from parallel_queue._slots import Child, PacketRecord, Slot, SlotState
 from parallel_queue._wire import Fd
@@ -76,8 +76,23 @@ def test_slow_tasks_spread_over_the_free_credits():
     s.measured_time(1, int(TARGET_PACKET_SECONDS * 1e9))  # one task is a packet's worth
     assert s.batch_size(slot, waiting=100, fixed=None, free_credits=4) == 1
     s = Scheduler(None, 0)
-    s.measured_time(1, int(TARGET_PACKET_SECONDS / 50 * 1e9))  # 50 a packet's worth
+    s.measured_time(50, int(TARGET_PACKET_SECONDS * 1e9))  # 50 a packet's worth
     assert s.batch_size(slot, waiting=100, fixed=None, free_credits=4) == 25  # 100 over 4 credits
+
+
+def test_packets_grow_from_one_task_by_steps():
+    """Regression: a map whose first results were small (an int, then 8 MB
+    results every other task) was sized from one measured packet: 195 tasks
+    in the next one (784 MB).  A packet is at most GROWTH times the largest
+    one measured, so a size that tasks hide at first is measured in time."""
+    s = Scheduler(None, 0)
+    slot = running_slots(1)[0]
+    sizes = []
+    for _ in range(6):
+        n = s.batch_size(slot, waiting=5000, fixed=None, free_credits=1)
+        sizes.append(n)
+        s.measured_time(n, n * 1000)  # 1 us a task
+    assert sizes == [1, GROWTH, GROWTH**2, GROWTH**3, MAX_BATCH, MAX_BATCH]
 
 
 def test_large_tasks_are_capped_by_size_and_max_batch():
