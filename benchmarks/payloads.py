@@ -119,7 +119,7 @@ def cell_items(kind: str, size: int, direction: str, total: int) -> tuple[Callab
 def run_payloads(quick: bool, rounds: int, throughput: Callable[..., dict[str, list[float]]]) -> Result:
     """The whole sweep.  ``throughput`` is run.py's side-by-side runner."""
     total = (16 if quick else 64) << 20
-    sizes = ["1KB", "1MB", "8MB"] if quick else list(SIZES)
+    sizes = list(SIZES)
     figures = machine_figures(64 if quick else 256)
     print(f"  payloads     machine: memcpy {figures['memcpy']:,.0f} MB/s, pipe {figures['pipe']:,.0f} MB/s", flush=True)
     out: Result = {"workload": "payloads", "what": "MB/s by kind, size and direction", "unit": "MB/s", "cells": []}

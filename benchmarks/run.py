@@ -380,6 +380,13 @@ def check_targets(results: dict[str, Result]) -> list[tuple[str, float, float, b
             if c is not None:
                 ratio = c["peers"][peers.PQQueueImap.name] / c["pool_best"]
                 checks.append((f"{kind} {size} {direction} >= {need}x Pool.imap at its best chunksize", ratio, need))
+        # And ahead of joblib (which memory-maps large numpy inputs) where installed.
+        for direction in ("results", "arguments"):
+            c = cells.get((direction, "numpy", "8MB"))
+            joblib = [v for k, v in c["peers"].items() if k.startswith("joblib")] if c is not None else []
+            if c is not None and joblib:
+                ratio = c["peers"][peers.PQQueueImap.name] / max(joblib)
+                checks.append((f"numpy 8MB {direction} >= 1.0x joblib", ratio, 1.0))
     out = []
     for name, ratio, need in checks:
         lower_is_better = "<=" in name
