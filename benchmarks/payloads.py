@@ -193,14 +193,15 @@ def chart(result: Result, path: str) -> bool:
         ax.set_xscale("log")
         ax.set_xlabel("MB/s (median, log scale)")
         ax.set_title(f"{direction}", fontsize=10)
-    axes[0].legend(fontsize=7, loc="lower right")
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, fontsize=8, loc="lower center", ncol=4)
     m = result["machine"]
     fig.suptitle(
         f"Payload sweep, 2 workers: MB/s moved (this machine: memcpy {m['memcpy']:,.0f} MB/s,"
         f" one pipe {m['pipe']:,.0f} MB/s)",
         fontsize=10,
     )
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return True
