@@ -170,7 +170,8 @@ class Dispatcher:
                 if not waiting:
                     return
                 first_task = self.intake.dispatched
-                scheduler.work_on(self.intake.lease)
+                lease = self.intake.lease
+                scheduler.work_on(None if lease is None else lease.fn)
                 n = scheduler.batch_size(slot, waiting, self.intake.fixed_batch(), free_credits(self.slots))
                 batch = self.intake.take_tasks(n)
             rec = PacketRecord(self.next_id, first_task, batch)

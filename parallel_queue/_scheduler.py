@@ -54,14 +54,15 @@ class Scheduler:
         self.workload: object = None  # what the means were measured on (see work_on)
 
     def work_on(self, workload: object) -> None:
-        """The tasks to size from now on are ``workload``'s (a map's lease, or
-        None for tasks put one by one): if that changed, the means measured
-        on the last one no longer hold.  (A queue warmed up on tiny tasks
-        once sent a map's 200 tasks of 8 MB results in one packet: 1.6 GB,
-        to one worker, before any of them was measured.)"""
+        """The tasks to size from now on are ``workload``'s (a map's function,
+        or None for tasks put one by one): if that changed, packets grow from
+        one task again (see batch_size), as the sizes measured on the last
+        workload may not hold.  (A queue warmed up on tiny tasks once sent a
+        map's 200 tasks of 8 MB results in one packet: 1.6 GB, to one
+        worker, before any of them was measured.)  Maps of the same function
+        one after the other keep their pace."""
         if workload is not self.workload:
             self.workload = workload
-            self.item_seconds = self.item_bytes = self.result_bytes = 0.0
             self.largest = 0
 
     def pick_slot(self, slots: Iterable[Slot]) -> Optional[Slot]:

@@ -124,19 +124,22 @@ def test_large_results_cap_a_packet_as_large_tasks_do():
 def test_a_new_map_is_sized_afresh():
     """Regression: a queue warmed up on tiny tasks sized a map's first packet
     from their means: 200 tasks of 8 MB results went in one packet (1.6 GB,
-    one worker).  A new workload (a map's lease, or put() after it) starts
-    from one task per packet until measured."""
+    one worker).  A new workload (a map's function, or put() after a map)
+    starts again from one task per packet; a map of the same function after
+    another keeps its pace."""
     slot = running_slots(1)[0]
     s = Scheduler(None, 0)
-    s.measured_time(100, 100)
+    for _ in range(5):
+        s.measured_time(100, 100)
     s.measured_size(100, 1000)
     assert s.batch_size(slot, waiting=200, fixed=None, free_credits=1) == 200
-    lease = object()
-    s.work_on(lease)
+    fn = object()
+    s.work_on(fn)
     assert s.batch_size(slot, waiting=200, fixed=None, free_credits=4) == 1
     s.measured_time(1, 100)
-    s.measured_result_size(1, TARGET_PACKET_BYTES // 2)
-    s.work_on(lease)  # the same map: its means stay
+    s.measured_result_size(1, TARGET_PACKET_BYTES // 2)  # its results are large: two fill a packet
+    assert s.batch_size(slot, waiting=200, fixed=None, free_credits=1) == 2
+    s.work_on(fn)  # the same function again: its measures stay
     assert s.batch_size(slot, waiting=200, fixed=None, free_credits=1) == 2
     s.work_on(None)
     assert s.batch_size(slot, waiting=200, fixed=None, free_credits=4) == 1
