@@ -760,6 +760,9 @@ def test_a_press_in_a_waits_clean_up_shows_one_traceback():
 # the delivery's steps, the steps to a map.  (Not the receiver's own reading of
 # the pipe: a press as a read returns still loses what it read, a window that
 # only holding SIGINT back around every read, some 20 us each, would close.)
+# More places than a round of either test below has (50 to 90 seen).
+PLACES = 150
+
 HAND_OVER_FILES = tuple(os.path.join("parallel_queue", name) for name in ("_delivery.py", "_threads.py", "_maps.py"))
 
 
@@ -771,7 +774,7 @@ def test_a_press_anywhere_in_gets_hand_over_loses_and_repeats_nothing():
     code, one after the other; after each, the program keeps calling get()
     and must have every value once, in order."""
     with ParallelQueue(num_workers=2, max_batch=4) as q:
-        n, base = 0, 0
+        n, base, pressed = 0, 0, 0
         while True:
             n += 1
             expected = list(range(base, base + 8))
@@ -790,9 +793,12 @@ def test_a_press_anywhere_in_gets_hand_over_loses_and_repeats_nothing():
             finally:
                 sys.settrace(None)
             assert got == expected, (n, seen[0])
-            if not interrupted:
+            pressed += interrupted
+            # How many places a round has depends on timing (a packet in
+            # hand already, or one to wait for): go on past the most seen.
+            if not interrupted and n > PLACES:
                 break  # every place has had its press
-        assert n > 20
+        assert pressed > 20
 
 
 def test_a_press_anywhere_in_a_maps_hand_over_loses_and_repeats_nothing():
@@ -828,6 +834,6 @@ def test_a_press_anywhere_in_a_maps_hand_over_loses_and_repeats_nothing():
             else:
                 went_on += interrupted
                 assert got == expected, (n, seen[0])
-            if not interrupted:
+            if not interrupted and n > PLACES:
                 break
         assert closed > 0 and went_on > 0, (closed, went_on)
