@@ -362,7 +362,7 @@ class ProcessEngine:
                 if receiver.cut:
                     # A Ctrl-C cut a read of the output pipe short: nothing
                     # can read it any more, and the consumer would wait for
-                    # ever to write the rest (see _wire.FrameReader.read_into).
+                    # ever to write the rest (see Receiver.read_available).
                     # Its death ends the rest, as any consumer's death does
                     # (the dispatcher kills and reaps).
                     if self.consumer is not None:

@@ -63,7 +63,6 @@ class LocalSource:
         os.set_blocking(self.fd_w.fd, False)
         self.packets: deque[Outcome] = deque()
         self.eof = False
-        self.cut = False  # a read was cut short by Ctrl-C (see read_into)
         self.taken = 0
         self.on_taken = on_taken
 
@@ -83,16 +82,6 @@ class LocalSource:
             self.taken += len(out)
             self.on_taken()
         return out
-
-    def read_into(self, dest: deque[Any]) -> int:
-        """``read_ready()``, into ``dest`` (see _wire.FrameReader.read_into)."""
-        try:
-            got = self.read_ready()
-            dest.extend(got)
-        except KeyboardInterrupt:
-            self.cut = True
-            raise
-        return len(got)
 
     def give_back(self, body: Any) -> None:
         """(packets here are not read into buffers: nothing to take back)"""

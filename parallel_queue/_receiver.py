@@ -56,11 +56,7 @@ class Receiver:
         self.bell = Bell()  # the poller's (one poller at a time)
         self.watchers = 0  # threads and coroutines watching the output pipe now
         self.closed = False
-
-    @property
-    def cut(self) -> bool:
-        """A Ctrl-C cut a read of the pipe short: what follows cannot be trusted."""
-        return bool(self.reader.cut)
+        self.cut = False  # a Ctrl-C cut a read short: what follows cannot be trusted (read_available)
 
     @property
     def eof(self) -> bool:
@@ -117,9 +113,21 @@ class Receiver:
         packet came (or the end): then whoever sleeps watching the pipe (the
         poller, coroutines) is rung, as it is empty again."""
         reader = self.reader
-        if self.closed or reader.eof or reader.cut or not _wire.readable(reader.fd.fd, 0):
+        if self.closed or reader.eof or self.cut or not _wire.readable(reader.fd.fd, 0):
             return False
-        got = reader.read_into(self.bodies)
+        # A Ctrl-C landing after the read took bytes from the pipe and before
+        # they are accounted for (as ``readv`` returns, say) loses them, and
+        # every frame after them would be read out of step: results silently
+        # wrong, or a length that is garbage.  So a KeyboardInterrupt out of
+        # this step marks the pipe cut, and nothing more is read from it
+        # (get() raises once what was read before is handed out: see
+        # Delivery.raise_if_finished).
+        try:
+            got = reader.read_ready()
+            self.bodies.extend(got)
+        except KeyboardInterrupt:
+            self.cut = True
+            raise
         if got or reader.eof:
             with self.queue_lock:
                 self.getters.ring()
@@ -133,7 +141,7 @@ class Receiver:
         with self.lock:
             while self.read_available():
                 pass
-            return not (self.closed or self.reader.eof or self.reader.cut)
+            return not (self.closed or self.reader.eof or self.cut)
 
     # --------------------------------------------------------------- waiting
 

@@ -299,7 +299,7 @@ class FrameReader:
     from ``pool`` (see BodyPool), which ``give_back`` refills.
     """
 
-    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos", "pool", "cut")
+    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos", "pool")
 
     def __init__(self, fd: Fd, scratch: memoryview | None = None, pool: BodyPool | None = None) -> None:
         self.fd = fd
@@ -307,7 +307,6 @@ class FrameReader:
         self.eof = False
         self._scratch = scratch if scratch is not None else scratch_buffer()
         self.pool = pool if pool is not None else BodyPool()
-        self.cut = False  # a read was cut short by Ctrl-C (see read_into)
         self._big: bytearray | None = None  # a large frame's body, being read into
         self._big_pos = 0  # how much of it has come
 
@@ -374,24 +373,6 @@ class FrameReader:
             return []
         self._big = None
         return [big]  # type: ignore[list-item]  # (a bytearray: bodies are only read)
-
-    def read_into(self, dest: deque[Any]) -> int:
-        """``read_ready()``, the bodies appended to ``dest``; how many came.
-
-        For the main thread, where Ctrl-C raises: a press landing after a
-        read took bytes from the pipe and before they were accounted for
-        (as ``readv`` returns, say) loses them, and every frame after them
-        would be read out of step: results silently wrong, or a length that
-        is garbage.  So a KeyboardInterrupt out of here marks the reader
-        ``cut``, and its owner reads no more (see Delivery.raise_if_finished).
-        """
-        try:
-            got = self.read_ready()
-            dest.extend(got)
-        except KeyboardInterrupt:
-            self.cut = True
-            raise
-        return len(got)
 
     def give_back(self, body: Any) -> None:
         """A body this reader gave is no longer needed (see BodyPool)."""
