@@ -200,7 +200,7 @@ def load_results(
         # results load (a loader's Python code, or a collection's callback,
         # gives it a place to land): taken as a failure of the packet, the
         # press was lost and the program went on.  The caller keeps the
-        # packet (see _receiver.Receiver.next_packet).
+        # packet (see _receiver.Receiver.peek).
         raise
     except BaseException as exc:  # noqa: BLE001 - a loader's SystemExit is the packet's failure
         salvaged = salvage_results(payload, count, buffers)
