@@ -15,6 +15,7 @@ import time
 import numpy
 import pytest
 from conftest import ROOT, live_processes, run_python, wait_until
+from test_soak import LoadsOnlyInWorkers  # a result that will not unpickle in the main process
 
 from parallel_queue import ParallelQueue, QueueBrokenError, _wire
 from parallel_queue._payload import OOB_MIN, dumps_results_oob, loads_results
@@ -93,20 +94,6 @@ def _memory_of(array):
     while isinstance(base, numpy.ndarray) and base.base is not None:
         base = base.base
     return base.obj if isinstance(base, memoryview) else base
-
-
-def _rebuild_in_a_worker(i):
-    if os.getpid() == MAIN_PID:
-        raise RuntimeError(f"result {i} cannot be rebuilt in the main process")
-    return i
-
-
-class LoadsOnlyInWorkers:
-    def __init__(self, i):
-        self.i = i
-
-    def __reduce__(self):
-        return _rebuild_in_a_worker, (self.i,)
 
 
 def mixed(i):
