@@ -245,22 +245,12 @@ def _big_bytes_in_task(item: Any) -> Any:
     """A task item with its large ``bytes`` arguments wrapped to travel out of
     band (transparently: they load as they were).  An item is an argument,
     a tuple of them, or ``(fn, args, kwargs)``."""
-    if _is_big_bytes(item):
-        return _BigBytes(item)
-    if type(item) is not tuple:
-        return item
-    if len(item) == 3 and type(item[1]) is tuple and type(item[2]) is dict:
+    if type(item) is tuple and len(item) == 3 and type(item[1]) is tuple and type(item[2]) is dict:
         fn, args, kwargs = item
         if any(_is_big_bytes(v) for v in kwargs.values()):
-            kwargs = {k: _BigBytes(v) if _is_big_bytes(v) else v for k, v in kwargs.items()}
-        return fn, _wrapped(args), kwargs
-    return _wrapped(item)
-
-
-def _wrapped(args: tuple[Any, ...]) -> tuple[Any, ...]:
-    if not any(_is_big_bytes(a) for a in args):
-        return args
-    return tuple(_BigBytes(a) if _is_big_bytes(a) else a for a in args)
+            kwargs = {k: _wrap_big_bytes(v) for k, v in kwargs.items()}
+        return fn, _wrap_big_bytes(args), kwargs
+    return _wrap_big_bytes(item)
 
 
 def dumps_individually(items: list[Any]) -> bytes:
@@ -354,20 +344,27 @@ def _is_big_bytes(x: Any) -> bool:
     return type(x) in _BYTES and len(x) >= OOB_MIN
 
 
+def _wrap_big_bytes(x: Any) -> Any:
+    """``x`` wrapped to travel out of band if it is a large ``bytes`` or
+    ``bytearray``; a tuple with those of its items wrapped; else ``x``
+    itself (the very object: nothing was wrapped)."""
+    if _is_big_bytes(x):
+        return _BigBytes(x)
+    if type(x) is tuple and any(_is_big_bytes(a) for a in x):
+        return tuple(_BigBytes(a) if _is_big_bytes(a) else a for a in x)
+    return x
+
+
 def _big_bytes_out_of_band(values: list[Any]) -> list[Any]:
     """``values``, with each large ``bytes`` or ``bytearray`` (a value, or an
     item of a tuple value) wrapped to travel out of band; ``values`` itself
     if none is."""
     out: Optional[list[Any]] = None
     for k, v in enumerate(values):
-        t = type(v)
-        if t in _BYTES:
-            if len(v) >= OOB_MIN:
-                out = out or list(values)
-                out[k] = _BigBytes(v)
-        elif t is tuple and any(_is_big_bytes(x) for x in v):
+        w = _wrap_big_bytes(v)
+        if w is not v:
             out = out or list(values)
-            out[k] = tuple(_BigBytes(x) if _is_big_bytes(x) else x for x in v)
+            out[k] = w
     return values if out is None else out
 
 

@@ -51,7 +51,7 @@ class Scheduler:
         self.item_bytes = 0.0  # running mean of a task's pickled size
         self.result_bytes = 0.0  # running mean of a result's pickled size
         self.largest = 0  # the most tasks of a packet measured so far
-        self.workload: object = None  # what the means were measured on (see work_on)
+        self.workload: object = None  # what ``largest`` was measured on (see work_on)
 
     def work_on(self, workload: object) -> None:
         """The tasks to size from now on are ``workload``'s (a map's function,
@@ -86,8 +86,8 @@ class Scheduler:
                 limit = min(limit, max(1, int(TARGET_PACKET_BYTES / size)))
             # Packets grow from one task, by at most GROWTH times the largest
             # one measured: means taken on a few tasks may not hold for many (a
-            # map whose first results were small sent 195 tasks of 8 MB
-            # results in one packet: 1.6 GB, before one was measured).
+            # map whose first result was small, and every other one 8 MB,
+            # sent 195 tasks in its next packet: 784 MB of results).
             limit = min(limit, max(1, GROWTH * self.largest))
             n = min(limit, waiting)
             if waiting * self.item_seconds > TARGET_PACKET_SECONDS or self.item_seconds == 0:
