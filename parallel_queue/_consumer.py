@@ -136,7 +136,7 @@ class _Consumer:
             h = _wire.decode_result(body)
             self.buffer.add(h.packet_id, h.n_items, body)
             self.count_buffer()
-            self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False, len(body)))
+            self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False, _wire.result_bytes(body, h)))
         elif kind == Kind.WAIT:
             pid = _wire.decode_id(body)
             if ahead(pid, self.spec.max_packet_id.value, self.modulus, self.spec.window):

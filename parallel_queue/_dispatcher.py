@@ -35,6 +35,7 @@ from . import _wire
 from ._errors import QueueBrokenError
 from ._packet_id import modulus
 from ._payload import OOB_MIN, dumps_individually, dumps_tasks_oob
+from ._region import SlotRings
 from ._scheduler import Scheduler, free_credits
 from ._slots import Child, PacketRecord, Slot, SlotState
 from ._supervisor import Supervisor, init_failure
@@ -53,6 +54,7 @@ class Processes(Protocol):
     consumer: Optional[Child]
     credits_r: Fd  # consumer -> dispatcher
     ctrl_w: Fd  # dispatcher -> consumer
+    rings: list[SlotRings]  # each slot's shared memory, or none at all
 
     def start_worker(self, slot: Slot) -> None: ...
 
@@ -202,9 +204,11 @@ class Dispatcher:
         self.scheduler.measured_size(len(rec.items), len(payload) + sum(b.nbytes for b in buffers))
         writer = slot.writer
         assert writer is not None
+        rings = self.engine.rings
+        placement = rings[slot.index].args.place(buffers) if rings and buffers else None
         try:
-            header = _wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form, buffers)
-            writer.send(header, payload, *buffers)
+            header = _wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form, buffers, placement)
+            writer.send(header, payload, *_wire.in_frame(buffers, placement))
         except BrokenPipeError:
             writer.clear()  # the worker is gone; its exit fd tells us next
         self.watch_writable(slot)
@@ -293,6 +297,13 @@ class Dispatcher:
         lost = slot.take_lost()
         proc = slot.proc
         assert proc is not None
+        rings = self.engine.rings
+        if rings:
+            doubt = rings[slot.index].in_doubt()
+            if doubt is not None and any(rec.packet_id == doubt[2] for rec in lost):
+                # It died writing that packet's results: the consumer never
+                # had the frame, so nobody will read the range (see _region).
+                rings[slot.index].results.forget(doubt[0], doubt[1])
         if lost:
             self.supervisor.diagnose(slot, lost[0], proc)
         # Wake-ups the dead worker never read (end-of-file once the consumer is gone).

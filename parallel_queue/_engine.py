@@ -70,6 +70,7 @@ from ._consumer import ConsumerSpec, consumer_main
 from ._core import Core
 from ._delivery import Delivery
 from ._dispatcher import Dispatcher
+from ._region import RING_BYTES, Region, SlotRings
 from ._scheduler import Scheduler
 from ._slots import Child, Slot
 from ._supervisor import Supervisor
@@ -147,6 +148,7 @@ class ProcessEngine:
         self.reorder: Any = None
         self.max_packet_id: Any = None
         self.progress: Any = None
+        self.rings: list[SlotRings] = []  # each slot's shared memory (see _region), if any
         self.done = Bell()  # rung by the dispatcher as it returns (for join)
         # Threads in join() now, and whether close() was called: the
         # descriptors they wait on are released once both say so.
@@ -190,6 +192,7 @@ class ProcessEngine:
         self.credits_r, credits_w = pipe()
         self.output_r, output_w = pipe(big=True)
         self.slots = [Slot(i, results[i][1], gos[i][0]) for i in range(n)]
+        self.rings = self.make_rings(n)
         spec = ConsumerSpec(
             [r for r, _ in results],
             [w for _, w in gos],
@@ -203,6 +206,7 @@ class ProcessEngine:
             opts.consumer_buffer_max,
         )
         core.delivery = Delivery(core, _wire.FrameReader(self.output_r))
+        core.delivery.receiver.rings = [r.results for r in self.rings]
         self.fds.disown(self.output_r)  # the delivery's to close (see Delivery.close)
         self.dispatcher = Dispatcher(
             core,
@@ -224,6 +228,21 @@ class ProcessEngine:
         core.running()
         if opts.progress:
             core.show_progress()
+
+    def make_rings(self, n: int) -> list[SlotRings]:
+        """A region of shared memory for each of ``n`` slots; none at all
+        where the system has none to give (the pipes carry everything)."""
+        rings: list[SlotRings] = []
+        try:
+            for _ in range(n):
+                region = Region.create(RING_BYTES)
+                if region is None:
+                    break
+                self.fds.adopt(region.fd)
+                rings.append(SlotRings(region))
+        except OSError:  # no descriptor or memory left for it: the pipes will do
+            pass
+        return rings if len(rings) == n else []
 
     def run_dispatcher(self) -> None:
         assert self.dispatcher is not None
@@ -264,7 +283,11 @@ class ProcessEngine:
             opts.worker_init_f,
             opts.max_tasks_per_worker,
             opts.task_timeout is not None,
+            self.rings[slot.index].region.fd if self.rings else None,
+            RING_BYTES,
         )
+        if self.rings:
+            self.rings[slot.index].args.empty()  # (no worker reads it now)
         incarnation = slot.new_incarnation()
         proc = self.ctx.Process(
             target=worker_main,
@@ -413,6 +436,9 @@ class ProcessEngine:
         ignored"): the program goes on; half-way through multiprocessing's
         heap bookkeeping, it also leaves that inconsistent."""
         with sigint_held_back():
+            for rings in self.rings:
+                rings.let_go()
+            self.rings = []
             self.reorder = self.max_packet_id = self.progress = None
             if self.dispatcher is not None:
                 self.dispatcher.supervisor.progress = None

@@ -57,6 +57,13 @@ class Receiver:
         self.watchers = 0  # threads and coroutines watching the output pipe now
         self.closed = False
         self.cut = False  # a Ctrl-C cut a read short: what follows cannot be trusted (read_available)
+        # Each slot's results ring (see _region), if the engine has them; and
+        # the view of one on the first packet's buffers, held until that
+        # packet is taken: a peek() cut short by Ctrl-C decodes it again, on
+        # the same view (were it let go, its range could be given back, and
+        # overwritten, before the packet is taken).
+        self.rings: list[Any] = []
+        self.held: Optional[tuple[Any, memoryview]] = None
 
     @property
     def eof(self) -> bool:
@@ -88,6 +95,15 @@ class Receiver:
         if bodies and bodies[0] is body:
             self.decoded = decoded  # (before the pop: a run cut short between them runs again)
             bodies.popleft()
+            self.held = None
+            # The ranges of values gone by now go back to the workers.  Here,
+            # not as a packet is decoded: a press there may have let go of
+            # the view on that packet's range before it was held (see peek),
+            # and the range must stay until the packet is taken.
+            for ring in self.rings:
+                ring.reclaim()
+            if self.closed and not bodies:
+                self.let_go_rings()
             self.reader.give_back(body)  # (kept for the next frame only if nothing uses it)
 
     def decode(self, body: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
@@ -101,7 +117,19 @@ class Receiver:
         if type(body) is tuple:  # from the executor engine: already (values, errors)
             return body, 0
         header = decode_result(body)
-        payload, buffers = split_result(body, header)
+        view_of = None
+        if header.n_buffers and self.rings:
+            ring = self.rings[header.slot]
+
+            def view_of(start: int, data: int, end: int) -> memoryview:
+                held = self.held
+                if held is not None and held[0] is body:
+                    return held[1]
+                view: memoryview = ring.view(start, data, end)
+                self.held = (body, view)
+                return view
+
+        payload, buffers = split_result(body, header, view_of)
         if header.careful:
             packet = loads_results_careful(payload, first)
         else:
@@ -223,3 +251,11 @@ class Receiver:
             return
         self.closed = True
         self.close_if_unwatched()
+        if not self.bodies:
+            self.let_go_rings()  # (otherwise once the last packet read is taken)
+
+    def let_go_rings(self) -> None:
+        """(closed, every packet read taken) The rings will not be read again."""
+        for ring in self.rings:
+            ring.close()
+        self.rings = []

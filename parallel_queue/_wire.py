@@ -115,6 +115,14 @@ def make_pipe(big: bool = False) -> tuple[Fd, Fd]:
     return Fd(r), Fd(w)
 
 
+def own_fd(n: int) -> Fd:
+    """Descriptor ``n``, made by this process outside make_pipe, registered as
+    owned (a forked child closes it unless it was given it)."""
+    with _OWNED_LOCK:
+        _OWNED_FDS.add(n)
+    return Fd(n)
+
+
 def close_fd(fd: Fd | None) -> None:
     """Close an owned descriptor once; closing twice is a no-op."""
     if fd is None or fd.fd < 0:
@@ -147,6 +155,10 @@ class FdSet:
         r, w = make_pipe(big)
         self._fds += (r, w)
         return r, w
+
+    def adopt(self, fd: Fd) -> None:
+        """``fd``, made elsewhere, is closed by ``close_all()`` too."""
+        self._fds.append(fd)
 
     def disown(self, fd: Fd) -> None:
         """``fd`` is closed by another owner from now on (see Delivery.close)."""
@@ -515,48 +527,129 @@ class TaskPacket(NamedTuple):
 
 
 _TASKS = struct.Struct("<BqIBBI")
-_BUFFER_LEN = struct.Struct("<Q")  # an out-of-band buffer's length, in a frame's header
+
+# After a frame's fixed header, when it has out-of-band buffers: the range
+# of its shared-memory ring they took (0, 0: none, see _region), then each
+# buffer's length and ring position (NOT_SHARED: it follows the pickle, in
+# the frame).
+_RANGE = struct.Struct("<QQ")
+_BUFFER = struct.Struct("<QQ")
+NOT_SHARED = (1 << 64) - 1
 
 
-def encode_tasks(packet_id: int, count: int, careful: bool, form: int, buffers: Sequence[Any] = ()) -> bytes:
-    """A task frame's header: the fixed part, then each out-of-band buffer's
-    length (the pickle and the buffers follow, as in a result frame)."""
-    head = _TASKS.pack(Kind.TASKS, packet_id, count, careful, form, len(buffers))
+class Placement(NamedTuple):
+    """Where a frame's buffers went: the ring range ``[start, end)`` they
+    took, and each buffer's position (``NOT_SHARED``: in the frame)."""
+
+    start: int
+    end: int
+    positions: list[int]
+
+
+# A reader's view of its ring: ``view_of(start, data, end)`` is a view of the
+# ring from position ``data`` to ``end``, in the range that starts at ``start``.
+ViewOf = Callable[[int, int, int], memoryview]
+
+
+# A buffer's length field, this bit set: its loader copies it (a bytes or
+# bytearray value, see _payload._BigBytes), so the reader need not.
+LOADED_AS_COPY = 1 << 63
+_COPIED_BY_LOADER = (bytes, bytearray)
+
+
+def _length_field(b: Any) -> int:
+    view = b if type(b) is memoryview else memoryview(b)
+    return view.nbytes | (LOADED_AS_COPY if type(view.obj) in _COPIED_BY_LOADER else 0)
+
+
+def buffer_table(buffers: Sequence[Any], placement: Placement | None) -> bytes:
+    """What follows a frame's fixed header: where its buffers are."""
     if not buffers:
-        return head
-    return head + b"".join(_BUFFER_LEN.pack(memoryview(b).nbytes) for b in buffers)
+        return b""
+    if placement is None:
+        return _RANGE.pack(0, 0) + b"".join(_BUFFER.pack(_length_field(b), NOT_SHARED) for b in buffers)
+    return _RANGE.pack(placement.start, placement.end) + b"".join(
+        _BUFFER.pack(_length_field(b), p) for b, p in zip(buffers, placement.positions)
+    )
 
 
-def decode_tasks(body: bytearray) -> TaskPacket:
+def in_frame(buffers: Sequence[Any], placement: Placement | None) -> Sequence[Any]:
+    """The buffers that travel in the frame, after the pickle."""
+    if placement is None:
+        return buffers
+    return [b for b, p in zip(buffers, placement.positions) if p == NOT_SHARED]
+
+
+def encode_tasks(
+    packet_id: int,
+    count: int,
+    careful: bool,
+    form: int,
+    buffers: Sequence[Any] = (),
+    placement: Placement | None = None,
+) -> bytes:
+    """A task frame's header: the fixed part, then where each out-of-band
+    buffer is (the pickle and the buffers in the frame follow, as in a
+    result frame)."""
+    return _TASKS.pack(Kind.TASKS, packet_id, count, careful, form, len(buffers)) + buffer_table(buffers, placement)
+
+
+def decode_tasks(body: bytearray, view_of: ViewOf | None = None) -> TaskPacket:
     _, pid, count, ind, form, n_buffers = _TASKS.unpack_from(body)
-    payload, buffers = _split_buffers(body, _TASKS.size, n_buffers)
+    payload, buffers = _split_buffers(body, _TASKS.size, n_buffers, view_of)
     return TaskPacket(pid, count, bool(ind), form, payload, buffers)
 
 
-def _split_buffers(body: bytes | bytearray, start: int, n: int) -> tuple[memoryview, list[Any] | None]:
+def tasks_id(body: bytes | bytearray) -> tuple[int, bool]:
+    """A task frame's packet id, and whether it is careful (nothing else decoded)."""
+    _, pid, _, careful, _, _ = _TASKS.unpack_from(body)
+    return pid, bool(careful)
+
+
+def _split_buffers(
+    body: bytes | bytearray, start: int, n: int, view_of: ViewOf | None
+) -> tuple[memoryview, list[Any] | None]:
     """A frame's pickle, from ``start`` on, and its ``n`` out-of-band buffers
-    (None if it has none), whose lengths come first.  A buffer that is most
-    of the frame is a view of ``body``, which a numpy array loaded from it
-    keeps alive (zero-copy; writable if ``body`` is a bytearray, as a frame
-    this large is: see FrameReader); a smaller one is a copy of its own."""
+    (None if it has none), whose places come first (see buffer_table).
+
+    A buffer in the frame that is most of the frame is a view of ``body``,
+    which a numpy array loaded from it keeps alive (zero-copy; writable if
+    ``body`` is a bytearray, as a frame this large is: see FrameReader); a
+    buffer in the ring that is most of the frame's range is a view of the
+    ring (see _region.RingReader.view).  A smaller one is a copy of its own:
+    an array kept on it would keep the whole frame (a 64 KiB array beside
+    an 8 MiB result held 8 MiB), or hold up the ring.  So what is kept is at
+    most twice what is used.  (Not a buffer whose loader copies it anyway:
+    bytes values, see LOADED_AS_COPY.)"""
     view = memoryview(body)
     if not n:
         return view[start:], None
-    lengths = struct.unpack_from(f"<{n}Q", view, start)
-    start += 8 * n
-    end = len(view) - sum(lengths)
+    ring_start, ring_end = _RANGE.unpack_from(view, start)
+    start += _RANGE.size
+    table = struct.unpack_from(f"<{2 * n}Q", view, start)
+    start += _BUFFER.size * n
+    fields, places = table[0::2], table[1::2]
+    lengths = [f & ~LOADED_AS_COPY for f in fields]
+    end = len(view) - sum(length for length, p in zip(lengths, places) if p == NOT_SHARED)
+    ring: Any = None
+    data = 0
+    if ring_end:
+        assert view_of is not None, "a frame with buffers in a ring, read without one"
+        data = min(p for p in places if p != NOT_SHARED)
+        ring = view_of(ring_start, data, ring_end)
     buffers: list[Any] = []
     pos = end
-    for length in lengths:
-        part: Any = view[pos : pos + length]
-        if 2 * length < len(view):
-            # A small part of its frame is copied out: an array kept on it
-            # would keep the whole frame (a 64 KiB array beside an 8 MiB
-            # result held 8 MiB).  Zero-copy is for the buffer that is most
-            # of its frame, so what is kept is at most twice what is used.
+    for field, length, p in zip(fields, lengths, places):
+        if p == NOT_SHARED:
+            part: Any = view[pos : pos + length]
+            pos += length
+            whole = len(view)
+        else:
+            part = ring[p - data : p - data + length]
+            whole = ring_end - data
+        if 2 * length <= whole and not field & LOADED_AS_COPY:
             part = bytearray(part)
         buffers.append(part)
-        pos += length
     return view[start:end], buffers
 
 
@@ -574,30 +667,48 @@ class ResultHeader(NamedTuple):
     compute_ns: int
     careful: bool
     n_buffers: int
+    slot: int
 
 
-RESULT = struct.Struct("<BqIQBI")
+RESULT = struct.Struct("<BqIQBIH")
 
 
 def encode_result(
-    packet_id: int, count: int, compute_ns: int, careful: bool = False, buffers: Sequence[memoryview] = ()
+    packet_id: int,
+    count: int,
+    compute_ns: int,
+    careful: bool = False,
+    buffers: Sequence[memoryview] = (),
+    placement: Placement | None = None,
+    slot: int = 0,
 ) -> bytes:
-    """A result frame's header: the fixed part, then each out-of-band
-    buffer's length (the pickle and the buffers follow it, in that order)."""
-    head = RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, careful, len(buffers))
-    if not buffers:
-        return head
-    return head + b"".join(_BUFFER_LEN.pack(b.nbytes) for b in buffers)
+    """A result frame's header: the fixed part, then where each out-of-band
+    buffer is (the pickle and the buffers in the frame follow it, in that
+    order).  ``slot``: the worker's, whose ring holds the others."""
+    return RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, careful, len(buffers), slot) + buffer_table(
+        buffers, placement
+    )
 
 
 def decode_result(body: bytes | bytearray) -> ResultHeader:
-    _, pid, count, ns, careful, n_buffers = RESULT.unpack_from(body)
-    return ResultHeader(pid, count, ns, bool(careful), n_buffers)
+    _, pid, count, ns, careful, n_buffers, slot = RESULT.unpack_from(body)
+    return ResultHeader(pid, count, ns, bool(careful), n_buffers, slot)
 
 
-def split_result(body: bytes | bytearray, header: ResultHeader) -> tuple[memoryview, list[Any] | None]:
+def split_result(
+    body: bytes | bytearray, header: ResultHeader, view_of: ViewOf | None = None
+) -> tuple[memoryview, list[Any] | None]:
     """A result frame's pickle, and its out-of-band buffers (see _split_buffers)."""
-    return _split_buffers(body, RESULT.size, header.n_buffers)
+    return _split_buffers(body, RESULT.size, header.n_buffers, view_of)
+
+
+def result_bytes(body: bytes | bytearray, header: ResultHeader) -> int:
+    """How many bytes a packet's results came to: the frame, and the ring
+    range its buffers took."""
+    if not header.n_buffers:
+        return len(body)
+    ring_start, ring_end = _RANGE.unpack_from(body, RESULT.size)
+    return len(body) + int(ring_end - ring_start)
 
 
 _ID = struct.Struct("<Bq")  # WAIT, REJECT, LAST: a kind and a packet id

@@ -40,6 +40,7 @@ from ._payload import (
     loads_tasks,
     loads_tasks_envelope,
 )
+from ._region import RingReader, RingWriter, attach
 from ._tasks import (
     P_ITEM,
     P_PACKET,
@@ -120,6 +121,8 @@ class WorkerSpec(NamedTuple):
     init_fn: Optional[Any]
     max_tasks: int  # 0: no limit
     timed: bool  # task_timeout is set: record each task's start (see run_items)
+    region: Optional[Fd] = None  # the slot's shared memory (see _region), if any
+    ring_bytes: int = 0
 
 
 def worker_main(handed: Inherited) -> None:
@@ -131,7 +134,10 @@ def worker_main(handed: Inherited) -> None:
     over twice makes a ``spawn`` start fail).
     """
     spec: WorkerSpec = handed.obj
-    start_child({spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd}, spec.parent_alive)
+    keep = {spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd}
+    if spec.region is not None:
+        keep.add(spec.region.fd)
+    start_child(keep, spec.parent_alive)
     if spec.init_fn is not None:
         try:
             spec.init_fn()
@@ -188,7 +194,22 @@ class _Worker:
         # What our own pipes are: a task may close them (os.closerange) and
         # even open files that take their numbers (see check_own_pipes).
         self.pipes = {fd: _identity(fd) for fd in (spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd)}
+        # The slot's rings (see _region): results out, arguments in.
+        self.results_ring: Optional[RingWriter] = None
+        self.args_ring: Optional[RingReader] = None
+        if spec.region is not None:
+            self.results_ring, self.args_ring = attach(spec.region, spec.ring_bytes)
+            _wire.close_fd(spec.region)  # (the mapping holds the memory)
         self.prog[self.p0 + P_STAGE] = STAGE_IDLE  # past worker_init_f: a death is no start-up death
+
+    def decode(self, body: bytearray) -> _wire.TaskPacket:
+        """A task packet, its buffers in the arguments ring viewed where they
+        are (the ranges of packets run before are given back first)."""
+        ring = self.args_ring
+        if ring is None:
+            return _wire.decode_tasks(body)
+        ring.reclaim()
+        return _wire.decode_tasks(body, ring.view)
 
     def step(self, stage: int, k: int) -> None:
         """Record that the worker now does ``stage`` for task ``k`` of its
@@ -206,7 +227,7 @@ class _Worker:
             body = self.stash.pop(0) if self.stash else _wire.read_frame_blocking(fd)
             if body is None or body[0] == Kind.STOP:
                 return
-            pkt = _wire.decode_tasks(body)
+            pkt = self.decode(body)
             if pkt.careful:
                 self.run_careful(pkt)
             else:
@@ -286,8 +307,16 @@ class _Worker:
         self.prog[self.p0 + P_STAGE] = STAGE_SENDING
         self.check_own_pipes()
         self.wait_for_window(packet_id)
-        header = _wire.encode_result(packet_id, count, compute_ns, careful, buffers)
-        _wire.write_frame_blocking(self.spec.results_out.fd, header, payload, *buffers)
+        ring = self.results_ring
+        placement = ring.place(buffers) if ring is not None and buffers else None
+        header = _wire.encode_result(packet_id, count, compute_ns, careful, buffers, placement, self.spec.slot)
+        if placement is None:
+            _wire.write_frame_blocking(self.spec.results_out.fd, header, payload, *buffers)
+            return
+        assert ring is not None
+        ring.publish(placement, packet_id)  # (a death from here on leaves the range in doubt: see _region)
+        _wire.write_frame_blocking(self.spec.results_out.fd, header, payload, *_wire.in_frame(buffers, placement))
+        ring.written()
 
     def check_own_pipes(self) -> None:
         """Exit if a task closed our pipes, or replaced them with its own files.
@@ -317,10 +346,8 @@ class _Worker:
             body = _wire.read_frame_blocking(self.spec.tasks_in.fd)
             if body is None:
                 os._exit(0)
-            if body[0] == Kind.TASKS:
-                pkt = _wire.decode_tasks(body)
-                if pkt.packet_id == packet_id and pkt.careful:
-                    return pkt
+            if body[0] == Kind.TASKS and _wire.tasks_id(body) == (packet_id, True):
+                return self.decode(body)
             self.stash.append(body)
 
     def wait_for_window(self, packet_id: int) -> None:

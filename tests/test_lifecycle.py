@@ -197,6 +197,7 @@ import gc, multiprocessing, os, threading, time
 from parallel_queue import ParallelQueue
 with ParallelQueue(num_workers=2) as q:  # (lazily made globals, once)
     q.put(abs, -1)
+    q.get()  # (a closed queue keeps what results not taken need, as long as it lives)
 fds = sorted(os.listdir("/proc/self/fd"))
 q = ParallelQueue(num_workers=2)
 q.put(abs, -1)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import gc
 import os
 import pickle
 import signal
@@ -19,6 +21,7 @@ from test_soak import LoadsOnlyInWorkers  # a result that will not unpickle in t
 
 from parallel_queue import ParallelQueue, QueueBrokenError, _wire
 from parallel_queue._payload import OOB_MIN, dumps_results_oob, loads_results
+from parallel_queue._region import RING_BYTES
 
 MAIN_PID = os.getpid()
 SIZES = [OOB_MIN - 1, OOB_MIN, OOB_MIN + 1, 3 * OOB_MIN]
@@ -78,14 +81,22 @@ def test_large_results_come_back_whole_in_order_and_of_their_type(kind):
 
 
 def test_a_large_array_result_is_not_copied_out_of_what_was_received():
-    """Zero-copy: an array of the threshold or more is rebuilt on the bytes
-    the main process read (the frame's bytearray), not copied out of it."""
+    """Zero-copy: an array of the threshold or more is rebuilt on the
+    worker's shared-memory ring, not copied out of it."""
     with ParallelQueue(num_workers=2) as q:
         small, big = q.imap(make, [("numpy", OOB_MIN // 2, 1), ("numpy", 4 * OOB_MIN, 2)])
-    # The big one's memory is the whole frame it came in; the small one (in
-    # the pickle stream) has a copy of its own.
-    assert type(_memory_of(big)) is bytearray and len(_memory_of(big)) > big.nbytes
+    # The big one's memory is the ring; the small one (in the pickle stream)
+    # has a copy of its own.
+    assert isinstance(_memory_of(big), ctypes.Array)
+    assert numpy.array_equal(big, numpy.full(4 * OOB_MIN // 8, 2.0))
     assert len(_memory_of(small)) == small.nbytes
+
+
+def _not_copied(array):
+    """Whether an array's memory is what it was received in: the ring (a
+    view of shared memory, see _region) or a frame larger than itself."""
+    held = _memory_of(array)
+    return isinstance(held, ctypes.Array) or (type(held) is bytearray and len(held) > array.nbytes)
 
 
 def _memory_of(array):
@@ -121,37 +132,45 @@ def big_result(n):
     return bytes([n % 256]) * n
 
 
+def kill_the_worker_blocked_writing(engine):
+    """SIGKILL the worker that is blocked writing to its full pipe (the
+    consumer is stopped); its pid."""
+    writer = []
+
+    def blocked_writing():
+        for slot in engine.slots:
+            try:
+                with open(f"/proc/{slot.proc.pid}/wchan") as f:
+                    if "pipe_w" in f.read():  # pipe_write, pipe_wait_writable
+                        writer.append(slot.proc.pid)
+                        return True
+            except OSError:
+                pass
+        return False
+
+    wait_until(blocked_writing)
+    os.kill(writer[0], signal.SIGKILL)
+    return writer[0]
+
+
 def test_a_worker_killed_while_it_writes_a_large_result_loses_nothing():
-    """The worker is killed half-way through writing a 16 MB result (the
-    consumer is stopped, so the pipe fills and the write blocks).  The frame
-    cut short is dropped, and the packet goes again, careful (as for any
-    death after its tasks ran: see _supervisor): the slot has its value,
-    whole, in its place, and the queue goes on."""
+    """The worker is killed half-way through writing a result larger than
+    its ring, so in its frame (the consumer is stopped, so the pipe fills and
+    the write blocks).  The frame cut short is dropped, and the packet goes
+    again, careful (as for any death after its tasks ran: see _supervisor):
+    the slot has its value, whole, in its place, and the queue goes on."""
+    size = RING_BYTES + (8 << 20)
     q = ParallelQueue(num_workers=2, max_batch=1)
     engine = q._core.engine
     try:
         q.put(abs, -1)
         assert q.get(timeout=60) == 1
         os.kill(engine.consumer.pid, signal.SIGSTOP)
-        q.put(big_result, 16 << 20)
+        q.put(big_result, size)
         q.put(abs, -2)
-        writer = []
-
-        def blocked_writing():
-            for slot in engine.slots:
-                try:
-                    with open(f"/proc/{slot.proc.pid}/wchan") as f:
-                        if "pipe_w" in f.read():  # pipe_write, pipe_wait_writable
-                            writer.append(slot.proc.pid)
-                            return True
-                except OSError:
-                    pass
-            return False
-
-        wait_until(blocked_writing)
-        os.kill(writer[0], signal.SIGKILL)
+        kill_the_worker_blocked_writing(engine)
         os.kill(engine.consumer.pid, signal.SIGCONT)
-        assert q.get(timeout=60) == big_result(16 << 20)
+        assert q.get(timeout=60) == big_result(size)
         assert q.get(timeout=60) == 2
         assert q.stats().workers_replaced == 1
         q.put(big_result, 1 << 20)
@@ -159,6 +178,71 @@ def test_a_worker_killed_while_it_writes_a_large_result_loses_nothing():
     finally:
         os.kill(engine.consumer.pid, signal.SIGCONT)
         q.terminate()
+
+
+def half_in_the_ring(n):
+    """16 MiB that fit in the ring, and more than the ring, in the frame."""
+    return bytes([1]) * (16 << 20), bytes([2]) * (RING_BYTES + n)
+
+
+def test_a_worker_killed_between_its_ring_and_its_frame_gives_the_ring_back():
+    """The worker put half a result in its ring and is killed while the rest
+    is written in its frame (the consumer is stopped): nobody will ever read
+    the range it took in the ring.  The value comes out whole (the packet goes
+    again), and the range is given back: the next worker's results use the
+    ring's whole size again.  Before the range was given back, the ring
+    stayed short of it for the queue's life."""
+    q = ParallelQueue(num_workers=1, max_batch=1)
+    engine = q._core.engine
+    try:
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        os.kill(engine.consumer.pid, signal.SIGSTOP)
+        q.put(half_in_the_ring, 1)
+        kill_the_worker_blocked_writing(engine)
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        assert q.get(timeout=60) == half_in_the_ring(1)
+        assert q.stats().workers_replaced == 1
+        # The dead worker's range was [0, 16 MiB); the next 12 MiB go after
+        # it, and the 12 MiB after those only fit at the ring's start, where
+        # the dead worker's range was.
+        third = RING_BYTES * 3 // 8
+        q.put(make, ("numpy", third, 1))
+        first = q.get(timeout=60)
+        q.put(make, ("numpy", third, 2))
+        second = q.get(timeout=60)
+        assert numpy.array_equal(first, numpy.full(third // 8, 1.0))
+        assert numpy.array_equal(second, numpy.full(third // 8, 2.0))
+        assert isinstance(_memory_of(first), ctypes.Array)
+        assert isinstance(_memory_of(second), ctypes.Array)
+    finally:
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        q.terminate()
+
+
+def test_results_kept_fill_the_ring_then_go_by_pipe_and_the_ring_comes_back():
+    """A caller that keeps every result fills the ring: the rest come in
+    their frames, every one whole and in its place.  Once the kept results
+    are let go, results use the ring again."""
+    size = RING_BYTES // 4
+    with ParallelQueue(num_workers=1, max_batch=1) as q:
+        kept = list(q.imap(make, [("numpy", size, k) for k in range(8)]))
+        for k, a in enumerate(kept):
+            assert numpy.array_equal(a, numpy.full(size // 8, float(k)))
+        where = [isinstance(_memory_of(a), ctypes.Array) for a in kept]
+        assert where[0] and not where[-1]
+        del kept, a
+        # The ranges are given back as the main process takes its next packet
+        # (it looks for views that are gone then): the result after it uses
+        # the ring.
+        q.put(make, ("numpy", size, 8))
+        q.put(abs, -1)
+        assert q.get(timeout=60)[0] == 8.0
+        assert q.get(timeout=60) == 1
+        q.put(make, ("numpy", size, 9))
+        again = q.get(timeout=60)
+        assert numpy.array_equal(again, numpy.full(size // 8, 9.0))
+        assert isinstance(_memory_of(again), ctypes.Array)
 
 
 def test_the_main_process_killed_with_large_payloads_in_flight_leaves_nothing():
@@ -304,10 +388,9 @@ def describe(arg):
     """What a task saw of its argument, and whether its memory is the frame
     it came in (zero-copy) rather than a copy of its own."""
     if isinstance(arg, numpy.ndarray):
-        held = _memory_of(arg)
-        in_frame = type(held) is bytearray and len(held) > arg.nbytes
+        zero_copy = _not_copied(arg)
         arg[0] = -1.0  # writable, as Pool gives it
-        return "ndarray", arg.nbytes, float(arg[1:].sum()), in_frame
+        return "ndarray", arg.nbytes, float(arg[1:].sum()), zero_copy
     if isinstance(arg, tuple):
         return tuple(describe(a) for a in arg)
     return type(arg).__name__, len(arg), sum(arg[:3])
@@ -396,13 +479,65 @@ def echo_size(arg):
     return numpy.full(arg.size, arg[0] + 1.0)
 
 
+def held_where(arg):
+    """Where a task's array argument lives: "ring", "frame" or "copy"; and a
+    large result."""
+    held = _memory_of(arg)
+    if isinstance(held, ctypes.Array):
+        return "ring", numpy.full(arg.size, arg[0])
+    return ("frame" if _not_copied(arg) else "copy"), numpy.full(arg.size, arg[0])
+
+
 @pytest.mark.parametrize("method", ["fork", "spawn", "forkserver"])
 def test_large_payloads_under_every_start_method(method):
+    """Every start method hands the workers their rings: large arguments and
+    results travel in them."""
     args = [numpy.full((k + 1) * OOB_MIN // 8, float(k)) for k in range(6)]
     with ParallelQueue(num_workers=2, mp_context=method) as q:
         got = list(q.imap(echo_size, args))
+        q.put(held_where, numpy.full(1 << 20, 7.0))
+        where, result = q.get(timeout=60)
     for k, value in enumerate(got):
         assert numpy.array_equal(value, numpy.full((k + 1) * OOB_MIN // 8, k + 1.0))
+    assert where == "ring"
+    assert isinstance(_memory_of(result), ctypes.Array)
+    assert numpy.array_equal(result, numpy.full(1 << 20, 7.0))
+
+
+def test_a_result_on_the_ring_outlives_its_queue_and_is_read_in_a_forked_child():
+    """An array result on the ring stays valid after its queue is ended and
+    collected, and in a child the program forks (the mapping is inherited,
+    as all memory is)."""
+    q = ParallelQueue(num_workers=2)
+    q.put(make, ("numpy", 4 << 20, 5))
+    kept = q.get(timeout=60)
+    q.terminate()
+    del q
+    gc.collect()
+    assert isinstance(_memory_of(kept), ctypes.Array)
+    assert numpy.array_equal(kept, numpy.full((4 << 20) // 8, 5.0))
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0 if numpy.array_equal(kept, numpy.full((4 << 20) // 8, 5.0)) else 1)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+
+
+KEPT_ARGUMENTS = []
+
+
+def keeps_its_argument(arg):
+    KEPT_ARGUMENTS.append(arg)
+    return float(arg[0]), float(sum(float(a[-1]) for a in KEPT_ARGUMENTS))
+
+
+def test_a_task_that_keeps_its_arguments_fills_the_ring_and_nothing_is_lost():
+    """Arguments a task keeps hold their range of the ring: once it is full,
+    arguments come in their frames; every task sees its own argument whole."""
+    size = RING_BYTES // 4 // 8
+    with ParallelQueue(num_workers=1) as q:
+        got = list(q.imap(keeps_its_argument, [numpy.full(size, float(k)) for k in range(8)]))
+    assert got == [(float(k), float(sum(range(k + 1)))) for k in range(8)]
 
 
 def big_then_slow(n):
@@ -501,4 +636,4 @@ def test_a_small_array_beside_a_large_result_does_not_keep_the_frame():
     for k, a in enumerate(kept):
         assert numpy.array_equal(a, numpy.full(OOB_MIN // 8, float(k)))
         assert len(_memory_of(a)) < 2 * a.nbytes  # its own memory, not the frame
-    assert len(_memory_of(big)) > big.nbytes  # the big one is still zero-copy
+    assert _not_copied(big)  # the big one is still zero-copy

@@ -1,0 +1,115 @@
+"""The shared-memory rings (see parallel_queue._region), writer and reader in
+one process: what the allocator promises, tried at random."""
+
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+
+from parallel_queue._region import ALIGN, SHARED_MIN, Region, RingReader, RingWriter, SlotRings, attach
+from parallel_queue._wire import NOT_SHARED
+
+RING = 1 << 20
+
+
+@pytest.fixture
+def rings():
+    region = Region.create(RING)
+    if region is None:
+        pytest.skip("no memfd here")
+    main = SlotRings(region)
+    writer, reader = attach(region.fd, RING)  # (a worker's ends)
+    yield main, writer, reader
+    region.close()
+
+
+def pattern(n: int, seed: int) -> bytes:
+    rnd = random.Random(seed)
+    return rnd.randbytes(n) if hasattr(rnd, "randbytes") else bytes(rnd.getrandbits(8) for _ in range(n))
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_no_range_in_use_is_ever_written_over(rings, seed):
+    """Random frames of random buffers go through the results ring; the
+    reader keeps a random set of views alive for a while and lets them go in
+    any order.  Every kept view still holds exactly what was written into
+    it, however the ring wrapped; a frame either gets its place or goes in
+    the frame (None); and once every view is gone the whole ring is free."""
+    main, writer, _ = rings
+    reader: RingReader = main.results
+    rnd = random.Random(seed)
+    live: list[tuple[memoryview, bytes]] = []
+    placed = 0
+    for step in range(200):
+        sizes = [
+            rnd.choice([SHARED_MIN - 1, SHARED_MIN, SHARED_MIN + 1, 3 * SHARED_MIN, RING // 5, RING // 2, RING + 1])
+            for _ in range(rnd.randint(1, 4))
+        ]
+        datas = [pattern(n, seed * 1000 + step * 10 + k) for k, n in enumerate(sizes)]
+        p = writer.place([memoryview(d) for d in datas])
+        if p is None:
+            # Refused only when its first large buffer does not fit in one
+            # piece: the ring is in use, or (empty) it is larger than the
+            # free space either side of where the ring stands.
+            at = writer.head % RING
+            first = next((n for n in sizes if SHARED_MIN <= n <= RING), None)
+            empty = reader.tail == writer.head
+            assert first is None or not empty or first > max(at, RING - at)
+        else:
+            placed += 1
+            assert p.end - p.start <= RING
+            shared = [(q, d) for q, d in zip(p.positions, datas) if q != NOT_SHARED]
+            assert all(len(d) >= SHARED_MIN for _, d in shared)
+            assert all(q % ALIGN == 0 for q, _ in shared)
+            data = min(q for q, _ in shared)
+            view = reader.view(p.start, data, p.end)
+            for q, d in shared:
+                part = view[q - data : q - data + len(d)]
+                assert bytes(part) == d
+                if rnd.random() < 0.5:
+                    live.append((part, d))
+            del view, part
+        # The reader lets some views go, in any order, and gives back what it can.
+        rnd.shuffle(live)
+        del live[: rnd.randint(0, len(live))]
+        assert all(bytes(part) == d for part, d in live)  # never written over while in use
+        reader.reclaim()  # (views die as their last reference goes: no collection needed)
+    assert placed > 20 and writer.head > 3 * RING  # (the ring went round several times)
+    live.clear()
+    gc.collect()
+    reader.reclaim()
+    assert reader.tail == writer.head  # every range given back
+    assert writer.place([memoryview(bytes(RING // 2))]) is not None  # (fits either side of any place)
+
+
+def test_a_forgotten_range_is_given_back_in_its_turn(rings):
+    """A range nobody will read (a worker died writing its frame) is given
+    back with the others, in ring order."""
+    main, writer, _ = rings
+    reader = main.results
+    a = writer.place([memoryview(bytes(RING // 2))])
+    b = writer.place([memoryview(bytes(RING // 4))])
+    assert a is not None and b is not None
+    view = reader.view(b.start, b.positions[0], b.end)
+    reader.forget(a.start, a.end)
+    reader.reclaim()
+    assert reader.tail == a.end  # a given back; b's view still lives
+    del view
+    gc.collect()
+    reader.reclaim()
+    assert reader.tail == b.end
+
+
+def test_the_arguments_ring_is_emptied_for_a_new_worker(rings):
+    """A dead worker's arguments ring is emptied before the next one starts:
+    everything its reader never gave back is free again."""
+    main, _, _ = rings
+    args: RingWriter = main.args
+    while args.place([memoryview(bytes(RING // 3))]) is not None:
+        pass
+    args.empty()
+    _, reader = attach(main.region.fd, RING)
+    assert reader.tail == args.head
+    assert args.place([memoryview(bytes(RING // 3))]) is not None
