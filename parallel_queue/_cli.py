@@ -10,14 +10,23 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import io
 import json
 import os
 import signal
 import sys
 from collections import deque
-from typing import Any, Callable, Iterator, Optional, TextIO
+from typing import Any, BinaryIO, Callable, Iterator, Optional
 
+from . import __version__
 from ._imap import imap
+from ._maps import NothingInHand
+
+# Output is written in chunks of about this many characters, and whenever
+# the next result is not in hand yet (a slow input still shows each result
+# as it comes): one write() a line cost 2.7x the run's time where Python's
+# output is unbuffered (PYTHONUNBUFFERED=1, as in many containers).
+CHUNK = 1 << 16
 
 
 class CommandLineError(Exception):
@@ -59,25 +68,49 @@ def _call(fn: Callable[[Any], Any], jsonl: bool, line: str) -> str:
 
 
 def _lines(files: list[str], where: deque[tuple[str, int]]) -> Iterator[str]:
-    """Every input line without its line ending; ``where`` gets (file, number) of each."""
+    """Every input line, decoded from UTF-8, without its line ending (lines
+    end at ``\\n`` only, as for ``parallel`` and ``wc -l``); ``where`` gets
+    (file, number) of each.
+
+    Files and standard input are read the same way.  A line that is not
+    UTF-8 stops the input there, with its own number, after every line
+    before it: bytes that do not decode are kept as lone surrogates while
+    whole chunks are decoded (fast), and a line found to hold one is the
+    bad line (a strict decode of whole chunks lost the lines of the chunk
+    before the bad byte, and named the last line handed out)."""
     for name in files or ["-"]:
         label = "<stdin>" if name == "-" else name
         number = 0
         try:
-            stream: TextIO = sys.stdin if name == "-" else open(name, encoding="utf-8")  # noqa: SIM115
+            raw: BinaryIO = sys.stdin.buffer if name == "-" else open(name, "rb")  # noqa: SIM115
         except OSError as e:
-            raise InputError(f"cannot open {label}: {e}") from None
+            raise InputError(f"cannot open {label}: {e.strerror or e}") from None
+        stream = io.TextIOWrapper(raw, encoding="utf-8", errors="surrogateescape", newline="\n")
         try:
             for number, line in enumerate(stream, 1):
+                if not line.isascii():
+                    _check_utf8(line, label, number)
                 where.append((label, number))
                 yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
-        except (OSError, UnicodeDecodeError) as e:
-            # Raised where the input ends (imap raises the input's error
-            # after every result before it): not any line's own failure.
-            raise InputError(f"cannot read {label} after line {number}: {type(e).__name__}: {e}") from None
+        except OSError as e:
+            raise InputError(f"cannot read {label} after line {number}: {e.strerror or e}") from None
         finally:
-            if stream is not sys.stdin:
+            if raw is sys.stdin.buffer:
+                stream.detach()  # (leaves stdin open)
+            else:
                 stream.close()
+
+
+def _check_utf8(line: str, label: str, number: int) -> None:
+    """Raise InputError if ``line`` holds bytes that were not UTF-8 (kept as
+    lone surrogates by the decoding, see _lines).  Raised where the input
+    ends (imap raises the input's error after every result before it): not
+    any line's own failure."""
+    try:
+        line.encode("utf-8")
+    except UnicodeEncodeError as e:
+        byte = ord(line[e.start]) - 0xDC00
+        raise InputError(f"{label}:{number}: not UTF-8 (byte {byte:#04x} at column {e.start + 1})") from None
 
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
@@ -87,7 +120,12 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         epilog="Example: seq 1000 | parallel-queue -j 4 mymodule:process > out.txt",
     )
     parser.add_argument("function", metavar="MODULE:FUNCTION", help="the function to call on each line")
-    parser.add_argument("files", metavar="FILE", nargs="*", help="input files (default: standard input; - for stdin)")
+    # (default=[]: without one, argparse lists FILE among the required
+    # arguments when MODULE:FUNCTION is missing)
+    parser.add_argument(
+        "files", metavar="FILE", nargs="*", default=[], help="input files (default: standard input; - for stdin)"
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     parser.add_argument("-j", "--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     parser.add_argument("--progress", action="store_true", help="show a progress bar on stderr (needs tqdm)")
     parser.add_argument(
@@ -109,7 +147,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         fn = load_function(args.function)
         for name in args.files:
-            if name != "-" and not os.path.isfile(name):
+            if name == "-":
+                continue
+            if os.path.isdir(name):
+                raise CommandLineError(f"{name} is a directory, not a file")
+            if not os.path.exists(name):
                 raise CommandLineError(f"no such file: {name}")
     except CommandLineError as e:
         print(f"parallel-queue: error: {e}", file=sys.stderr)
@@ -123,29 +165,47 @@ def main(argv: Optional[list[str]] = None) -> int:
         num_workers=args.jobs,
         progress=args.progress,
     )
+    chunk: list[str] = []
+    held = 0
+
+    def write_out() -> None:
+        nonlocal held
+        if chunk:
+            out.write("".join(chunk))
+            chunk.clear()
+            held = 0
+        out.flush()
+
     try:
         with results:
             while True:
                 try:
-                    text = next(results)
-                except StopIteration:
+                    try:
+                        text = results.next_in_hand()
+                    except NothingInHand:
+                        write_out()  # (before waiting: what is done shows now)
+                        text = next(results)
+                except (StopIteration, StopAsyncIteration):
                     break
                 except InputError as e:
-                    out.flush()
+                    write_out()
                     print(f"parallel-queue: error: {e}", file=sys.stderr)
                     return 2
                 except Exception as e:  # the line's own failure
                     name, number = where.popleft()
                     failed += 1
-                    out.flush()
+                    write_out()
                     print(f"parallel-queue: {name}:{number}: {type(e).__name__}: {e}", file=sys.stderr)
                     if not args.keep_going:
                         return 1
                     continue
                 where.popleft()
-                out.write(text)
-                out.write("\n")
-            out.flush()
+                chunk.append(text)
+                chunk.append("\n")
+                held += len(text) + 1
+                if held >= CHUNK:
+                    write_out()
+            write_out()
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
     except BrokenPipeError:

@@ -23,6 +23,10 @@
      get() <-- delivery <---- output pipe ---|-------+  packets in id order, as
        markers back in their places; each    |          they were pickled
        packet unpickled once                 |
+         ^                                   |
+         +======= each slot's rings =========|===> large buffers: arguments
+                  (shared memory, _region)   |     in, results out, the frames
+                                             |     carrying only their places
 
 - **put()** (any thread) appends to the intake, without a lock on its common
   path (the protocol is in ``_intake``); a marker never leaves the main
@@ -45,6 +49,10 @@
   unpickling them, and credits the dispatcher for every packet received.
 - **delivery** (``get()``, caller's thread) reads the output pipe, unpickles
   a packet's results, and hands out values, errors and markers in put order.
+- **rings** (``_region``): one shared-memory region per slot, holding a ring
+  for the worker's large results (read here, zero-copy) and one for its
+  large arguments (written by the dispatcher).  The frames that cross the
+  pipes say where their buffers are; the consumer forwards them unread.
 
 Every pipe has a single writer process; readers never block on a frame half
 written (see ``_wire``), so a process that dies at any instant loses at most

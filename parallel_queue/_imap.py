@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, AsyncIterable, Callable, Iterable, Optional, TypeVar, Union
 
-from ._maps import AsyncIMapIterator, IMapIterator, check_chunksize, length, source_of
+from ._maps import AsyncIMapIterator, IMapIterator, Source, check_chunksize, length, source_of
 from ._progress import require_tqdm
 from ._queue import ParallelSingleTaskQueue
 from ._tasks import ONE, STAR
@@ -34,7 +34,7 @@ class _StarQueue(ParallelSingleTaskQueue[R]):
 def _own_map(
     queue_cls: type[ParallelSingleTaskQueue[R]],
     fn: Callable[..., R],
-    inputs: Optional[Iterable[Any]],
+    inputs: Optional[Source],
     total: Optional[int],
     num_workers: Optional[int],
     chunksize: Optional[int],
@@ -46,8 +46,7 @@ def _own_map(
         require_tqdm()  # before anything starts
     q = queue_cls(fn, num_workers=num_workers, **options)
     try:
-        source = None if inputs is None else iter(inputs)
-        it: IMapIterator[R] = IMapIterator(q, None, q._form, source, chunksize, own=True)
+        it: IMapIterator[R] = IMapIterator(q, None, q._form, inputs, chunksize, own=True)
         if progress:
             q._core.show_progress(total)
     except BaseException:
@@ -107,5 +106,5 @@ def aimap(
     if isinstance(iterable, AsyncIterable):
         it = _own_map(_OneArgQueue, fn, None, None, num_workers, chunksize, options)
         return AsyncIMapIterator(it, iterable)
-    it = _own_map(_OneArgQueue, fn, iterable, length((iterable,)), num_workers, chunksize, options)
+    it = _own_map(_OneArgQueue, fn, source_of((iterable,)), length((iterable,)), num_workers, chunksize, options)
     return AsyncIMapIterator(it, None)

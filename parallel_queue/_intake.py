@@ -42,7 +42,12 @@ from ._stats import SAMPLE_EVERY, LatencySampler
 from ._threads import Waiters, deadline
 from ._wakeups import Wakeups
 
-__all__ = ["Intake", "MapLease", "TaskBatch", "NOT_YET"]
+__all__ = ["Intake", "MapLease", "TaskBatch", "NOT_YET", "FEED_CHUNK"]
+
+# Tasks a map's feeder appends per lock round, from an input in memory (see
+# Intake.feed).  Larger means fewer rounds; in_q_max still bounds what is
+# read ahead of the workers.
+FEED_CHUNK = 256
 
 
 class MapLease:
@@ -295,6 +300,75 @@ class Intake:
             return len(pending) - before < room  # islice stops short only at the end
 
         return bool(self.when_room(timeout, attempt))
+
+    def feed(self, items: Iterator[Any], lease: MapLease, in_memory: bool) -> None:
+        """A map's feeder: every item of ``items`` becomes one of the map's
+        tasks, as fast as the queue takes them; returns at the end of the
+        input (QueueStopped once the map is closed, the queue's refusal once
+        it takes no more).
+
+        ``items`` is read outside the lock: an input that waits (a pipe, a
+        socket, a generator waiting for something) holds up nobody else.
+        (It was read under the lock: stats(), terminate() and the
+        dispatcher's handling of a dead worker waited for as long as the
+        input did, and the items read before the wait did not run.)
+
+        An input ``in_memory`` (every iterable sized: a list, a range, an
+        array) never waits: it is read in chunks, one lock round each.  Any
+        other input is read an item at a time, each one the dispatcher's to
+        take as soon as it is read (a producer that writes its next item
+        only once it has seen a result goes on): the item is appended
+        without the lock, then the dispatcher is woken if it sleeps, the
+        protocol of put()'s fast path (module docstring), with the lease's
+        deque, where only this feeder appends.  A stop() or a closing of the
+        map that comes between the check before a read and the append of
+        the item read leaves that item uncounted: the map ends where it
+        ended, before it.
+        """
+        self.lifecycle.check_owner()
+        pending = lease.pending
+        if in_memory:
+            while True:
+                room = self.feed_room(lease)
+                chunk = list(itertools.islice(items, room))
+                if chunk:
+                    with self.lock:
+                        self.check_feed(lease)
+                        self.latency.put_at(self.dispatched + len(pending))
+                        pending.extend(chunk)
+                        self.wake_idle_dispatcher()
+                if len(chunk) < room:
+                    return
+        cap = self.in_q_max
+        append = pending.append
+        lifecycle = self.lifecycle
+        self.feed_room(lease)
+        for item in items:
+            if len(pending) >= cap or lease.cancelled or not lifecycle.accepting:
+                self.feed_room(lease)  # (raises if the map or the queue is closed)
+            append(item)
+            if self.dispatcher_idle:  # (read after the append: module docstring)
+                with self.lock:
+                    self.latency.put_at(self.dispatched + len(pending) - 1)
+                    self.wake_idle_dispatcher()
+
+    def check_feed(self, lease: MapLease) -> None:
+        """(lock held) Raise if the map's feeder may put no more."""
+        if lease.cancelled:
+            raise QueueStopped("the map was closed")
+        if not self.lifecycle.accepting:
+            raise self.lifecycle.refusal()
+
+    def feed_room(self, lease: MapLease) -> int:
+        """Wait until the map may put more (raising if it never will): how
+        many tasks, at most ``FEED_CHUNK``."""
+
+        def attempt(waited: bool) -> Any:
+            self.check_feed(lease)
+            room = min(FEED_CHUNK, self.in_q_max - len(lease.pending))
+            return room if room > 0 else NOT_YET
+
+        return int(self.when_room(None, attempt))
 
     def put_marker(self, marker: Any, timeout: Optional[float]) -> None:
         self.lifecycle.check_owner()

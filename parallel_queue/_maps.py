@@ -7,8 +7,8 @@ map ends the queue when it is done) or on a queue the caller keeps
 (``ParallelQueue.imap``: each of the map's packets carries the function, and
 the map gives the queue back when it is done).
 
-The feeder reads the input only as fast as the queue takes it (``put_many``
-blocks when ``in_q_max`` tasks wait), so an endless generator runs in flat
+The feeder reads the input only as fast as the queue takes it (``feed``
+waits while ``in_q_max`` tasks wait), outside the queue's lock, so an endless generator runs in flat
 memory; results are taken a whole packet at a time, so the cost per item is
 a list index, not a ``get()`` call.  Each task's exception is raised in its
 place; the iterator goes on after it, as ``Pool.imap``'s does.
@@ -24,7 +24,7 @@ import functools
 import threading
 import weakref
 from collections import deque
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, Optional, TypeVar
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple, Optional, Sized, TypeVar
 
 from ._aio import aget, aput
 from ._core import Core
@@ -33,13 +33,10 @@ from ._intake import MapLease
 from ._reaper import Watch, watch
 from ._threads import helper_thread, sigint_held_back
 
-__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "check_chunksize", "length", "source_of"]
+__all__ = ["IMapIterator", "AsyncIMapIterator", "NothingInHand", "Source", "check_chunksize", "length", "source_of"]
 
 R = TypeVar("R")
 
-# Tasks the feeder appends per lock round.  Larger means fewer rounds; the
-# queue's in_q_max still bounds what is read ahead of the workers.
-FEED_CHUNK = 256
 
 _EMPTY: Iterator[Any] = iter(())
 _RUN: Any = type(iter([]))  # a run of values in a map's hands
@@ -58,11 +55,10 @@ def end_map_input(core: Core, lease: MapLease) -> None:
         core.intake.end_lease_input(lease)
 
 
-def _feed(core: Core, source: Iterator[Any], input_error: list[BaseException], lease: MapLease, own: bool) -> None:
+def _feed(core: Core, source: Source, input_error: list[BaseException], lease: MapLease, own: bool) -> None:
     """Feeder thread: read the input, as fast as the queue takes it."""
     try:
-        while not core.intake.put_many(source, FEED_CHUNK, None, lease):
-            pass
+        core.intake.feed(source.items, lease, source.in_memory)
     except QueueStopped:
         return  # closed: stop reading
     except QueueBrokenError:
@@ -92,7 +88,7 @@ class IMapIterator(Iterator[R]):
         queue: Any,
         fn: Optional[Callable[..., Any]],
         form: int,
-        inputs: Optional[Iterator[Any]],
+        inputs: Optional[Source],
         chunksize: Optional[int],
         own: bool,
     ) -> None:
@@ -354,14 +350,24 @@ def length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
         return None
 
 
-def source_of(iterables: tuple[Iterable[Any], ...]) -> Iterator[Any]:
+class Source(NamedTuple):
+    """What a map's feeder reads: ``items``; ``in_memory`` if no read of it
+    can wait (every input is sized: a list, a range, an array), so it may
+    be read in chunks (see Intake.feed)."""
+
+    items: Iterator[Any]
+    in_memory: bool
+
+
+def source_of(iterables: tuple[Iterable[Any], ...]) -> Source:
     """What a map's feeder reads: the inputs themselves (one iterable) or
-    zip's tuples.  No Python code runs per item on the way in, and the items
-    pickle as compactly as they can.  TypeError without any iterable, as
-    the builtin map()."""
+    zip's tuples.  No Python code of ours runs per item of an input in
+    memory, and the items pickle as compactly as they can.  TypeError
+    without any iterable, as the builtin map()."""
     if not iterables:
         raise TypeError("imap() must have at least two arguments.")
-    return iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+    items = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
+    return Source(items, all(isinstance(i, Sized) for i in iterables))
 
 
 def check_chunksize(chunksize: Optional[int]) -> None:

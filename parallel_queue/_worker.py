@@ -232,6 +232,9 @@ class _Worker:
                 self.run_careful(pkt)
             else:
                 self.run_packet(pkt)
+            # Its views of the arguments ring go now, so that the next
+            # decode gives their range back (see decode).
+            del pkt, body
             self.prog[self.p0 + P_STAGE] = STAGE_IDLE
             if self.spec.max_tasks and self.done >= self.spec.max_tasks:
                 return

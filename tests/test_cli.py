@@ -10,6 +10,8 @@ import sys
 import pytest
 from conftest import ROOT
 
+import parallel_queue
+
 MODULE = """
 import os, time
 
@@ -126,19 +128,79 @@ def test_missing_file_is_exit_2(workdir):
     assert r.returncode == 2 and "no such file: nope.txt" in r.stderr
 
 
-def test_unreadable_input_is_one_line_exit_2_after_the_lines_before_it(workdir):
-    # Undecodable bytes far into the file: the lines before them come out,
-    # then one line says what could not be read (no traceback).
+@pytest.mark.parametrize("where", ["file", "stdin"])
+def test_a_line_that_is_not_utf8_ends_the_input_after_every_line_before_it(workdir, where):
+    """Undecodable bytes far into the input: every line before them comes
+    out, then one line names the bad line by its own number (no traceback);
+    a file and stdin behave the same.  Before, a file lost the lines decoded
+    in the same chunk as the bad byte and named the last line handed out
+    (3,498 lines out, "after line 3498", for a bad line 5001), and stdin
+    took the bytes silently."""
     lines = [f"line {i}" for i in range(20000)]
-    (workdir / "in.txt").write_bytes(("\n".join(lines) + "\n").encode() + b"\xff\xfe\n")
-    r = cli(workdir, "clitools:upper", "in.txt")
+    data = ("\n".join(lines) + "\n").encode() + b"ok \xc3\xa9\xff\xfe\n" + b"after\n"
+    if where == "file":
+        (workdir / "in.txt").write_bytes(data)
+        r = subprocess.run(
+            [sys.executable, "-m", "parallel_queue", "clitools:upper", "in.txt"],
+            capture_output=True,
+            cwd=workdir,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            timeout=60,
+        )
+        label = "in.txt"
+    else:
+        r = subprocess.run(
+            [sys.executable, "-m", "parallel_queue", "clitools:upper"],
+            input=data,
+            capture_output=True,
+            cwd=workdir,
+            env=dict(os.environ, PYTHONPATH=ROOT),
+            timeout=60,
+        )
+        label = "<stdin>"
     assert r.returncode == 2
-    out = r.stdout.splitlines()
-    assert 0 < len(out) <= len(lines)
-    assert out == [x.upper() for x in lines[: len(out)]]
-    assert r.stderr.count("\n") == 1, r.stderr
-    assert r.stderr.startswith("parallel-queue: error: cannot read in.txt after line ")
-    assert "UnicodeDecodeError" in r.stderr
+    assert r.stdout.decode().splitlines() == [x.upper() for x in lines]
+    assert r.stderr.decode() == f"parallel-queue: error: {label}:20001: not UTF-8 (byte 0xff at column 5)\n"
+
+
+def test_usage_version_and_a_directory(workdir):
+    """--version; FILE is optional (argparse listed it as required when the
+    function was missing); a directory is said to be one."""
+    r = cli(workdir, "--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"parallel-queue {parallel_queue.__version__}"
+    r = cli(workdir)
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[-1] == "parallel-queue: error: the following arguments are required: MODULE:FUNCTION"
+    (workdir / "adir").mkdir()
+    r = cli(workdir, "clitools:upper", "adir")
+    assert r.returncode == 2 and r.stderr == "parallel-queue: error: adir is a directory, not a file\n"
+
+
+def test_each_result_comes_out_while_the_input_waits(workdir):
+    """Output goes in chunks, but never waits for more input: a producer that
+    writes its next line only once it has read the previous result (a
+    conversation) goes through to the end; were results held back for a
+    chunk, this would wait for ever (the test's timeout)."""
+    tool = subprocess.Popen(
+        [sys.executable, "-m", "parallel_queue", "-j", "2", "clitools:upper"],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        cwd=workdir,
+        env=dict(os.environ, PYTHONPATH=ROOT, PYTHONUNBUFFERED="1"),
+        text=True,
+    )
+    try:
+        for i in range(20):
+            tool.stdin.write(f"word {i}\n")
+            tool.stdin.flush()
+            assert tool.stdout.readline() == f"WORD {i}\n"
+        tool.stdin.close()
+        assert tool.stdout.read() == ""
+        assert tool.wait(timeout=60) == 0
+    finally:
+        tool.kill()
+        tool.wait()
+        tool.stdout.close()
 
 
 def test_progress_bar(workdir):

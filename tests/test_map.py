@@ -60,6 +60,66 @@ def test_endless_input_is_read_lazily():
     assert descendants(os.getpid()) == []
 
 
+def test_an_input_that_waits_holds_up_nobody():
+    """Regression: the feeder read the input under the queue's lock, in
+    chunks: while a generator waited (on a pipe, a socket, an event), the
+    item it had yielded before did not run, and stats(), terminate() and the
+    dispatcher waited with it.  Now the item runs, and the queue answers."""
+    go_on = threading.Event()
+
+    def waits_after_one():
+        yield -1
+        go_on.wait()
+        yield -2
+
+    q = ParallelQueue(num_workers=2)
+    try:
+        it = q.imap(abs, waits_after_one())
+        first = []
+        getter = threading.Thread(target=lambda: first.append(next(it)))
+        getter.start()
+        getter.join(60)
+        assert first == [1]  # while the input still waits
+        assert q.stats().tasks_put == 1
+        go_on.set()
+        assert list(it) == [2]
+        # And terminate() while the input waits:
+        go_on.clear()
+        it = q.imap(abs, waits_after_one())
+        assert next(it) == 1
+        ender = threading.Thread(target=q.terminate)
+        ender.start()
+        ender.join(60)
+        assert not ender.is_alive()
+    finally:
+        go_on.set()  # (the feeder, blocked in the input, reads on and stops)
+        q.terminate()
+
+
+def test_a_producer_that_waits_for_each_result_goes_on():
+    """A conversation: the input yields its next item only once the result of
+    the one before came out.  Read in chunks (or with an item held back
+    until more came), this waited for ever."""
+    seen = queue.Queue()
+
+    def conversation():
+        x = 0
+        for _ in range(50):
+            yield x
+            x = (seen.get() + 1) % 1000
+
+    it = imap(square, conversation(), num_workers=2)
+    out = []
+    for r in it:
+        out.append(r)
+        seen.put(r)
+    expected, x = [], 0
+    for _ in range(50):
+        expected.append(x * x)
+        x = (x * x + 1) % 1000
+    assert out == expected
+
+
 def test_exception_in_place_and_iteration_goes_on():
     out = drain(imap(fail_on_3, range(6), num_workers=2), ValueError)
     assert out == [0, 1, 2, "ValueError: three: 3", 4, 5]
