@@ -10,6 +10,7 @@
 from ._errors import (
     ParallelQueueError,
     QueueBrokenError,
+    QueueClosedError,
     QueueStopped,
     RemoteError,
     TaskTimeoutError,
@@ -35,6 +36,7 @@ __all__ = [
     "QueueStats",
     "ParallelQueueError",
     "QueueStopped",
+    "QueueClosedError",
     "QueueBrokenError",
     "WorkerInitError",
     "WorkerLostError",

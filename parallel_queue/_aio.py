@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import queue
 import weakref
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
 from ._errors import QueueStopped
 from ._threads import run_whole
@@ -120,6 +120,16 @@ async def aget(core: Core, get: Callable[[], Any]) -> Any:
     return await _call_when_ready(core, get, "get")
 
 
-async def aput(core: Core, put: Callable[[], None]) -> None:
-    """``put()`` for coroutines (``put`` raises ``queue.Full`` instead of waiting)."""
-    await _call_when_ready(core, put, "put")
+async def aput(core: Core, put: Callable[[], None], timeout: Optional[float] = None) -> None:
+    """``put()`` for coroutines (``put`` raises ``queue.Full`` instead of
+    waiting); ``queue.Full`` after ``timeout`` seconds without room.  A
+    cancelled or timed-out wait has put nothing."""
+    if timeout is None:
+        await _call_when_ready(core, put, "put")
+        return
+    if timeout < 0:
+        raise ValueError("'timeout' must be a non-negative number")
+    try:
+        await asyncio.wait_for(_call_when_ready(core, put, "put"), timeout)
+    except asyncio.TimeoutError:
+        raise queue.Full from None

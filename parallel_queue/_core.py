@@ -228,6 +228,22 @@ class Core:
         self.lifecycle.check_owner()
         return self.engine.is_alive()
 
+    def backlog(self) -> int:
+        """Tasks and markers put whose result (or error, or the marker) get()
+        has not handed out; 0 once terminated (nothing more will come)."""
+        self.lifecycle.check_owner()
+        with self.delivery.lock, self.lock:  # (the order: module docstring)
+            if self.lifecycle.terminated:
+                return 0
+            intake, delivery = self.intake, self.delivery
+            delivered = delivery.moved - len(delivery.ready)  # (see Delivery.delivered, whose lock is held)
+            return intake.tasks_put - delivered + intake.markers_put - intake.markers_taken
+
+    def full(self) -> bool:
+        """A task put now would wait for room."""
+        with self.lock:
+            return len(self.intake.queued()) >= self.intake.in_q_max
+
     def stats(self) -> QueueStats:
         self.lifecycle.check_owner()
         delivered = self.delivery.delivered

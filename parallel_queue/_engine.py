@@ -242,6 +242,10 @@ class ProcessEngine:
         where the system has none to give (the pipes carry everything)."""
         rings: list[SlotRings] = []
         try:
+            # One descriptor each, kept while the queue runs: only where the
+            # limit leaves room for them beside every pipe and process start
+            # still to come (three descriptors a worker, and a start's own).
+            _wire.reserve_descriptors(n + 3 * n + DESCRIPTORS_PER_START)
             for _ in range(n):
                 region = Region.create(RING_BYTES)
                 if region is None:
@@ -444,8 +448,6 @@ class ProcessEngine:
         ignored"): the program goes on; half-way through multiprocessing's
         heap bookkeeping, it also leaves that inconsistent."""
         with sigint_held_back():
-            for rings in self.rings:
-                rings.let_go()
             self.rings = []
             self.reorder = self.max_packet_id = self.progress = None
             if self.dispatcher is not None:

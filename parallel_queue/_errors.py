@@ -7,6 +7,7 @@ import queue
 __all__ = [
     "ParallelQueueError",
     "QueueStopped",
+    "QueueClosedError",
     "QueueBrokenError",
     "WorkerInitError",
     "WorkerLostError",
@@ -20,13 +21,29 @@ class ParallelQueueError(Exception):
 
 
 class QueueStopped(queue.Empty, ParallelQueueError):
-    """The queue was stopped: nothing more will ever come out, or go in.
+    """The queue was stopped: nothing more will ever come out.
 
     ``get()`` raises it once ``stop()`` was called and every result put
-    before it was delivered (waiting would never end); ``put()`` raises it
-    after ``stop()`` or ``terminate()``.  It subclasses ``queue.Empty`` so a
-    0.5-style loop that ends on ``Empty`` ends here too.
+    before it was delivered (waiting would never end), or after
+    ``terminate()``.  It subclasses ``queue.Empty`` so a 0.5-style loop that
+    ends on ``Empty`` ends here too.  A loop that goes on after
+    ``queue.Empty`` must catch it first, or it spins for ever once the queue
+    is stopped::
+
+        while True:
+            try:
+                result = q.get(timeout=1)
+            except QueueStopped:
+                break  # every result is out
+            except queue.Empty:
+                continue  # nothing yet: do something else, then wait again
     """
+
+
+class QueueClosedError(ParallelQueueError, RuntimeError):
+    """``put()`` (or a map) on a queue that takes no more tasks: ``stop()``
+    or ``terminate()`` was called.  (Not a ``queue.Empty``, as
+    ``QueueStopped`` is: a put that fails says why.)"""
 
 
 class QueueBrokenError(ParallelQueueError, RuntimeError):

@@ -46,7 +46,7 @@ import enum
 import os
 from typing import Optional
 
-from ._errors import QueueStopped, fresh_copy
+from ._errors import QueueClosedError, QueueStopped, fresh_copy
 
 __all__ = ["State", "Lifecycle"]
 
@@ -143,8 +143,10 @@ class Lifecycle:
         if self.error is not None:
             return fresh_copy(self.error)
         if self.state is State.TERMINATED:
-            return QueueStopped("the queue was terminated")
-        return QueueStopped("stop() was called while put() waited" if after_wait else "put() after stop()")
+            return QueueClosedError("the queue was terminated: it takes no more tasks")
+        if after_wait:
+            return QueueClosedError("stop() was called while put() waited: the queue takes no more tasks")
+        return QueueClosedError("put() after stop(): the queue takes no more tasks")
 
     def end_of_results(self, delivered: int) -> Optional[BaseException]:
         """What get() raises once ``delivered`` results are out and nothing is in

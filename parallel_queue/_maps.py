@@ -28,7 +28,7 @@ from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterat
 
 from ._aio import aget, aput
 from ._core import Core
-from ._errors import QueueBrokenError, QueueStopped
+from ._errors import QueueBrokenError, QueueClosedError, QueueStopped
 from ._intake import MapLease
 from ._reaper import Watch, watch
 from ._threads import helper_thread, sigint_held_back
@@ -59,7 +59,7 @@ def _feed(core: Core, source: Source, input_error: list[BaseException], lease: M
     """Feeder thread: read the input, as fast as the queue takes it."""
     try:
         core.intake.feed(source.items, lease, source.in_memory)
-    except QueueStopped:
+    except (QueueStopped, QueueClosedError):
         return  # closed: stop reading
     except QueueBrokenError:
         return  # the consumer side reports it
@@ -328,7 +328,7 @@ async def _feed_async(
         async for x in source:
             # A map's own queue over one iterable: the item is the argument.
             await aput(core, functools.partial(_put_one, intake, x, lease))
-    except QueueStopped:
+    except (QueueStopped, QueueClosedError):
         return
     except QueueBrokenError:
         return  # the consumer side reports it (as _feed)

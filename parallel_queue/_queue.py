@@ -148,6 +148,31 @@ class _QueueBase(Generic[R]):
             pass  # (not the slow path in here: its exceptions would chain this one)
         return self._delivery.get(block, timeout)  # type: ignore[no-any-return]
 
+    def get_nowait(self) -> R:
+        """``get(block=False)``: the next result if it is ready, else ``queue.Empty``."""
+        return self.get(False)
+
+    def qsize(self) -> int:
+        """How many results ``get()`` has yet to hand out: tasks and markers
+        put whose result (or error, or the marker itself) it has not
+        returned, whether waiting, running or ready.  As for
+        ``queue.Queue``, a snapshot that other threads' puts and gets may
+        change at once; 0 after ``terminate()``."""
+        return self._core.backlog()
+
+    def empty(self) -> bool:
+        """``qsize() == 0``: every result put so far was handed out, so
+        ``get()`` would wait for a task not yet put (or raise
+        ``QueueStopped`` once stopped).  Unlike ``queue.Queue.empty()``,
+        results still being computed count as in the queue: ``while not
+        q.empty(): q.get()`` collects every result put before it."""
+        return self._core.backlog() == 0
+
+    def full(self) -> bool:
+        """True if a task put now would wait: ``in_q_max`` tasks wait to be
+        sent to the workers.  A snapshot, as ``qsize()``."""
+        return self._core.full()
+
     def stats(self) -> QueueStats:
         """A snapshot of the queue's counters and put-to-get latency (see ``QueueStats``)."""
         return self._core.stats()
@@ -167,10 +192,13 @@ class _QueueBase(Generic[R]):
         ``timeout`` is shared by all of them; check ``is_alive()`` to learn
         whether they ended in time.  Results not yet collected stay
         available to ``get()``.  Any number of times, in any order with
-        ``stop()`` and ``terminate()``.  Called on a queue not yet stopped,
-        it waits until another thread calls ``stop()`` (and the tasks put
-        before it are done) or ``terminate()``, or until ``timeout``.
+        ``stop()`` and ``terminate()``, but not before either (nor a fault
+        that broke the queue): then it raises ``ValueError``, as
+        ``multiprocessing.Pool.join()`` does, for it would wait for ever.
         """
+        self._core.lifecycle.check_owner()
+        if self._core.lifecycle.accepting:
+            raise ValueError("join() before stop() or terminate(): the queue still takes tasks, it would wait for ever")
         if self._core.join(timeout):
             self._watch.cancel()
 
@@ -268,9 +296,13 @@ class ParallelQueue(_QueueBase[Any]):
 
         The task and its arguments travel with cloudpickle, so lambdas and
         closures work.  Blocks while ``in_q_max`` tasks wait to be sent;
-        raises ``queue.Full`` after ``timeout`` seconds.  A marker with
-        arguments raises ``ValueError``.  Thread-safe: the order of results
-        is the order in which ``put()`` calls returned.
+        raises ``queue.Full`` after ``timeout`` seconds.  ``timeout`` is
+        put()'s own, never the task's (as in 0.5); to hand the task a
+        keyword named ``timeout``, put a ``functools.partial``:
+        ``q.put(functools.partial(fetch, url, timeout=5))``.  A marker with
+        arguments raises ``ValueError``; a put after ``stop()`` or
+        ``terminate()`` raises ``QueueClosedError``.  Thread-safe: the order
+        of results is the order in which ``put()`` calls returned.
         """
         if callable(task):
             i = self._intake
@@ -312,15 +344,21 @@ class ParallelQueue(_QueueBase[Any]):
         form = STAR if len(iterables) > 1 else ONE
         return IMapIterator(self, fn, form, source, chunksize, own=False)
 
-    async def aput(self, task: Any, *args: Any, **kwargs: Any) -> None:
-        """``put()`` for asyncio: waits for room without blocking the event loop."""
+    def put_nowait(self, task: Any, *args: Any, **kwargs: Any) -> None:
+        """``put()`` that never waits: ``queue.Full`` at once if there is no room."""
+        self.put(task, *args, timeout=0, **kwargs)
+
+    async def aput(self, task: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
+        """``put()`` for asyncio: waits for room without blocking the event
+        loop; ``queue.Full`` after ``timeout`` seconds (put()'s own, as for
+        ``put()``: see there for a task's keyword of that name)."""
         if callable(task):
             item = (task, args, kwargs or None)
-            await _aio.aput(self._core, lambda: self._intake.put_task(item, 0))
+            await _aio.aput(self._core, lambda: self._intake.put_task(item, 0), timeout)
         elif args or kwargs:
             raise _marker_with_arguments(task)
         else:
-            await _aio.aput(self._core, lambda: self._intake.put_marker(task, 0))
+            await _aio.aput(self._core, lambda: self._intake.put_marker(task, 0), timeout)
 
 
 class ParallelSingleTaskQueue(_QueueBase[R]):
@@ -364,13 +402,25 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
             raise TypeError(f"task_fn must be callable, got {type(task_fn).__name__}")
         self._open(task_fn, locals())
 
-    async def aput(self, *args: Any, **kwargs: Any) -> None:
-        """``put()`` for asyncio: waits for room without blocking the event loop."""
+    async def aput(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
+        """``put()`` for asyncio: waits for room without blocking the event
+        loop; ``queue.Full`` after ``timeout`` seconds (put()'s own)."""
         item = (args, kwargs or None)
-        await _aio.aput(self._core, lambda: self._intake.put_task(item, 0))
+        await _aio.aput(self._core, lambda: self._intake.put_task(item, 0), timeout)
+
+    def put_nowait(self, *args: Any, **kwargs: Any) -> None:
+        """``put()`` that never waits: ``queue.Full`` at once if there is no room."""
+        self.put(*args, timeout=0, **kwargs)
 
     def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
-        """Queue one call ``task_fn(*args, **kwargs)`` (``timeout`` is put's own)."""
+        """Queue one call ``task_fn(*args, **kwargs)``.
+
+        ``timeout`` is put()'s own (``queue.Full`` after that many seconds
+        without room), never the task's, as in 0.5.  To hand ``task_fn`` a
+        keyword named ``timeout``, give the queue a function that takes it
+        by another name, or use ``ParallelQueue`` with a
+        ``functools.partial``.  After ``stop()`` or ``terminate()``:
+        ``QueueClosedError``."""
         i = self._intake
         item = (args, kwargs or None)
         if i.fast_put and len(i.pending) < i.in_q_max:  # see ParallelQueue.put

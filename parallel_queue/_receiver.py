@@ -58,12 +58,13 @@ class Receiver:
         self.closed = False
         self.cut = False  # a Ctrl-C cut a read short: what follows cannot be trusted (read_available)
         # Each slot's results ring (see _region), if the engine has them; and
-        # the view of one on the first packet's buffers, held until that
-        # packet is taken: a peek() cut short by Ctrl-C decodes it again, on
-        # the same view (were it let go, its range could be given back, and
-        # overwritten, before the packet is taken).
+        # the first packet's buffers read from one, with where they were,
+        # until that packet is taken: a peek() cut short by Ctrl-C decodes
+        # it again from the same copy (the range goes back to the worker,
+        # to be written over, once the packet is taken).
         self.rings: list[Any] = []
-        self.held: Optional[tuple[Any, memoryview]] = None
+        self.held: Optional[tuple[Any, memoryview, Any, int, int]] = None
+        self.to_give: Optional[tuple[Any, memoryview, Any, int, int]] = None
 
     @property
     def eof(self) -> bool:
@@ -94,17 +95,27 @@ class Receiver:
         bodies = self.bodies
         if bodies and bodies[0] is body:
             self.decoded = decoded  # (before the pop: a run cut short between them runs again)
+            held = self.held
+            if held is not None and held[0] is body:
+                # Its buffers' range of the ring goes back to the worker once
+                # the packet is gone from the line, not as it is read: a
+                # peek cut short by Ctrl-C reads it again.
+                self.to_give = held
+                self.held = None
             bodies.popleft()
-            self.held = None
-            # The ranges of values gone by now go back to the workers.  Here,
-            # not as a packet is decoded: a press there may have let go of
-            # the view on that packet's range before it was held (see peek),
-            # and the range must stay until the packet is taken.
-            for ring in self.rings:
-                ring.reclaim()
-            if self.closed and not bodies:
-                self.let_go_rings()
             self.reader.give_back(body)  # (kept for the next frame only if nothing uses it)
+        self.give_pending()
+
+    def give_pending(self) -> None:
+        """Give back the ring range of the packet last taken, and the copy it
+        was read into (that once: see BodyPool)."""
+        pending = self.to_give
+        if pending is None:
+            return
+        _, view, ring, start, end = pending
+        ring.give_back(start, end)  # (again after a cut: a no-op)
+        self.to_give = None
+        self.reader.give_back(view.obj)
 
     def decode(self, body: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
         """(packets in order) A packet's ``(values, errors)``, and its number
@@ -125,8 +136,10 @@ class Receiver:
                 held = self.held
                 if held is not None and held[0] is body:
                     return held[1]
-                view: memoryview = ring.view(start, data, end)
-                self.held = (body, view)
+                into = self.reader.pool.take(end - data)
+                ring.read(data, end, into)
+                view = memoryview(into)
+                self.held = (body, view, ring, start, end)
                 return view
 
         payload, buffers = split_result(body, header, view_of)
@@ -251,11 +264,3 @@ class Receiver:
             return
         self.closed = True
         self.close_if_unwatched()
-        if not self.bodies:
-            self.let_go_rings()  # (otherwise once the last packet read is taken)
-
-    def let_go_rings(self) -> None:
-        """(closed, every packet read taken) The rings will not be read again."""
-        for ring in self.rings:
-            ring.close()
-        self.rings = []

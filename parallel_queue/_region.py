@@ -1,8 +1,8 @@
 """Shared-memory rings: large buffers cross between processes without a pipe.
 
 Each worker slot has one region: an anonymous memory file (``memfd``, no
-name anywhere: its memory goes with the last process that holds it open or
-mapped, however that process dies) holding two rings::
+name anywhere: its memory goes with the last process that holds it open,
+however that process dies) holding two rings::
 
     page 0    results ring cells  TAIL (main process) | HEAD, FRAME_FROM, FRAME_PACKET (worker)
     page 1    arguments ring cells  TAIL (worker) | HEAD (dispatcher)
@@ -11,44 +11,49 @@ mapped, however that process dies) holding two rings::
 
 A frame whose pickle has large out-of-band buffers (see _payload) puts as
 many of them as fit into its ring and carries only their places: the
-consumer orders a frame of a few hundred bytes while the megabytes go
-straight from the worker to the main process.  Buffers that do not fit go
-in the frame, through the pipes, as before: a full ring slows nothing
-down but itself.
+consumer orders a frame of a few hundred bytes while the megabytes go from
+the worker to the main process (or from the dispatcher to the worker)
+without it.  Buffers that do not fit go in the frame, through the pipes,
+as before: a full ring slows nothing down but itself.
+
+Nobody maps a region.  The writer copies its buffers in with one
+``pwritev`` (gathered from where they are), the reader copies them out with
+one ``preadv`` into memory of its own (the main process into a pooled body,
+see _wire.BodyPool); the memory file's pages are used again lap after lap,
+never faulted in afresh.  So what a program gets is its own memory, as
+from a pipe: a child it forks has a copy, not a view that the next result
+overwrites, and a result it keeps holds nothing of the ring.
 
 Positions are bytes since the ring was made (64 bits: they never wrap); a
 position's place in the ring is ``position % size``.  One writer advances
-HEAD, one reader advances TAIL, each the only writer of its cell; a frame's
-buffers take one contiguous range ``[start, end)`` (``start`` counts the
-end of the ring skipped so that the range does not wrap), and the reader
-gives ranges back in ring order, as the views on them die (an array
-loaded on one keeps its range, and every later one, until it is dropped;
-the writer then falls back to the pipe).  The reader notices dead views
-when it next reads a frame with buffers (``reclaim``), not in a callback:
-a Ctrl-C landing in a weak reference's callback is swallowed by Python.
+HEAD, one reader advances TAIL, each the only writer of its cell (an
+aligned 8-byte write, read whole).  A frame's buffers take one contiguous
+range ``[start, end)`` (``start`` counts the end of the ring skipped so
+that the range does not wrap).  The reader gives a range back once the
+frame is taken (the main process: see Receiver.taken; a re-read after a
+Ctrl-C must find it unchanged), in ring order.
 
 A worker that dies leaves the slot's region to the next worker in the
 slot: it goes on from HEAD.  Before writing a frame, the worker records the
 frame's range and packet in FRAME_FROM and FRAME_PACKET, and clears
 FRAME_PACKET once the frame is written whole; a worker that died in between
-left a range that nobody may be reading: the dispatcher gives it back
-unless the consumer received that packet (see Dispatcher.on_drained).  The
-arguments ring is simpler: once its worker is dead nobody reads it, and
-the dispatcher empties it before the next worker starts.
+left a range that nobody may read: the dispatcher gives it back unless the
+consumer received that packet (see Dispatcher.on_drained).  The arguments
+ring is simpler: once its worker is dead nobody reads it, and the
+dispatcher empties it before the next worker starts.
 """
 
 from __future__ import annotations
 
-import ctypes
 import mmap
 import os
 import struct
-import weakref
-from typing import Any, Callable, Optional, Sequence
+import threading
+from typing import Any, Optional, Sequence
 
-from ._wire import NOT_SHARED, Fd, Placement, close_fd, own_fd
+from ._wire import NOT_SHARED, WRITEV_MAX, Fd, Placement, close_fd, own_fd
 
-__all__ = ["RING_BYTES", "SHARED_MIN", "Region", "SlotRings", "RingReader", "RingWriter", "attach"]
+__all__ = ["RING_BYTES", "SHARED_MIN", "Region", "SlotRings", "RingReader", "RingWriter"]
 
 # A ring's size.  Packets are sized to about a megabyte (see _scheduler), so
 # a ring holds dozens of them, or four buffers of 8 MiB; only the pages
@@ -57,23 +62,25 @@ RING_BYTES = 32 << 20
 # Buffers this large or larger travel in the ring (smaller ones are copied
 # into the pickle's stream anyway, see _payload.OOB_MIN).
 SHARED_MIN = 1 << 16
-# Each buffer starts at a multiple of this (an array's items are aligned).
+# Each buffer starts at a multiple of this (an array's items stay aligned in
+# the reader's copy, which keeps the same offsets).
 ALIGN = 64
+_PADDING = bytes(ALIGN)
 
 _PAGE = mmap.PAGESIZE
-_CELL = struct.Struct("Q")  # native: one aligned 8-byte access
 _CELLS = 2 * _PAGE  # the two pages of cells
-# Cells (64-bit, aligned: a store or a load of one is a single access).
+_CELL = struct.Struct("Q")
+# Cells, 8 bytes each.
 TAIL, HEAD, FRAME_FROM, FRAME_PACKET = 0, 8, 16, 24
+_FRAME = struct.Struct("QQQ")  # HEAD, FRAME_FROM, FRAME_PACKET, written at once
 NO_FRAME = (1 << 64) - 1  # FRAME_PACKET once the frame is written whole
 RESULTS, ARGS = 0, 1  # which ring of a region
 
 _MFD_CLOEXEC = getattr(os, "MFD_CLOEXEC", 1)
-_MADV_REMOVE = getattr(mmap, "MADV_REMOVE", None)
 
 
 class Region:
-    """A slot's shared memory, as its owner (the main process) holds it."""
+    """A slot's shared memory: its descriptor."""
 
     def __init__(self, fd: Fd, ring_bytes: int) -> None:
         self.fd = fd
@@ -89,51 +96,30 @@ class Region:
         fd = create("parallel_queue", _MFD_CLOEXEC)
         try:
             os.ftruncate(fd, _CELLS + 2 * ring_bytes)
+            os.pwrite(fd, _CELL.pack(NO_FRAME), FRAME_PACKET)  # (no worker has begun a frame)
         except BaseException:
             os.close(fd)
             raise
         return cls(own_fd(fd), ring_bytes)
 
-    def mapping(self) -> mmap.mmap:
-        """The whole region, mapped shared and writable.  (A child forked
-        later inherits it, as it does all memory: results the program holds
-        on it must stay readable there.)"""
-        return _map(self.fd, self.ring_bytes)
-
     def close(self) -> None:
-        """Let go of the descriptor (mappings keep the memory while they live)."""
         close_fd(self.fd)
 
 
-def _map(fd: Fd, ring_bytes: int) -> mmap.mmap:
-    """A region mapped whole, shared and writable; where Python allows it,
-    the mapping keeps no descriptor of its own (every mapping would hold
-    one otherwise, for as long as results on it live)."""
-    try:
-        return mmap.mmap(fd.fd, _CELLS + 2 * ring_bytes, trackfd=False)  # type: ignore[call-arg]
-    except TypeError:  # before Python 3.13
-        return mmap.mmap(fd.fd, _CELLS + 2 * ring_bytes)
-
-
 class _Ring:
-    """One ring of a region's mapping ``mm``: its cells, and its data.
+    """One ring of a region, read and written through its descriptor."""
 
-    The cells are read and written with native 8-byte loads and stores at
-    aligned places (one access each, not byte by byte), through no lasting
-    view of the mapping: a mapping with no view on it can be closed at once
-    (see SlotRings.let_go)."""
-
-    def __init__(self, mm: mmap.mmap, which: int, ring_bytes: int) -> None:
-        self.mm = mm
+    def __init__(self, fd: Fd, which: int, ring_bytes: int) -> None:
+        self.fd = fd
         self.size = ring_bytes
         self.base = _CELLS + which * ring_bytes
         self.cells = which * _PAGE
 
     def cell(self, offset: int) -> int:
-        return int(_CELL.unpack_from(self.mm, self.cells + offset)[0])
+        return int(_CELL.unpack(os.pread(self.fd.fd, 8, self.cells + offset))[0])
 
     def set_cell(self, offset: int, value: int) -> None:
-        _CELL.pack_into(self.mm, self.cells + offset, value)
+        os.pwrite(self.fd.fd, _CELL.pack(value), self.cells + offset)
 
 
 def _aligned(n: int) -> int:
@@ -144,8 +130,8 @@ class RingWriter(_Ring):
     """The writing end of one ring (a worker's results; the dispatcher's
     arguments for one slot)."""
 
-    def __init__(self, mm: mmap.mmap, which: int, ring_bytes: int) -> None:
-        super().__init__(mm, which, ring_bytes)
+    def __init__(self, fd: Fd, which: int, ring_bytes: int) -> None:
+        super().__init__(fd, which, ring_bytes)
         self.head = self.cell(HEAD)  # (a worker goes on where the one before it stopped)
 
     def place(self, buffers: Sequence[memoryview]) -> Optional[Placement]:
@@ -168,27 +154,29 @@ class RingWriter(_Ring):
             head += skipped
             at, room = 0, free - skipped
         positions: list[int] = []
-        used = 0
-        mm, base = self.mm, self.base + at
+        parts: list[Any] = []
+        used = written = 0
         for b in buffers:
             n = b.nbytes
             if n < SHARED_MIN or _aligned(n) > room - used:
                 positions.append(NOT_SHARED)
                 continue
-            mm[base + used : base + used + n] = b
+            if written < used:
+                parts.append(_PADDING[: used - written])  # (the previous one's alignment)
+            parts.append(b)
             positions.append(head + used)
             used += _aligned(n)
+            written = used - _aligned(n) + n
         if not used:
             return None
+        _write_all(self.fd.fd, parts, self.base + at)
         self.head = end = head + used
         return Placement(start, end, positions)
 
     def publish(self, placement: Placement, packet_id: int) -> None:
         """(results ring) The frame about to be written took ``placement``:
         recorded, in case the worker dies before it is written whole."""
-        self.set_cell(FRAME_FROM, placement.start)
-        self.set_cell(FRAME_PACKET, packet_id)
-        self.set_cell(HEAD, placement.end)
+        os.pwrite(self.fd.fd, _FRAME.pack(placement.end, placement.start, packet_id), self.cells + HEAD)
 
     def written(self) -> None:
         """(results ring) The frame of the last ``publish`` is written whole."""
@@ -200,57 +188,59 @@ class RingWriter(_Ring):
         self.set_cell(TAIL, self.head)
 
 
+def _write_all(fd: int, parts: list[Any], offset: int) -> None:
+    """Write ``parts`` one after the other from ``offset``, with as few
+    system calls as the kernel allows (IOV_MAX)."""
+    for k in range(0, len(parts), WRITEV_MAX):
+        batch = [memoryview(p).cast("B") for p in parts[k : k + WRITEV_MAX]]
+        while batch:
+            n = os.pwritev(fd, batch, offset)
+            offset += n
+            while batch and n >= batch[0].nbytes:
+                n -= batch[0].nbytes
+                batch.pop(0)
+            if n:
+                batch[0] = batch[0][n:]
+
+
 class RingReader(_Ring):
     """The reading end of one ring (the main process's for a slot's
     results; a worker's for its arguments)."""
 
-    def __init__(self, mm: mmap.mmap, which: int, ring_bytes: int) -> None:
-        super().__init__(mm, which, ring_bytes)
+    def __init__(self, fd: Fd, which: int, ring_bytes: int) -> None:
+        super().__init__(fd, which, ring_bytes)
         self.tail = self.cell(TAIL)
-        # Ranges read, by start: (end, a weak reference to the view on it,
-        # or None for a range given back without one).
-        self.ranges: dict[int, tuple[int, Optional[Callable[[], Any]]]] = {}
+        self.done: dict[int, int] = {}  # ranges given back, by start: their end
+        self.lock = threading.Lock()  # (the dispatcher gives back too: forget)
 
-    def view(self, start: int, data: int, end: int) -> memoryview:
-        """A writable view of the ring from ``data`` to ``end``, in the frame
-        range starting at ``start``: the range is given back once the view,
-        and everything made on it, is gone (see reclaim)."""
-        at = self.base + data % self.size
-        block = (ctypes.c_ubyte * (end - data)).from_buffer(self.mm, at)
-        self.ranges[start] = (end, weakref.ref(block))
-        return memoryview(block)
+    def read(self, data: int, end: int, into: Any) -> None:
+        """Copy the ring from position ``data`` to ``end`` into ``into``."""
+        view = memoryview(into).cast("B")[: end - data]
+        offset = self.base + data % self.size
+        while view.nbytes:
+            n = os.preadv(self.fd.fd, [view], offset)
+            if n <= 0:
+                raise OSError("a ring ended early")  # (cannot happen: the file has its size)
+            view, offset = view[n:], offset + n
 
-    def close(self) -> None:
-        """No more frames will be read: the mapping is closed now (its
-        descriptor with it), unless results on it live; then it goes with
-        the last of them."""
-        try:
-            self.mm.close()
-        except BufferError:
-            pass
+    def give_back(self, start: int, end: int) -> None:
+        """The range ``[start, end)`` is read (or will never be): the writer
+        may use it again, once every range before it is given back too.
+        Idempotent step by step (a Ctrl-C may cut it anywhere): a range is
+        recorded first, then the tail moves, then the record goes."""
+        with self.lock:
+            done = self.done
+            done[start] = end
+            while True:
+                tail = self.tail
+                end = done.get(tail, -1)
+                if end < 0:
+                    return
+                self.tail = end
+                self.set_cell(TAIL, end)
+                done.pop(tail, None)
 
-    def forget(self, start: int, end: int) -> None:
-        """Give the range back: nobody will read it (see Dispatcher.on_drained).
-        May be called from another thread than the reader's."""
-        self.ranges[start] = (end, None)
-
-    def reclaim(self) -> None:
-        """Give back, in ring order, the ranges whose views are gone.
-
-        Idempotent step by step (a Ctrl-C may cut it anywhere): the tail
-        moves first, then the range is dropped from the table."""
-        ranges = self.ranges
-        while True:
-            tail = self.tail
-            entry = ranges.get(tail)
-            if entry is None:
-                return
-            end, ref = entry
-            if ref is not None and ref() is not None:
-                return
-            self.tail = end
-            self.set_cell(TAIL, end)
-            ranges.pop(tail, None)
+    forget = give_back  # a range nobody will read (see Dispatcher.on_drained)
 
 
 class SlotRings:
@@ -259,19 +249,8 @@ class SlotRings:
 
     def __init__(self, region: Region) -> None:
         self.region = region
-        self.mm = region.mapping()
-        self.results = RingReader(self.mm, RESULTS, region.ring_bytes)
-        self.results.set_cell(FRAME_PACKET, NO_FRAME)  # (no worker has begun a frame)
-        self.args = RingWriter(self.mm, ARGS, region.ring_bytes)
-
-    def let_go(self) -> None:
-        """(every worker is gone) The arguments ring's memory goes back to the
-        system now; the results ring's stays while results on it live."""
-        if _MADV_REMOVE is not None and not self.mm.closed:
-            try:
-                self.mm.madvise(_MADV_REMOVE, self.args.base, self.args.size)
-            except OSError:
-                pass
+        self.results = RingReader(region.fd, RESULTS, region.ring_bytes)
+        self.args = RingWriter(region.fd, ARGS, region.ring_bytes)
 
     def in_doubt(self) -> Optional[tuple[int, int, int]]:
         """(the slot's worker is dead) The results range and packet id of a
@@ -285,7 +264,6 @@ class SlotRings:
         return ring.cell(FRAME_FROM), ring.cell(HEAD), packet
 
 
-def attach(region_fd: Fd, ring_bytes: int) -> tuple[RingWriter, RingReader]:
+def attach(region: Fd, ring_bytes: int) -> tuple[RingWriter, RingReader]:
     """In a worker: its results writer and its arguments reader."""
-    mm = _map(region_fd, ring_bytes)
-    return RingWriter(mm, RESULTS, ring_bytes), RingReader(mm, ARGS, ring_bytes)
+    return RingWriter(region, RESULTS, ring_bytes), RingReader(region, ARGS, ring_bytes)

@@ -193,23 +193,33 @@ class _Worker:
         self.stash: list[bytearray] = []
         # What our own pipes are: a task may close them (os.closerange) and
         # even open files that take their numbers (see check_own_pipes).
-        self.pipes = {fd: _identity(fd) for fd in (spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd)}
+        ours = [spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd]
         # The slot's rings (see _region): results out, arguments in.
         self.results_ring: Optional[RingWriter] = None
         self.args_ring: Optional[RingReader] = None
         if spec.region is not None:
             self.results_ring, self.args_ring = attach(spec.region, spec.ring_bytes)
-            _wire.close_fd(spec.region)  # (the mapping holds the memory)
+            ours.append(spec.region.fd)
+        self.pipes = {fd: _identity(fd) for fd in ours}
         self.prog[self.p0 + P_STAGE] = STAGE_IDLE  # past worker_init_f: a death is no start-up death
 
     def decode(self, body: bytearray) -> _wire.TaskPacket:
-        """A task packet, its buffers in the arguments ring viewed where they
-        are (the ranges of packets run before are given back first)."""
+        """A task packet, its buffers in the arguments ring copied into
+        memory of the worker's own (a helper process a task forks keeps a
+        copy of its arguments, not a view of the ring that later packets
+        write over); the range goes back to the dispatcher at once."""
         ring = self.args_ring
         if ring is None:
             return _wire.decode_tasks(body)
-        ring.reclaim()
-        return _wire.decode_tasks(body, ring.view)
+
+        def view_of(start: int, data: int, end: int) -> memoryview:
+            assert ring is not None
+            into = bytearray(end - data)
+            ring.read(data, end, into)
+            ring.give_back(start, end)
+            return memoryview(into)
+
+        return _wire.decode_tasks(body, view_of)
 
     def step(self, stage: int, k: int) -> None:
         """Record that the worker now does ``stage`` for task ``k`` of its
@@ -232,9 +242,6 @@ class _Worker:
                 self.run_careful(pkt)
             else:
                 self.run_packet(pkt)
-            # Its views of the arguments ring go now, so that the next
-            # decode gives their range back (see decode).
-            del pkt, body
             self.prog[self.p0 + P_STAGE] = STAGE_IDLE
             if self.spec.max_tasks and self.done >= self.spec.max_tasks:
                 return

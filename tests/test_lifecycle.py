@@ -11,7 +11,7 @@ from multiprocessing import heap
 import pytest
 from conftest import descendants, run_python, sleeping_in, wait_until
 
-from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueClosedError, QueueStopped
 
 
 def make_counter(lock, counter):
@@ -117,7 +117,7 @@ def test_context_manager_joins_on_normal_exit():
         q.put(abs, -1)
         assert q.get(timeout=30) == 1
     assert not q.is_alive()
-    with pytest.raises(QueueStopped):
+    with pytest.raises(QueueClosedError):
         q.put(abs, 1)
 
 

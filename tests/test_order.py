@@ -12,7 +12,7 @@ import time
 import pytest
 from conftest import wait_until
 
-from parallel_queue import PacketID, ParallelQueue, ParallelSingleTaskQueue, QueueStopped
+from parallel_queue import PacketID, ParallelQueue, ParallelSingleTaskQueue, QueueClosedError, QueueStopped
 
 
 class BatchDone(int):
@@ -150,7 +150,7 @@ def test_iteration_ends_after_stop_and_drain():
         assert list(q) == list(range(100)) + ["end"]
         with pytest.raises(QueueStopped):
             q.get(timeout=1)
-        with pytest.raises(QueueStopped):
+        with pytest.raises(QueueClosedError):
             q.put(abs, 1)
 
 

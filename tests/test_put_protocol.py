@@ -20,7 +20,7 @@ from typing import Any, Callable, Optional
 import pytest
 from conftest import interrupt_main_thread_when, make_bare_core, sleeping_in
 
-from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStopped
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueClosedError, QueueStopped
 from parallel_queue._core import Core
 from parallel_queue._intake import Intake, MapLease
 from parallel_queue._stats import SAMPLE_EVERY
@@ -120,7 +120,7 @@ def test_stop_between_check_and_append_withdraws_the_task(front, cls):
     # appended: the task came after stop(), so put() withdraws it and raises.
     put = put_through(front, cls)
     front.intake.pending.before = front.stop
-    with pytest.raises(QueueStopped, match="after stop"):
+    with pytest.raises(QueueClosedError, match="after stop"):
         put(abs, -1)
     assert front.lifecycle.stopped_at == 0
     assert len(front.intake.pending) == 0 and front.intake.takeable() == 0
@@ -131,7 +131,7 @@ def test_stop_between_check_and_append_keeps_counted_neighbours(front):
     for i in range(3):
         put(abs, i)
     front.intake.pending.before = front.stop
-    with pytest.raises(QueueStopped):
+    with pytest.raises(QueueClosedError):
         put(abs, 99)
     assert [args for _, args, _ in front.intake.pending] == [(0,), (1,), (2,)]
     assert front.lifecycle.stopped_at == 3
@@ -139,7 +139,7 @@ def test_stop_between_check_and_append_keeps_counted_neighbours(front):
 
 def test_terminate_between_check_and_append_withdraws_the_task(front):
     front.intake.pending.before = front.terminate
-    with pytest.raises(QueueStopped, match="terminated"):
+    with pytest.raises(QueueClosedError, match="terminated"):
         put_through(front)(abs, -1)
     assert len(front.intake.pending) == 0
 
@@ -200,7 +200,7 @@ def test_a_put_appended_before_a_map_takes_over_stops_the_map(front):
 
 def test_producers_racing_stop_lose_nothing_and_run_nothing_extra():
     # Every put() that returned has its result delivered; every put() that
-    # raised QueueStopped has none.  Four threads put as fast as they can
+    # raised QueueClosedError has none.  Four threads put as fast as they can
     # while stop() comes at some point.
     accepted: list[list[int]] = [[] for _ in range(4)]
     with ParallelQueue(num_workers=2, in_q_max=100_000) as q:
@@ -213,7 +213,7 @@ def test_producers_racing_stop_lose_nothing_and_run_nothing_extra():
                 task = t * 10_000_000 + i
                 try:
                     q.put(abs, -task)
-                except QueueStopped:
+                except QueueClosedError:
                     return
                 accepted[t].append(task)
                 i += 1
@@ -314,7 +314,7 @@ def test_interrupt_inside_a_waiting_put_leaves_nothing_held(monkeypatch, call, w
         assert not f.lock.locked()
         f.stop()  # takes the lock, and releases whatever waiter was left
         assert len(f.intake.room) == 0
-        with pytest.raises(QueueStopped):
+        with pytest.raises(QueueClosedError):
             put_through(f)(abs, -2)
     finally:
         close_front(f)

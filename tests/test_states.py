@@ -14,7 +14,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from parallel_queue import ParallelQueue, QueueBrokenError, QueueStopped
+from parallel_queue import ParallelQueue, QueueBrokenError, QueueClosedError
 from parallel_queue._lifecycle import Lifecycle, State
 from parallel_queue._packet_id import modulus
 from parallel_queue._reorder import ReorderBuffer
@@ -126,7 +126,7 @@ def test_every_operation_in_every_state_of_a_real_queue(state):
             q.stop()
             q.join(timeout=60)
             assert not q.is_alive()
-        with pytest.raises((QueueStopped, QueueBrokenError)):
+        with pytest.raises((QueueClosedError, QueueBrokenError)):
             q.put(abs, -2)
         for _ in range(2):
             q.terminate()
