@@ -68,6 +68,7 @@ import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import wait
@@ -121,6 +122,31 @@ def _forget_parent_alive() -> None:
 
 
 os.register_at_fork(after_in_child=_forget_parent_alive)
+
+
+class _IgnoreSigint:
+    """Unpickled first in a child started through multiprocessing's fork
+    server: it ignores Ctrl-C from then on.
+
+    A child forked by the fork server does not inherit our held-back SIGINT
+    (see _threads.sigint_held_back); the server gives it Python's default
+    handler, and a press while it unpickles its process object (importing
+    this package) raised KeyboardInterrupt there: "Exception ignored" on the
+    terminal, or the child dead and the queue broken (1 press in about 220).
+    Stored in the process's ``_config``, pickled before its target and
+    arguments; what travels is the call ``signal.signal(SIGINT, SIG_IGN)``
+    itself, which needs no import of ours."""
+
+    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
+        return signal.signal, (signal.SIGINT, signal.SIG_IGN)
+
+
+def _ignore_sigint_first(proc: Any) -> Any:
+    """``proc``, made to ignore Ctrl-C as soon as its child begins to load it."""
+    config = getattr(proc, "_config", None)
+    if isinstance(config, dict):
+        config["parallel_queue_sigint"] = _IgnoreSigint()
+    return proc
 
 
 class _EndedThread:
@@ -222,7 +248,9 @@ class ProcessEngine:
             Scheduler(opts.max_batch, opts.max_tasks_per_worker),
             Supervisor(self.progress, n, opts.task_timeout),
         )
-        consumer = ctx.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
+        consumer = _ignore_sigint_first(
+            ctx.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
+        )
         _wire.reserve_descriptors(DESCRIPTORS_PER_START)
         consumer.start()
         self.consumer = Child(consumer)
@@ -301,11 +329,13 @@ class ProcessEngine:
         if self.rings:
             self.rings[slot.index].args.empty()  # (no worker reads it now)
         incarnation = slot.new_incarnation()
-        proc = self.ctx.Process(
-            target=worker_main,
-            args=(Inherited(spec),),
-            name=f"parallel_queue-worker-{slot.index}.{incarnation}",
-            daemon=opts.daemon,
+        proc = _ignore_sigint_first(
+            self.ctx.Process(
+                target=worker_main,
+                args=(Inherited(spec),),
+                name=f"parallel_queue-worker-{slot.index}.{incarnation}",
+                daemon=opts.daemon,
+            )
         )
         handed_over = False
         try:
