@@ -26,7 +26,7 @@ from collections import deque
 from typing import Any, Optional, Protocol
 
 from . import _threads
-from ._errors import QueueBrokenError, QueueStopped
+from ._errors import QueueBrokenError, QueueStopped, consumer_died
 from ._intake import Intake
 from ._lifecycle import Lifecycle
 from ._receiver import Receiver
@@ -356,7 +356,9 @@ class Delivery:
             core.fail_locked(err)
             raise err
         if self.receiver.eof:
-            err = QueueBrokenError("the consumer process died; results still in flight are lost")
+            ctx = getattr(getattr(core, "opts", None), "ctx", None)
+            method = ctx.get_start_method() if ctx is not None else "fork"
+            err = consumer_died("; results still in flight are lost", method, self.receiver.decoded > 0)
             core.fail_locked(err)
             raise err
         if self.receiver.closed:  # (an executor engine's join() closes it once all is handed over)

@@ -32,7 +32,7 @@ import selectors
 from typing import TYPE_CHECKING, Optional, Protocol
 
 from . import _wire
-from ._errors import QueueBrokenError
+from ._errors import QueueBrokenError, consumer_died
 from ._packet_id import modulus
 from ._payload import OOB_MIN, dumps_individually, dumps_tasks_oob
 from ._region import SlotRings
@@ -75,6 +75,7 @@ class Dispatcher:
         self.supervisor = supervisor
         self.modulus = modulus(core.opts.window)
         self.timed = core.opts.task_timeout is not None
+        self.credits_seen = 0  # packets the consumer had from workers
         self.next_id = 0  # the next packet's id (wraps around: see _packet_id)
         self.packets_total = 0
         self.credits_reader = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
@@ -259,6 +260,7 @@ class Dispatcher:
             self.send(slot, rec)
             return
         rec = slot.credited()
+        self.credits_seen += 1
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
         self.supervisor.credited(c.slot)
         self.scheduler.measured_time(c.n_items, c.compute_ns)
@@ -349,7 +351,8 @@ class Dispatcher:
         with self.core.lock:
             if self.lifecycle.terminated:
                 return
-        self.core.fail(QueueBrokenError(f"the consumer process died (exit code {consumer.exitcode})"))
+        method = self.core.opts.ctx.get_start_method()
+        self.core.fail(consumer_died(f" (exit code {consumer.exitcode})", method, self.credits_seen > 0))
 
     def finish_if_stopped(self) -> None:
         """After stop(): once every task is sent, tell the consumer and the workers."""

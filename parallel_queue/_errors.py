@@ -121,3 +121,21 @@ def fresh_copy(error: BaseException) -> BaseException:
         copy = QueueBrokenError(str(error))
     copy.__cause__ = error.__cause__
     return copy
+
+
+def consumer_died(what: str, start_method: str, delivered_any: bool) -> QueueBrokenError:
+    """The error for a consumer process that died (``what``: how it was seen).
+
+    Dead before it delivered anything under spawn or forkserver, the usual
+    cause is a script that makes a queue at import time: each child imports
+    the main script again, and multiprocessing refuses to start processes
+    from there (the child prints why).  The message says so."""
+    message = f"the consumer process died{what}"
+    if not delivered_any and start_method != "fork":
+        message += (
+            f".  It died before it delivered anything: under {start_method!r}, every child process"
+            " imports the main script again, so a script must make its queues only under"
+            '  if __name__ == "__main__":  (if the child printed "An attempt has been made to start a new'
+            ' process before the current process has finished its bootstrapping phase", that is why)'
+        )
+    return QueueBrokenError(message)

@@ -201,6 +201,10 @@ class _Worker:
             self.results_ring, self.args_ring = attach(spec.region, spec.ring_bytes)
             ours.append(spec.region.fd)
         self.pipes = {fd: _identity(fd) for fd in ours}
+        # What the arguments ring's buffers were copied into, taken back for
+        # the next packet's once nothing uses them (see _wire.BodyPool).
+        self.pool = _wire.BodyPool()
+        self.lent: list[bytearray] = []
         self.prog[self.p0 + P_STAGE] = STAGE_IDLE  # past worker_init_f: a death is no start-up death
 
     def decode(self, body: bytearray) -> _wire.TaskPacket:
@@ -211,12 +215,16 @@ class _Worker:
         ring = self.args_ring
         if ring is None:
             return _wire.decode_tasks(body)
+        for lent in self.lent:
+            self.pool.give(lent)  # (kept only if the packet before let go of it)
+        self.lent.clear()
 
         def view_of(start: int, data: int, end: int) -> memoryview:
             assert ring is not None
-            into = bytearray(end - data)
+            into = self.pool.take(end - data)
             ring.read(data, end, into)
             ring.give_back(start, end)
+            self.lent.append(into)
             return memoryview(into)
 
         return _wire.decode_tasks(body, view_of)
