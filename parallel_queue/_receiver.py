@@ -63,8 +63,8 @@ class Receiver:
         # it again from the same copy (the range goes back to the worker,
         # to be written over, once the packet is taken).
         self.rings: list[Any] = []
-        self.held: Optional[tuple[Any, memoryview, Any, int, int]] = None
-        self.to_give: Optional[tuple[Any, memoryview, Any, int, int]] = None
+        self.held: Optional[tuple[Any, bytearray, Any, int, int]] = None
+        self.to_give: Optional[tuple[Any, bytearray, Any, int, int]] = None
 
     @property
     def eof(self) -> bool:
@@ -112,10 +112,11 @@ class Receiver:
         pending = self.to_give
         if pending is None:
             return
-        _, view, ring, start, end = pending
+        _, into, ring, start, end = pending
+        del pending
         ring.give_back(start, end)  # (again after a cut: a no-op)
         self.to_give = None
-        self.reader.give_back(view.obj)
+        self.reader.give_back(into)
 
     def decode(self, body: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
         """(packets in order) A packet's ``(values, errors)``, and its number
@@ -135,12 +136,11 @@ class Receiver:
             def view_of(start: int, data: int, end: int) -> memoryview:
                 held = self.held
                 if held is not None and held[0] is body:
-                    return held[1]
+                    return memoryview(held[1])
                 into = self.reader.pool.take(end - data)
                 ring.read(data, end, into)
-                view = memoryview(into)
-                self.held = (body, view, ring, start, end)
-                return view
+                self.held = (body, into, ring, start, end)
+                return memoryview(into)
 
         payload, buffers = split_result(body, header, view_of)
         if header.careful:
