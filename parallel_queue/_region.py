@@ -70,8 +70,13 @@ _PADDING = bytes(ALIGN)
 _PAGE = mmap.PAGESIZE
 _CELLS = 2 * _PAGE  # the two pages of cells
 _CELL = struct.Struct("Q")
-# Cells, 8 bytes each.
-TAIL, HEAD, FRAME_FROM, FRAME_PACKET = 0, 8, 16, 24
+# Cells: TAIL is read while its reader moves it, so it is written with its
+# complement beside it, and read again until the two agree (a read of a
+# file racing a write of it may see part of each: see _Ring.tail).  The
+# others are read only once their writer is gone (or before it starts).
+TAIL, HEAD, FRAME_FROM, FRAME_PACKET = 0, 16, 24, 32
+_TAIL = struct.Struct("QQ")
+_ALL_ONES = (1 << 64) - 1
 _FRAME = struct.Struct("QQQ")  # HEAD, FRAME_FROM, FRAME_PACKET, written at once
 NO_FRAME = (1 << 64) - 1  # FRAME_PACKET once the frame is written whole
 RESULTS, ARGS = 0, 1  # which ring of a region
@@ -96,7 +101,9 @@ class Region:
         fd = create("parallel_queue", _MFD_CLOEXEC)
         try:
             os.ftruncate(fd, _CELLS + 2 * ring_bytes)
-            os.pwrite(fd, _CELL.pack(NO_FRAME), FRAME_PACKET)  # (no worker has begun a frame)
+            for cells in (RESULTS * _PAGE, ARGS * _PAGE):
+                os.pwrite(fd, _TAIL.pack(0, _ALL_ONES), cells + TAIL)
+            os.pwrite(fd, _CELL.pack(NO_FRAME), RESULTS * _PAGE + FRAME_PACKET)  # (no worker has begun a frame)
         except BaseException:
             os.close(fd)
             raise
@@ -121,6 +128,16 @@ class _Ring:
     def set_cell(self, offset: int, value: int) -> None:
         os.pwrite(self.fd.fd, _CELL.pack(value), self.cells + offset)
 
+    def read_tail(self) -> int:
+        """TAIL, whole: a read that saw part of a write is read again."""
+        while True:
+            value, check = _TAIL.unpack(os.pread(self.fd.fd, 16, self.cells + TAIL))
+            if value ^ check == _ALL_ONES:
+                return int(value)
+
+    def write_tail(self, value: int) -> None:
+        os.pwrite(self.fd.fd, _TAIL.pack(value, value ^ _ALL_ONES), self.cells + TAIL)
+
 
 def _aligned(n: int) -> int:
     return (n + ALIGN - 1) & ~(ALIGN - 1)
@@ -138,7 +155,7 @@ class RingWriter(_Ring):
         """Copy into the ring, in one contiguous range, those of ``buffers``
         that are large enough and fit; None if none did."""
         size, head = self.size, self.head
-        free = size - (head - self.cell(TAIL))
+        free = size - (head - self.read_tail())
         at = head % size
         room = min(free, size - at)  # without skipping the ring's end
         # The first buffer that could fit decides where the range begins.
@@ -185,7 +202,7 @@ class RingWriter(_Ring):
     def empty(self) -> None:
         """(arguments ring) Its reader is gone: every range is free again."""
         self.set_cell(HEAD, self.head)
-        self.set_cell(TAIL, self.head)
+        self.write_tail(self.head)
 
 
 def _write_all(fd: int, parts: list[Any], offset: int) -> None:
@@ -209,7 +226,7 @@ class RingReader(_Ring):
 
     def __init__(self, fd: Fd, which: int, ring_bytes: int) -> None:
         super().__init__(fd, which, ring_bytes)
-        self.tail = self.cell(TAIL)
+        self.tail = self.read_tail()
         self.done: dict[int, int] = {}  # ranges given back, by start: their end
         self.lock = threading.Lock()  # (the dispatcher gives back too: forget)
 
@@ -237,7 +254,7 @@ class RingReader(_Ring):
                 if end < 0:
                     return
                 self.tail = end
-                self.set_cell(TAIL, end)
+                self.write_tail(end)
                 done.pop(tail, None)
 
     forget = give_back  # a range nobody will read (see Dispatcher.on_drained)

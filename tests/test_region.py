@@ -3,10 +3,14 @@ one process: what the allocator promises, tried at random."""
 
 from __future__ import annotations
 
+import os
 import random
+import struct
+import threading
 
 import pytest
 
+from parallel_queue import _region
 from parallel_queue._region import ALIGN, SHARED_MIN, Region, RingReader, SlotRings, attach
 from parallel_queue._wire import NOT_SHARED
 
@@ -92,7 +96,7 @@ def test_a_forgotten_range_is_given_back_in_its_turn(rings):
     assert reader.tail == 0  # b waits for a
     reader.forget(a.start, a.end)
     assert reader.tail == b.end
-    assert writer.cell(0) == b.end  # the writer sees it
+    assert writer.read_tail() == b.end  # the writer sees it
 
 
 def test_the_arguments_ring_is_emptied_for_a_new_worker(rings):
@@ -106,3 +110,30 @@ def test_the_arguments_ring_is_emptied_for_a_new_worker(rings):
     _, reader = attach(main.region.fd, RING)
     assert reader.tail == args.head
     assert args.place([memoryview(bytes(RING // 3))]) is not None
+
+
+def test_a_tail_read_half_written_is_read_again(rings):
+    """A read of TAIL that saw part of a write (forced here: a value whose
+    check does not match) is not taken; the reader reads again until the
+    write is whole."""
+    main, writer, _ = rings
+    cells = _region.RESULTS * _region._PAGE + _region.TAIL
+    torn = struct.pack("QQ", 0x0100_0000, 0x00FF_FFFF ^ ((1 << 64) - 1))  # new value, old check
+    os.pwrite(main.region.fd.fd, torn, cells)
+    done = threading.Event()
+
+    def finish_the_write():
+        done.wait()
+        main.results.write_tail(0x0100_0000)
+
+    t = threading.Thread(target=finish_the_write)
+    t.start()
+    got = []
+    reader = threading.Thread(target=lambda: got.append(writer.read_tail()))
+    reader.start()
+    reader.join(0.2)
+    assert got == []  # still reading again: the torn value was not taken
+    done.set()
+    reader.join(60)
+    t.join(60)
+    assert got == [0x0100_0000]
