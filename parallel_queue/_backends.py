@@ -54,7 +54,7 @@ class Backend(Protocol):
     #: How many tasks the executor runs at once (the queue's num_workers).
     workers: int
 
-    def submit(self, batch: TaskBatch, careful: bool, seq: int) -> Any:
+    def submit(self, batch: TaskBatch, careful: bool, seq: int, first: int) -> Any:
         """Submit one packet; a future (``add_done_callback``, ``result``)."""
 
     def outcome(self, batch: TaskBatch, first: int, returned: Any) -> tuple[int, Optional[Outcome]]:
@@ -95,7 +95,9 @@ def run_packet_local(
     return time.perf_counter_ns() - t0, values, errors
 
 
-def run_packet_remote(fn_bytes: Optional[bytes], form: int, payload: bytes, careful: bool) -> tuple[int, bytes]:
+def run_packet_remote(
+    fn_bytes: Optional[bytes], form: int, payload: bytes, careful: bool, first: int
+) -> tuple[int, bytes]:
     """In another process (a process pool, a Dask worker): pickled in, pickled out."""
     try:
         items = loads_tasks(payload, careful)
@@ -106,7 +108,7 @@ def run_packet_remote(fn_bytes: Optional[bytes], form: int, payload: bytes, care
     t0 = time.perf_counter_ns()
     values, errors, _ = run_items(fn, form, items, capture_error)
     ns = time.perf_counter_ns() - t0
-    return ns, dumps_results(values, errors, items)
+    return ns, dumps_results(values, errors, items, first)
 
 
 def _pool_size(executor: Any) -> int:
@@ -120,7 +122,7 @@ class ThreadBackend:
         self.task_fn = task_fn
         self.workers = _pool_size(executor)
 
-    def submit(self, batch: TaskBatch, careful: bool, seq: int) -> Any:
+    def submit(self, batch: TaskBatch, careful: bool, seq: int, first: int) -> Any:
         return self.executor.submit(run_packet_local, self.task_fn, batch.form, batch.payload_items())
 
     def outcome(self, batch: TaskBatch, first: int, returned: Any) -> tuple[int, Optional[Outcome]]:
@@ -146,9 +148,9 @@ class ProcessPoolBackend:
             return dumps_individually(batch.payload_items()), True
         return dumps_tasks(batch.payload_items())
 
-    def submit(self, batch: TaskBatch, careful: bool, seq: int) -> Any:
+    def submit(self, batch: TaskBatch, careful: bool, seq: int, first: int) -> Any:
         payload, careful = self.payload(batch, careful)
-        return self.executor.submit(run_packet_remote, self.fn_bytes, batch.form, payload, careful)
+        return self.executor.submit(run_packet_remote, self.fn_bytes, batch.form, payload, careful, first)
 
     def outcome(self, batch: TaskBatch, first: int, returned: Any) -> tuple[int, Optional[Outcome]]:
         ns, payload = returned
@@ -174,7 +176,7 @@ class DaskBackend(ProcessPoolBackend):
             workers = 0
         return workers or (os.cpu_count() or 1)
 
-    def submit(self, batch: TaskBatch, careful: bool, seq: int) -> Any:
+    def submit(self, batch: TaskBatch, careful: bool, seq: int, first: int) -> Any:
         payload, careful = self.payload(batch, careful)
         return self.executor.submit(
             run_packet_remote,
@@ -182,6 +184,7 @@ class DaskBackend(ProcessPoolBackend):
             batch.form,
             payload,
             careful,
+            first,
             pure=False,
             # The careful retry of a rejected packet needs a key of its own:
             # under the first one Dask hands back the first call's future

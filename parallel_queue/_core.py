@@ -33,12 +33,12 @@ import atexit
 import multiprocessing.util  # noqa: F401 - imported before our exit handler is registered: see there
 import os
 import threading
-from typing import TYPE_CHECKING, Optional, Protocol
+from typing import TYPE_CHECKING, Any, Optional, Protocol
 
 from ._intake import Intake, MapLease
 from ._lifecycle import Lifecycle
 from ._options import Options
-from ._progress import ProgressBar, require_tqdm
+from ._progress import ProgressBar, check_progress, tqdm_options
 from ._stats import LatencySampler, QueueStats
 from ._wakeups import Wakeups
 
@@ -84,8 +84,7 @@ class Core:
     """The parts of one queue (see the module docstring)."""
 
     def __init__(self, opts: Options, form: int) -> None:
-        if opts.progress:
-            require_tqdm()  # before anything starts
+        check_progress(opts.progress)  # before anything starts
         self.opts = opts
         self.lock = threading.Lock()
         self.lifecycle = Lifecycle()
@@ -274,10 +273,10 @@ class Core:
             latency_p99=p99,
         )
 
-    def show_progress(self, total: Optional[int] = None) -> None:
-        """Start the progress bar (``total``: the number of results, if known)."""
-        # (tasks_put read without the lock: a display, ten times a second)
-        self.progress_bar = ProgressBar(lambda: self.delivery.delivered, lambda: self.intake.tasks_put, total)
+    def show_progress(self, progress: Any = True, total: Optional[int] = None) -> None:
+        """Start the progress bar (``progress``: True or tqdm's keywords;
+        ``total``: the number of results, if known)."""
+        self.progress_bar = ProgressBar(lambda: self.delivery.delivered, tqdm_options(progress, total))
 
     # ------------------------------------------------------------ ownership
 

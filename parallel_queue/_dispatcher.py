@@ -208,7 +208,9 @@ class Dispatcher:
         rings = self.engine.rings
         placement = rings[slot.index].args.place(buffers) if rings and buffers else None
         try:
-            header = _wire.encode_tasks(rec.packet_id, len(rec.items), rec.careful, rec.form, buffers, placement)
+            header = _wire.encode_tasks(
+                rec.packet_id, len(rec.items), rec.careful, rec.form, buffers, placement, rec.first_task
+            )
             writer.send(header, payload, *_wire.in_frame(buffers, placement))
         except BrokenPipeError:
             writer.clear()  # the worker is gone; its exit fd tells us next

@@ -263,7 +263,7 @@ class ProcessEngine:
         self.thread.start()
         core.running()
         if opts.progress:
-            core.show_progress()
+            core.show_progress(opts.progress)
 
     def make_rings(self, n: int) -> list[SlotRings]:
         """A region of shared memory for each of ``n`` slots; none at all

@@ -122,7 +122,7 @@ class ExecutorEngine:
                 self.thread.start()
                 core.running()
                 if core.opts.progress:
-                    core.show_progress()
+                    core.show_progress(core.opts.progress)
         except BaseException:
             if self.thread.ident is not None:
                 core.terminate()
@@ -204,7 +204,7 @@ class ExecutorEngine:
 
     def submit(self, pkt: _Packet) -> None:
         try:
-            fut = self.backend.submit(pkt, pkt.careful, pkt.seq)
+            fut = self.backend.submit(pkt, pkt.careful, pkt.seq, pkt.first)
         except BaseException as e:  # noqa: BLE001 - a shut-down or broken executor
             self.finished.append((pkt, None, e))
             return

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, AsyncIterable, Callable, Iterable, Optional, TypeVar, Union
 
 from ._maps import AsyncIMapIterator, IMapIterator, Source, check_chunksize, length, source_of
-from ._progress import require_tqdm
+from ._progress import check_progress
 from ._queue import ParallelSingleTaskQueue
 from ._tasks import ONE, STAR
 
@@ -41,14 +41,13 @@ def _own_map(
     options: dict[str, Any],
 ) -> IMapIterator[R]:
     check_chunksize(chunksize)
-    progress = bool(options.pop("progress", False))
-    if progress:
-        require_tqdm()  # before anything starts
+    progress = options.pop("progress", False)
+    check_progress(progress)  # before anything starts
     q = queue_cls(fn, num_workers=num_workers, **options)
     try:
         it: IMapIterator[R] = IMapIterator(q, None, q._form, inputs, chunksize, own=True)
         if progress:
-            q._core.show_progress(total)
+            q._core.show_progress(progress, total)
     except BaseException:
         q.terminate()
         raise

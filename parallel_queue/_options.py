@@ -11,7 +11,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 from multiprocessing.context import BaseContext
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 __all__ = ["Options", "CREDITS_PER_WORKER"]
 
@@ -61,7 +61,7 @@ class Options:
     task_timeout: Optional[float]
     max_tasks_per_worker: int  # 0: no limit
     max_batch: Optional[int]
-    progress: bool
+    progress: Union[bool, Mapping[str, Any]]
     # Every packet id alive at once lies within [next, next + window): the
     # reorder buffer, plus what workers hold, plus one for the packet being
     # re-sent after a crash.
@@ -87,7 +87,7 @@ class Options:
         task_timeout: Optional[float],
         max_tasks_per_worker: Optional[int],
         max_batch: Optional[int],
-        progress: bool,
+        progress: Union[bool, Mapping[str, Any]],
         default_workers: Optional[int] = None,
     ) -> None:
         # Every option is given: their defaults are the public constructors'

@@ -253,6 +253,23 @@ def _big_bytes_in_task(item: Any) -> Any:
     return _wrap_big_bytes(item)
 
 
+# What multiprocessing's Locks, Semaphores, Events, Conditions and shared
+# Values say when pickled outside a process start (their memory is an mmap).
+_SHARED_OBJECT_SIGNS = ("mmap", "SemLock", "synchronized objects", "should only be shared between processes")
+
+
+def _hint(e: BaseException) -> str:
+    """For a task that will not pickle because it holds a multiprocessing
+    synchronisation object: where such objects can go instead."""
+    if any(sign in str(e) for sign in _SHARED_OBJECT_SIGNS):
+        return (
+            " (a multiprocessing Lock, Event, Condition, Semaphore or Value cannot travel with a task:"
+            " give it to the workers as they start instead, in ParallelSingleTaskQueue's task_fn, a"
+            " closure over it, or in worker_init_f)"
+        )
+    return ""
+
+
 def dumps_individually(items: list[Any]) -> bytes:
     """A careful packet's payload: one pickle per item, in a plain list."""
     parts: list[Any] = []
@@ -263,7 +280,7 @@ def dumps_individually(items: list[Any]) -> bytes:
         try:
             parts.append(cloudpickle.dumps(item, PROTOCOL))
         except BaseException as e:  # noqa: BLE001 - SystemExit from a __reduce__ is that task's error
-            parts.append(TaskError.for_failure(e, f"could not pickle task {describe_task(item)}"))
+            parts.append(TaskError.for_failure(e, f"could not pickle task {describe_task(item)}{_hint(e)}"))
     return pickle.dumps(parts, PROTOCOL)
 
 
@@ -368,19 +385,20 @@ def _big_bytes_out_of_band(values: list[Any]) -> list[Any]:
     return values if out is None else out
 
 
-def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[Any]) -> bytes:
+def dumps_results(values: list[Any], errors: dict[int, TaskError], items: list[Any], first: int) -> bytes:
     """Pickle the results of a packet of ``items``, all in one stream; a value
-    that will not pickle fails in its slot."""
-    return _dumps_results(values, errors, items, None)
+    that will not pickle fails in its slot (``first``: the number of the
+    packet's first task, for the message)."""
+    return _dumps_results(values, errors, items, None, first)
 
 
 def dumps_results_oob(
-    values: list[Any], errors: dict[int, TaskError], items: list[Any]
+    values: list[Any], errors: dict[int, TaskError], items: list[Any], first: int
 ) -> tuple[bytes, list[memoryview]]:
     """As dumps_results, with every buffer of ``OOB_MIN`` bytes or more out of
     band: ``(pickle, buffers)``; ``loads_results(pickle, buffers)`` loads it."""
     out = _OutOfBand()
-    payload = _dumps_results(_big_bytes_out_of_band(values), errors, items, out)
+    payload = _dumps_results(_big_bytes_out_of_band(values), errors, items, out, first)
     return payload, out.buffers
 
 
@@ -407,7 +425,7 @@ class _OutOfBand:
 
 
 def _dumps_results(
-    values: list[Any], errors: dict[int, TaskError], items: list[Any], out: Optional[_OutOfBand]
+    values: list[Any], errors: dict[int, TaskError], items: list[Any], out: Optional[_OutOfBand], first: int
 ) -> bytes:
     # BaseException throughout: a result's __reduce__ raising SystemExit or
     # KeyboardInterrupt is that task's error, not the worker's end.
@@ -428,7 +446,7 @@ def _dumps_results(
             try:
                 cloudpickle.dumps(v, PROTOCOL)
             except BaseException as e:  # noqa: BLE001
-                what = f"task {k} of the packet ({describe_task(items[k])})"
+                what = f"task #{first + k} ({describe_task(items[k])})"
                 errors[k] = TaskError.for_failure(e, f"could not pickle the result of {what}")
                 values[k] = None
     return cloudpickle.dumps((values, errors), PROTOCOL, buffer_callback=out and out.fresh())  # type: ignore[no-any-return]

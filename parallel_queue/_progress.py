@@ -3,13 +3,19 @@
 A small thread redraws the bar from the queue's counters ten times a
 second; nothing is added to put() or get().  tqdm is an optional extra
 (``pip install 'parallel-queue[progress]'``).
+
+The bar has a total only when it is known: a map over inputs that have a
+length, or ``progress={"total": n}``.  A queue fed by ``put()`` counts
+results with no total (a total that grew as tasks were put made the
+percentage and the time left wrong).  ``progress`` may be a dict of tqdm's
+keywords (``desc``, ``total``, ``position``, ``leave``, ...).
 """
 
 from __future__ import annotations
 
 import sys
 import threading
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Union
 
 from ._threads import helper_thread
 
@@ -28,30 +34,39 @@ def require_tqdm() -> Any:
     return tqdm
 
 
+def tqdm_options(progress: Union[bool, Mapping[str, Any]], total: Optional[int] = None) -> dict[str, Any]:
+    """The keywords the bar is made with: ours, then the program's own."""
+    options: dict[str, Any] = {"total": total, "unit": "task", "file": sys.stderr, "dynamic_ncols": True}
+    if isinstance(progress, Mapping):
+        options.update(progress)
+    return options
+
+
+def check_progress(progress: Any) -> None:
+    """TypeError (or tqdm's own error) now, before anything starts, for a
+    ``progress`` that is neither a bool nor tqdm's keywords; ImportError
+    without tqdm."""
+    if isinstance(progress, bool) or progress is None:
+        if progress:
+            require_tqdm()
+        return
+    if not isinstance(progress, Mapping) or not all(isinstance(k, str) for k in progress):
+        raise TypeError(f"progress must be True, False or a dict of tqdm keywords, got {progress!r}")
+    require_tqdm()(**dict(tqdm_options(progress), disable=True)).close()  # (unknown keywords raise here)
+
+
 class ProgressBar:
-    def __init__(
-        self,
-        delivered: Callable[[], int],
-        tasks_put: Callable[[], int],
-        total: Optional[int] = None,
-        desc: Optional[str] = None,
-    ) -> None:
-        """``delivered()`` and ``tasks_put()``: the queue's counts, read ten
-        times a second; ``total``: the number of results, if known (else
-        the bar's total grows as tasks are put)."""
+    def __init__(self, delivered: Callable[[], int], options: dict[str, Any]) -> None:
+        """``delivered()``: the queue's count of results handed out, read ten
+        times a second; ``options``: tqdm's keywords (see tqdm_options)."""
         tqdm = require_tqdm()
         self.delivered = delivered
-        self.tasks_put = tasks_put
-        self.fixed_total = total
-        self.bar: Any = tqdm(total=total, desc=desc, unit="task", file=sys.stderr, dynamic_ncols=True)
+        self.bar: Any = tqdm(**options)
         self.done = threading.Event()
         self.thread = helper_thread(self.run, "parallel_queue-progress")
         self.thread.start()
 
     def update(self) -> None:
-        tasks_put = self.tasks_put()
-        if self.fixed_total is None and self.bar.total != tasks_put:
-            self.bar.total = tasks_put  # grows as tasks are put
         self.bar.n = self.delivered()
         self.bar.refresh()
 

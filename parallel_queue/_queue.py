@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from multiprocessing.context import BaseContext
 from types import TracebackType
-from typing import Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Optional, TypeVar, Union
+from typing import Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
 
 from . import _aio
 from ._backends import backend_for
@@ -58,7 +58,9 @@ _DOC_OPTIONS = """
     - ``max_batch``: the most tasks sent to a worker in one packet (default:
       sized automatically, at most 1024).
     - ``progress``: show a tqdm progress bar of delivered results on stderr
-      (needs ``pip install 'parallel-queue[progress]'``).
+      (needs ``pip install 'parallel-queue[progress]'``): ``True``, or a dict
+      of tqdm's keywords (``desc``, ``total``, ``position``, ``leave``...).
+      A queue fed by ``put()`` counts results with no total unless given one.
     - ``executor``: run the tasks on a ``concurrent.futures`` executor (threads
       or processes) or a Dask ``distributed.Client`` instead of the queue's own
       processes; same ordering, markers, errors and back-pressure.  The queue
@@ -286,7 +288,7 @@ class ParallelQueue(_QueueBase[Any]):
         task_timeout: Optional[float] = None,
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
-        progress: bool = False,
+        progress: Union[bool, Mapping[str, Any]] = False,
         executor: Any = None,
     ) -> None:
         self._open(None, locals())
@@ -395,7 +397,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
         task_timeout: Optional[float] = None,
         max_tasks_per_worker: Optional[int] = None,
         max_batch: Optional[int] = None,
-        progress: bool = False,
+        progress: Union[bool, Mapping[str, Any]] = False,
         executor: Any = None,
     ) -> None:
         if not callable(task_fn):

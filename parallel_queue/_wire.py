@@ -524,9 +524,10 @@ class TaskPacket(NamedTuple):
     form: int
     payload: bytes | memoryview
     buffers: list[Any] | None = None
+    first: int = 0  # the number of its first task among all tasks put (for messages)
 
 
-_TASKS = struct.Struct("<BqIBBI")
+_TASKS = struct.Struct("<BqIBBIq")
 
 # After a frame's fixed header, when it has out-of-band buffers: the range
 # of its shared-memory ring they took (0, 0: none, see _region), then each
@@ -587,22 +588,24 @@ def encode_tasks(
     form: int,
     buffers: Sequence[Any] = (),
     placement: Placement | None = None,
+    first: int = 0,
 ) -> bytes:
     """A task frame's header: the fixed part, then where each out-of-band
     buffer is (the pickle and the buffers in the frame follow, as in a
-    result frame)."""
-    return _TASKS.pack(Kind.TASKS, packet_id, count, careful, form, len(buffers)) + buffer_table(buffers, placement)
+    result frame).  ``first``: the number of the packet's first task."""
+    head = _TASKS.pack(Kind.TASKS, packet_id, count, careful, form, len(buffers), first)
+    return head + buffer_table(buffers, placement)
 
 
 def decode_tasks(body: bytearray, view_of: ViewOf | None = None) -> TaskPacket:
-    _, pid, count, ind, form, n_buffers = _TASKS.unpack_from(body)
+    _, pid, count, ind, form, n_buffers, first = _TASKS.unpack_from(body)
     payload, buffers = _split_buffers(body, _TASKS.size, n_buffers, view_of)
-    return TaskPacket(pid, count, bool(ind), form, payload, buffers)
+    return TaskPacket(pid, count, bool(ind), form, payload, buffers, first)
 
 
 def tasks_id(body: bytes | bytearray) -> tuple[int, bool]:
     """A task frame's packet id, and whether it is careful (nothing else decoded)."""
-    _, pid, _, careful, _, _ = _TASKS.unpack_from(body)
+    _, pid, _, careful, _, _, _ = _TASKS.unpack_from(body)
     return pid, bool(careful)
 
 

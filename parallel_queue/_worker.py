@@ -276,7 +276,7 @@ class _Worker:
         compute_ns = time.perf_counter_ns() - t0
         self.done += len(items)
         self.step(STAGE_SAVING, len(items))
-        payload, buffers = dumps_results_oob(values, errors, items)
+        payload, buffers = dumps_results_oob(values, errors, items, pkt.first)
         self.send(pkt.packet_id, len(items), compute_ns, False, payload, buffers)
 
     def run_careful(self, pkt: _wire.TaskPacket) -> None:

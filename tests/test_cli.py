@@ -207,7 +207,7 @@ def test_progress_bar(workdir):
     r = cli(workdir, "--progress", "clitools:upper", stdin="a\nb\nc\n")
     assert r.returncode == 0, r.stderr
     assert r.stdout == "A\nB\nC\n"
-    assert "3/3" in r.stderr
+    assert "3task" in r.stderr  # counted: a stream has no total
 
 
 def test_reader_going_away_is_quiet(workdir):

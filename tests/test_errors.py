@@ -112,7 +112,7 @@ def test_unpicklable_result_fails_in_its_slot_only():
         q.put(return_lock)
         q.put(abs, -3)
         assert q.get(timeout=30) == 1
-        with pytest.raises(pickle.PicklingError, match="could not pickle the result.*return_lock"):
+        with pytest.raises(pickle.PicklingError, match=r"could not pickle the result of task #1 \(.*return_lock"):
             q.get(timeout=30)
         assert q.get(timeout=30) == 3
 
@@ -268,3 +268,22 @@ def test_result_that_will_not_unpickle_here_fails_in_its_slot_only(tmp_path, bat
             assert "No module named 'workeronly'" in x
         else:
             assert x == i
+
+
+def test_a_task_holding_a_multiprocessing_lock_says_where_it_can_go():
+    """A closure over a multiprocessing Lock (or Event, or Value) cannot be
+    pickled with its task; the error says how to hand it to the workers."""
+    lock = multiprocessing.Lock()
+    value = multiprocessing.Value("i", 0)
+
+    def uses_lock():
+        with lock:
+            return 1
+
+    with ParallelQueue(num_workers=1) as q:
+        q.put(uses_lock)
+        q.put(lambda: value.value)
+        for _ in range(2):
+            with pytest.raises(pickle.PicklingError, match="ParallelSingleTaskQueue") as info:
+                q.get(timeout=60)
+            assert "worker_init_f" in str(info.value)

@@ -48,7 +48,7 @@ def test_buffers_of_at_least_the_threshold_travel_out_of_band(size):
     """The pickler's buffers and large bytes leave the stream from the
     threshold on, and come back equal, of their own type."""
     values = [make((kind, size, 7)) for kind in ("bytes", "bytearray", "tuple", "numpy", "strided")]
-    payload, buffers = dumps_results_oob(values, {}, values)
+    payload, buffers = dumps_results_oob(values, {}, values, 0)
     sizes = sorted(b.nbytes for b in buffers)
     expected = sorted(n for n in (size, size, size, size // 8 * 8) if n >= OOB_MIN)
     assert sizes == expected

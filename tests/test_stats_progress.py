@@ -8,7 +8,7 @@ import signal
 import threading
 
 import pytest
-from conftest import run_python
+from conftest import live_processes, run_python
 
 from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueStats, WorkerLostError
 
@@ -85,6 +85,7 @@ def slow(x):
     return x
 
 assert sum(imap(slow, range(300), num_workers=2, progress=True)) == sum(range(300))
+assert sum(imap(slow, range(40), num_workers=2, progress={"desc": "forty", "total": 40})) == sum(range(40))
 with ParallelQueue(num_workers=2, progress=True) as q:
     for i in range(200):
         q.put(slow, i)
@@ -98,9 +99,13 @@ def test_progress_bar_on_stderr():
     r = run_python(PROGRESS_CODE)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
-    assert "300/300" in r.stderr  # imap knows the total from len(range)
-    assert "200/200" in r.stderr  # the queue's total grows with put()
-    assert "task/s" in r.stderr
+    bars = r.stderr.replace("\r", "\n")
+    assert "300/300" in bars  # imap knows the total from len(range)
+    assert "forty: 100%" in bars and "40/40" in bars  # tqdm's keywords, passed on
+    # A queue fed by put() counts results, with no total: one that grew as
+    # tasks were put (108/1110, then 558/1579) made the percentage wrong.
+    assert "200task" in bars and "/200" not in bars
+    assert "task/s" in bars
 
 
 def test_progress_without_tqdm_says_what_to_install():
@@ -116,6 +121,14 @@ except ImportError as e:
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert "pip install 'parallel-queue[progress]'" in r.stdout
+
+
+def test_progress_options_that_tqdm_refuses_fail_before_anything_starts():
+    with pytest.raises(TypeError, match="progress must be"):
+        ParallelQueue(num_workers=1, progress="yes")
+    with pytest.raises(Exception, match="nonsense"):
+        ParallelQueue(num_workers=1, progress={"nonsense": 1})
+    assert live_processes(parent=os.getpid()) == []
 
 
 def test_aimap_progress_with_an_async_input_has_no_total():
@@ -135,4 +148,4 @@ print(sum(asyncio.run(main())))
     r = run_python(code)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(sum(range(50)))
-    assert "50/50" in r.stderr
+    assert "50task" in r.stderr and "/50" not in r.stderr
