@@ -10,7 +10,20 @@ from __future__ import annotations
 
 from multiprocessing.context import BaseContext
 from types import TracebackType
-from typing import Any, AsyncIterator, Callable, Generic, Iterable, Iterator, Mapping, Optional, TypeVar, Union
+from typing import (
+    TYPE_CHECKING,
+    Any,
+    AsyncIterator,
+    Callable,
+    Generic,
+    Iterable,
+    Iterator,
+    Mapping,
+    Optional,
+    TypeVar,
+    Union,
+    overload,
+)
 
 from . import _aio
 from ._backends import backend_for
@@ -31,6 +44,10 @@ _SAMPLE_MASK = SAMPLE_EVERY - 1
 
 R = TypeVar("R")
 R2 = TypeVar("R2")
+if TYPE_CHECKING:  # (typing.ParamSpec is Python 3.10's; only the type checker needs it)
+    from typing import ParamSpec
+
+    P = ParamSpec("P")
 
 _DOC_OPTIONS = """
     Options (all keyword arguments, the first eight as in 0.5):
@@ -293,7 +310,22 @@ class ParallelQueue(_QueueBase[Any]):
     ) -> None:
         self._open(None, locals())
 
-    def put(self, task: Any, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
+    # For type checkers: a task's arguments are checked against the task
+    # (ParamSpec), unless put() is given timeout= (a task keyword cannot
+    # stand beside put()'s own: PEP 612), or it is a marker (anything alone).
+    @overload
+    def put(self, task: Callable[..., object], /, *args: Any, timeout: Optional[float], **kwargs: Any) -> None: ...
+
+    @overload
+    def put(self, task: Callable[P, object], /, *args: P.args, **kwargs: P.kwargs) -> None: ...
+
+    @overload
+    def put(self, task: object, /, *, timeout: Optional[float] = None) -> None: ...
+
+    # (mypy: a task keyword named timeout would land in put()'s own, which is
+    # the documented rule; a call that passes timeout= matches the first
+    # overload, so the ParamSpec one never sees it.)
+    def put(self, task: Any, /, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:  # type: ignore[misc]
         """Queue ``task(*args, **kwargs)``, or a marker if ``task`` is not callable.
 
         The task and its arguments travel with cloudpickle, so lambdas and
