@@ -157,19 +157,25 @@ class RingWriter(_Ring):
         size, head = self.size, self.head
         free = size - (head - self.read_tail())
         at = head % size
-        room = min(free, size - at)  # without skipping the ring's end
         # The first buffer that could fit decides where the range begins.
         first = next((n for n in (_aligned(b.nbytes) for b in buffers if b.nbytes >= SHARED_MIN) if n <= free), None)
         if first is None:
             return None
         start = head
-        if first > room:
-            # Skip the end of the ring, if the buffer then fits at its start.
-            skipped = size - at
-            if first > free - skipped:
-                return None
+        skipped = size - at if at else 0
+        if at and first <= free - skipped:
+            # The ring's start has room (everything before the reader's
+            # place was given back): go back there, skipping the end.  So
+            # the ring goes round only as far as the bytes in flight reach,
+            # over pages already written, not over the whole ring's fresh
+            # pages one lap after another (a first lap costs a page fault
+            # per 4 KiB, as any fresh memory).
             head += skipped
             at, room = 0, free - skipped
+        else:
+            room = min(free, size - at)
+            if first > room:
+                return None
         positions: list[int] = []
         parts: list[Any] = []
         used = written = 0
