@@ -157,27 +157,22 @@ class RingWriter(_Ring):
         size, head = self.size, self.head
         free = size - (head - self.read_tail())
         at = head % size
-        sizes = [n for n in (_aligned(b.nbytes) for b in buffers if b.nbytes >= SHARED_MIN) if n <= free]
-        if not sizes:
+        # The first buffer that could fit decides where the range begins.
+        first = next((n for n in (_aligned(b.nbytes) for b in buffers if b.nbytes >= SHARED_MIN) if n <= free), None)
+        if first is None:
             return None
-        first, need = sizes[0], sum(sizes)  # (the first that could fit decides where the range begins)
         start = head
-        skipped = size - at if at else 0
-        at_start = free - skipped if at else 0  # room at the ring's start, skipping its end
-        at_head = min(free, size - at)  # room from here to the ring's end
-        if at and (need <= at_start or at_head < first <= at_start):
-            # The ring's start has room for them all (everything before the
-            # reader's place was given back), or only it has room: go back
-            # there.  So the ring goes round only as far as the bytes in
-            # flight reach, over pages already written, not over the whole
-            # ring's fresh pages lap after lap (a first lap costs a page
-            # fault per 4 KiB, as any fresh memory).
+        room = min(free, size - at)  # without skipping the ring's end
+        if first > room:
+            # Skip the end of the ring, if the buffer then fits at its start.
+            # (Only then: a range counts what it skips until it is given
+            # back, so skipping early, to keep to pages already written,
+            # left the ring short by the skip and sent most packets by pipe.)
+            skipped = size - at
+            if first > free - skipped:
+                return None
             head += skipped
-            at, room = 0, at_start
-        elif first <= at_head:
-            room = at_head
-        else:
-            return None
+            at, room = 0, free - skipped
         positions: list[int] = []
         parts: list[Any] = []
         used = written = 0

@@ -706,12 +706,15 @@ def split_result(
 
 
 def result_bytes(body: bytes | bytearray, header: ResultHeader) -> int:
-    """How many bytes a packet's results came to: the frame, and the ring
-    range its buffers took."""
-    if not header.n_buffers:
+    """How many bytes a packet's results came to: the frame, and its buffers
+    in the ring (not the ring range they took: that may count the end of
+    the ring skipped, megabytes, and packets were then sized by it)."""
+    n = header.n_buffers
+    if not n:
         return len(body)
-    ring_start, ring_end = _RANGE.unpack_from(body, RESULT.size)
-    return len(body) + int(ring_end - ring_start)
+    table = struct.unpack_from(f"<{2 * n}Q", body, RESULT.size + _RANGE.size)
+    shared = sum(int(f) & ~LOADED_AS_COPY for f, p in zip(table[0::2], table[1::2]) if p != NOT_SHARED)
+    return len(body) + shared
 
 
 _ID = struct.Struct("<Bq")  # WAIT, REJECT, LAST: a kind and a packet id

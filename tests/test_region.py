@@ -137,3 +137,17 @@ def test_a_tail_read_half_written_is_read_again(rings):
     reader.join(60)
     t.join(60)
     assert got == [0x0100_0000]
+
+
+def test_a_packets_size_counts_its_buffers_not_the_ring_it_skipped():
+    """Regression: the consumer reported a packet's size with the ring range
+    its buffers took, which counts the end of the ring skipped to reach its
+    start (megabytes): the dispatcher then sent packets of one task."""
+    from parallel_queue import _wire
+
+    buffers = [memoryview(bytes(100 << 10)), memoryview(bytes(100 << 10))]
+    skip = 30 << 20
+    placement = _wire.Placement(0, skip + 2 * (100 << 10), [skip, skip + (100 << 10)])
+    body = _wire.encode_result(1, 2, 0, False, buffers, placement, 0) + b"pickle"
+    header = _wire.decode_result(body)
+    assert _wire.result_bytes(body, header) == len(body) + 2 * (100 << 10)
