@@ -10,7 +10,7 @@ import threading
 
 import pytest
 
-from parallel_queue import _region
+from parallel_queue import _region, _wire
 from parallel_queue._region import ALIGN, SHARED_MIN, Region, RingReader, SlotRings, attach
 from parallel_queue._wire import NOT_SHARED
 
@@ -143,8 +143,6 @@ def test_a_packets_size_counts_its_buffers_not_the_ring_it_skipped():
     """Regression: the consumer reported a packet's size with the ring range
     its buffers took, which counts the end of the ring skipped to reach its
     start (megabytes): the dispatcher then sent packets of one task."""
-    from parallel_queue import _wire
-
     buffers = [memoryview(bytes(100 << 10)), memoryview(bytes(100 << 10))]
     skip = 30 << 20
     placement = _wire.Placement(0, skip + 2 * (100 << 10), [skip, skip + (100 << 10)])
