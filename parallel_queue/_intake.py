@@ -307,17 +307,18 @@ class Intake:
         input (QueueStopped once the map is closed, the queue's refusal once
         it takes no more).
 
-        ``items`` is read outside the lock: an input that waits (a pipe, a
-        socket, a generator waiting for something) holds up nobody else.
+        Any input that may wait (a pipe, a socket, a generator waiting for
+        something) is read outside the lock: it holds up nobody else.
         (It was read under the lock: stats(), terminate() and the
         dispatcher's handling of a dead worker waited for as long as the
         input did, and the items read before the wait did not run.)
 
         An input ``in_memory`` (every iterable sized: a list, a range, an
-        array) never waits: it is read in chunks, one lock round each.  Any
-        other input is read an item at a time, each one the dispatcher's to
-        take as soon as it is read (a producer that writes its next item
-        only once it has seen a result goes on): the item is appended
+        array) never waits: it is read in chunks, under the lock, one round
+        each.  Any other input is read an item at a time, each one the
+        dispatcher's to take as soon as it is read (a producer that writes
+        its next item only once it has seen a result goes on): the item is
+        appended
         without the lock, then the dispatcher is woken if it sleeps, the
         protocol of put()'s fast path (module docstring), with the lease's
         deque, where only this feeder appends.  A stop() or a closing of the
@@ -328,17 +329,24 @@ class Intake:
         self.lifecycle.check_owner()
         pending = lease.pending
         if in_memory:
-            while True:
-                room = self.feed_room(lease)
-                chunk = list(itertools.islice(items, room))
-                if chunk:
-                    with self.lock:
-                        self.check_feed(lease)
-                        self.latency.put_at(self.dispatched + len(pending))
-                        pending.extend(chunk)
+            # Read under the lock, a chunk per round: no read of it waits.
+            def attempt(waited: bool) -> Any:
+                self.check_feed(lease)
+                before = len(pending)
+                room = min(FEED_CHUNK, self.in_q_max - before)
+                if room <= 0:
+                    return NOT_YET
+                try:
+                    pending.extend(itertools.islice(items, room))
+                finally:
+                    if len(pending) > before:  # (counted even if the input raised half-way)
+                        self.latency.put_at(self.dispatched + before)
                         self.wake_idle_dispatcher()
-                if len(chunk) < room:
-                    return
+                return len(pending) - before < room  # (islice stops short only at the end)
+
+            while not self.when_room(None, attempt):
+                pass
+            return
         cap = self.in_q_max
         append = pending.append
         lifecycle = self.lifecycle
