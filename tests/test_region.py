@@ -103,7 +103,7 @@ def test_the_arguments_ring_is_emptied_for_a_new_worker(rings):
     """A dead worker's arguments ring is emptied before the next one starts:
     everything its reader never gave back is free again."""
     main, _, _ = rings
-    args = main.args
+    args = _region.RingWriter(main.region.fd, _region.ARGS, RING)  # (buffers of any size, in this small ring)
     while args.place([memoryview(bytes(RING // 3))]) is not None:
         pass
     args.empty()
