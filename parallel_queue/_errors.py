@@ -133,9 +133,10 @@ def consumer_died(what: str, start_method: str, delivered_any: bool) -> QueueBro
     message = f"the consumer process died{what}"
     if not delivered_any and start_method != "fork":
         message += (
-            f".  It died before it delivered anything: under {start_method!r}, every child process"
-            " imports the main script again, so a script must make its queues only under"
-            '  if __name__ == "__main__":  (if the child printed "An attempt has been made to start a new'
-            ' process before the current process has finished its bootstrapping phase", that is why)'
+            f'.  It died before it delivered anything.  If it printed "An attempt has been made to start a'
+            ' new process before the current process has finished its bootstrapping phase", the script makes'
+            f" queues at import time: under {start_method!r} every child imports the main script again, so"
+            ' make queues only under  if __name__ == "__main__":  (A Ctrl-C in a queue\'s first moments under'
+            " forkserver can also end it so.)"
         )
     return QueueBrokenError(message)

@@ -19,12 +19,13 @@ fed by a task on the event loop when the input is an async iterable.
 
 from __future__ import annotations
 
+import array
 import asyncio
 import functools
 import threading
 import weakref
 from collections import deque
-from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple, Optional, Sized, TypeVar
+from typing import Any, AsyncIterable, AsyncIterator, Callable, Iterable, Iterator, NamedTuple, Optional, TypeVar
 
 from ._aio import aget, aput
 from ._core import Core
@@ -238,9 +239,12 @@ class IMapIterator(Iterator[R]):
             if self._watch is not None:
                 self._watch.cancel()
             self._core.end_map(self._lease)
+        # The feeder is not waited for: it may be waiting inside the input
+        # (a generator blocked on a pipe), and close() would wait with it
+        # (found by adversarial testing).  It takes no more tasks: the map
+        # is closed, so it returns at its next item, putting nothing.
         feeder = self._feeder
-        if feeder is not None and feeder.ident is not None and feeder is not threading.current_thread():
-            feeder.join()
+        if feeder is not None and feeder.ident is not None and not feeder.is_alive():
             del feeder
             self._let_go_of_feeder()
 
@@ -352,8 +356,8 @@ def length(iterables: tuple[Iterable[Any], ...]) -> Optional[int]:
 
 class Source(NamedTuple):
     """What a map's feeder reads: ``items``; ``in_memory`` if no read of it
-    can wait (every input is sized: a list, a range, an array), so it may
-    be read in chunks (see Intake.feed)."""
+    can wait (every input is a list, tuple, range, array, ...: see
+    _IN_MEMORY), so it may be read in chunks (see Intake.feed)."""
 
     items: Iterator[Any]
     in_memory: bool
@@ -367,7 +371,20 @@ def source_of(iterables: tuple[Iterable[Any], ...]) -> Source:
     if not iterables:
         raise TypeError("imap() must have at least two arguments.")
     items = iter(iterables[0]) if len(iterables) == 1 else zip(*iterables)
-    return Source(items, all(isinstance(i, Sized) for i in iterables))
+    return Source(items, all(_in_memory(i) for i in iterables))
+
+
+# Inputs whose iteration never waits.  Not "anything with a length": a
+# dataset class with __len__ may read each item from disk or a network,
+# and was read under the queue's lock (found by adversarial testing).
+_IN_MEMORY = (list, tuple, range, str, bytes, bytearray, dict, set, frozenset, deque, array.array, memoryview)
+
+
+def _in_memory(iterable: Any) -> bool:
+    kind = type(iterable)
+    if kind in _IN_MEMORY:
+        return True
+    return kind.__module__ == "numpy" and kind.__name__ == "ndarray"
 
 
 def check_chunksize(chunksize: Optional[int]) -> None:

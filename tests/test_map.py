@@ -96,6 +96,74 @@ def test_an_input_that_waits_holds_up_nobody():
         q.terminate()
 
 
+@pytest.mark.parametrize("where", ["imap", "queue"])
+def test_closing_a_map_whose_input_waits_returns(where):
+    """Regression (adversarial testing): close() waited for the feeder thread,
+    which was waiting inside the input: closing a map over a blocked
+    generator (or leaving its with block by Ctrl-C) hung until the input
+    went on.  The feeder now stops at its next item, putting nothing."""
+    go_on = threading.Event()
+
+    def waits_after_one():
+        yield -1
+        go_on.wait()
+        yield -2
+        yield -3
+
+    q = ParallelQueue(num_workers=2) if where == "queue" else None
+    try:
+        it = q.imap(abs, waits_after_one()) if q is not None else imap(abs, waits_after_one(), num_workers=2)
+        assert next(it) == 1
+        closer = threading.Thread(target=it.close)
+        closer.start()
+        closer.join(60)
+        assert not closer.is_alive()
+        go_on.set()  # the feeder reads on, sees the map closed, and stops
+        if q is not None:
+            assert list(q.imap(abs, [-7, -8])) == [7, 8]  # the queue is whole, nothing of the old map in it
+    finally:
+        go_on.set()
+        if q is not None:
+            q.terminate()
+
+
+class LazyDataset:
+    """Has a length, yet its items come from elsewhere (a disk, a network)."""
+
+    def __init__(self, gate):
+        self.gate = gate
+
+    def __len__(self):
+        return 6
+
+    def __iter__(self):
+        for i in range(6):
+            if i == 3:
+                self.gate.wait()
+            yield -i
+
+
+def test_an_input_with_a_length_that_waits_holds_up_nobody():
+    """Regression (adversarial testing): anything with a length was read in
+    chunks under the queue's lock, so a dataset class that waited held up
+    stats() and the items before the wait."""
+    gate = threading.Event()
+    q = ParallelQueue(num_workers=2)
+    try:
+        it = q.imap(abs, LazyDataset(gate))
+        first = []
+        getter = threading.Thread(target=lambda: first.extend(next(it) for _ in range(3)))
+        getter.start()
+        getter.join(60)
+        assert first == [0, 1, 2]
+        assert q.stats().tasks_put == 3
+        gate.set()
+        assert list(it) == [3, 4, 5]
+    finally:
+        gate.set()
+        q.terminate()
+
+
 def test_a_producer_that_waits_for_each_result_goes_on():
     """A conversation: the input yields its next item only once the result of
     the one before came out.  Read in chunks (or with an item held back
