@@ -116,6 +116,7 @@ class IMapIterator(Iterator[R]):
         self._input_error: list[BaseException] = []
         self._done = False
         self._feeder: Optional[threading.Thread] = None
+        self._input_waits = inputs is not None and not inputs.in_memory  # (see close)
         self._watch: Optional[Watch] = None
         core.begin_map(self._lease)
         try:
@@ -239,12 +240,16 @@ class IMapIterator(Iterator[R]):
             if self._watch is not None:
                 self._watch.cancel()
             self._core.end_map(self._lease)
-        # The feeder is not waited for: it may be waiting inside the input
-        # (a generator blocked on a pipe), and close() would wait with it
-        # (found by adversarial testing).  It takes no more tasks: the map
-        # is closed, so it returns at its next item, putting nothing.
+        # The feeder of an input that may wait is not waited for: it may be
+        # waiting inside the input (a generator blocked on a pipe), and
+        # close() would wait with it (found by adversarial testing).  The
+        # map is closed, so it returns at its next item, putting nothing.
         feeder = self._feeder
-        if feeder is not None and feeder.ident is not None and not feeder.is_alive():
+        if feeder is None or feeder.ident is None or feeder is threading.current_thread():
+            return
+        if not self._input_waits:
+            feeder.join()  # (an input in memory: a chunk at most)
+        if not feeder.is_alive():
             del feeder
             self._let_go_of_feeder()
 

@@ -12,7 +12,7 @@ import weakref
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from conftest import descendants, drain
+from conftest import descendants, drain, wait_until
 
 from parallel_queue import ParallelQueue, WorkerLostError, _dispatcher, _executor, _reaper, imap
 
@@ -552,7 +552,9 @@ def test_queue_imap_interrupted_while_it_starts_leaves_the_queue_usable(monkeypa
             q.imap(square, itertools.count())
         monkeypatch.undo()
         assert q._core.intake.lease is None
-        assert not [t for t in threading.enumerate() if t.name == "parallel_queue-imap-feeder"]
+        # The feeder of an input that may wait is not waited for (see
+        # IMapIterator.close): it ends at its next item, putting nothing.
+        wait_until(lambda: not [t for t in threading.enumerate() if t.name == "parallel_queue-imap-feeder"])
         assert list(q.imap(abs, [-1, -2])) == [1, 2]
         q.put(abs, -3)
         assert q.get(timeout=60) == 3
