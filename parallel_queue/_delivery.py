@@ -386,8 +386,11 @@ class Delivery:
         return self.receiver.pump()
 
     def close(self) -> None:
-        """No more reading (see Receiver.close)."""
+        """No more reading (see Receiver.close).  After terminate(), the
+        packets read and not taken are dropped: nothing will take them."""
         with self.lock:
+            if self.parts.lifecycle.terminated:
+                self.receiver.bodies.clear()
             self.receiver.close()
 
 

@@ -241,6 +241,10 @@ class ProcessEngine:
         )
         core.delivery = Delivery(core, _wire.FrameReader(self.output_r))
         core.delivery.receiver.rings = [r.results for r in self.rings]
+        for r in self.rings:
+            # The delivery's to close too: packets read before the queue
+            # closed are read from the rings after it (see Receiver.close).
+            self.fds.disown(r.region.fd)
         self.fds.disown(self.output_r)  # the delivery's to close (see Delivery.close)
         self.dispatcher = Dispatcher(
             core,

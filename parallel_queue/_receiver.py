@@ -105,6 +105,8 @@ class Receiver:
             bodies.popleft()
             self.reader.give_back(body)  # (kept for the next frame only if nothing uses it)
         self.give_pending()
+        if self.closed and not bodies and self.rings:
+            self.let_go_of_rings()
 
     def give_pending(self) -> None:
         """Give back the ring range of the packet last taken, and the copy it
@@ -264,3 +266,12 @@ class Receiver:
             return
         self.closed = True
         self.close_if_unwatched()
+        if not self.bodies:
+            self.let_go_of_rings()  # (else once the last packet read is taken: see taken)
+
+    def let_go_of_rings(self) -> None:
+        """(closed; no packet read is left) The rings' descriptors: nothing
+        will be read from them any more."""
+        for ring in self.rings:
+            _wire.close_fd(ring.fd)
+        self.rings = []

@@ -699,3 +699,34 @@ def test_a_small_array_beside_a_large_result_does_not_keep_the_frame():
         assert numpy.array_equal(a, numpy.full(OOB_MIN // 8, float(k)))
         assert len(_memory_of(a)) < 2 * a.nbytes  # its own memory, not the frame
     assert len(_memory_of(big)) < 2 * big.nbytes
+
+
+def test_results_in_the_rings_are_taken_after_the_queue_closed():
+    """Regression (found while writing this stop's note): join() closed the
+    rings' descriptors while packets read before it still pointed into the
+    rings, and every get() after stop() and join() (or after a with block)
+    raised OSError (EBADF).  The receiver now closes them once the last
+    packet read is taken; after terminate() at once (nothing will take
+    them).  No descriptor is left either way."""
+    with ParallelQueue(num_workers=2) as q:  # (what a process makes once, at its first queue)
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+    fds = len(os.listdir("/proc/self/fd"))
+    q = ParallelQueue(num_workers=2)
+    for k in range(6):
+        q.put(make, ("bytes", 1 << 20, k))
+    q.stop()
+    q.join()
+    assert [q.get(timeout=60) for _ in range(6)] == [bytes([k]) * (1 << 20) for k in range(6)]
+    with ParallelQueue(num_workers=2) as q:
+        for k in range(3):
+            q.put(make, ("numpy", 2 << 20, k))
+    assert [float(q.get(timeout=60)[0]) for _ in range(3)] == [0.0, 1.0, 2.0]
+    q = ParallelQueue(num_workers=2)
+    for k in range(3):
+        q.put(make, ("bytes", 1 << 20, k))
+    q.get(timeout=60)
+    q.terminate()
+    del q
+    gc.collect()
+    assert len(os.listdir("/proc/self/fd")) == fds
