@@ -330,21 +330,7 @@ class Intake:
         pending = lease.pending
         if in_memory:
             # Read under the lock, a chunk per round: no read of it waits.
-            def attempt(waited: bool) -> Any:
-                self.check_feed(lease)
-                before = len(pending)
-                room = min(FEED_CHUNK, self.in_q_max - before)
-                if room <= 0:
-                    return NOT_YET
-                try:
-                    pending.extend(itertools.islice(items, room))
-                finally:
-                    if len(pending) > before:  # (counted even if the input raised half-way)
-                        self.latency.put_at(self.dispatched + before)
-                        self.wake_idle_dispatcher()
-                return len(pending) - before < room  # (islice stops short only at the end)
-
-            while not self.when_room(None, attempt):
+            while not self.put_many(items, FEED_CHUNK, None, lease):
                 pass
             return
         cap = self.in_q_max
