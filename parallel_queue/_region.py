@@ -51,7 +51,7 @@ import struct
 import threading
 from typing import Any, Optional, Sequence
 
-from ._wire import NOT_SHARED, WRITEV_MAX, Fd, Placement, close_fd, own_fd
+from ._wire import BIG_FRAME, NOT_SHARED, WRITEV_MAX, Fd, Placement, close_fd, own_fd
 
 __all__ = ["RING_BYTES", "SHARED_MIN", "Region", "SlotRings", "RingReader", "RingWriter"]
 
@@ -59,9 +59,10 @@ __all__ = ["RING_BYTES", "SHARED_MIN", "Region", "SlotRings", "RingReader", "Rin
 # a ring holds dozens of them, or four buffers of 8 MiB; only the pages
 # written are ever allocated (the whole ring after its first lap).
 RING_BYTES = 32 << 20
-# Result buffers this large or larger travel in the ring (smaller ones are
-# copied into the pickle's stream anyway, see _payload.OOB_MIN).
-SHARED_MIN = 1 << 16
+# Result buffers this large or larger travel in the ring: every buffer that
+# travels out of band at all (smaller ones are copied into the pickle's
+# stream, see _payload.OOB_MIN, which is this same size).
+SHARED_MIN = BIG_FRAME
 # Argument buffers, from this size on.  Arguments do not cross the consumer
 # (the dispatcher writes to each worker's pipe itself), so the ring saves
 # less there, and a short job pays its first lap of fresh pages: measured,
