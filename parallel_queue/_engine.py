@@ -64,11 +64,9 @@ child on a pipe only the main process holds (see ``_child``).
 from __future__ import annotations
 
 import multiprocessing
-import multiprocessing.forkserver
 import multiprocessing.process
 import multiprocessing.resource_tracker
 import os
-import signal
 import threading
 import time
 from multiprocessing.connection import wait
@@ -79,6 +77,7 @@ from ._consumer import ConsumerSpec, consumer_main
 from ._core import Core
 from ._delivery import Delivery
 from ._dispatcher import Dispatcher
+from ._forkserver import ForkServerProcess
 from ._region import RING_BYTES, Region, SlotRings
 from ._scheduler import Scheduler
 from ._slots import Child, Slot
@@ -124,31 +123,6 @@ def _forget_parent_alive() -> None:
 os.register_at_fork(after_in_child=_forget_parent_alive)
 
 
-class _IgnoreSigint:
-    """Unpickled first in a child started through multiprocessing's fork
-    server: it ignores Ctrl-C from then on.
-
-    A child forked by the fork server does not inherit our held-back SIGINT
-    (see _threads.sigint_held_back); the server gives it Python's default
-    handler, and a press while it unpickles its process object (importing
-    this package) raised KeyboardInterrupt there: "Exception ignored" on the
-    terminal, or the child dead and the queue broken (1 press in about 220).
-    Stored in the process's ``_config``, pickled before its target and
-    arguments; what travels is the call ``signal.signal(SIGINT, SIG_IGN)``
-    itself, which needs no import of ours."""
-
-    def __reduce__(self) -> tuple[Any, tuple[Any, ...]]:
-        return signal.signal, (signal.SIGINT, signal.SIG_IGN)
-
-
-def _ignore_sigint_first(proc: Any) -> Any:
-    """``proc``, made to ignore Ctrl-C as soon as its child begins to load it."""
-    config = getattr(proc, "_config", None)
-    if isinstance(config, dict):
-        config["parallel_queue_sigint"] = _IgnoreSigint()
-    return proc
-
-
 class _EndedThread:
     """Stands for a dispatcher thread that has ended, once its Thread object
     is let go (see ProcessEngine.let_go)."""
@@ -191,16 +165,14 @@ class ProcessEngine:
         core.engine = self
         try:
             method = self.ctx.get_start_method()
+            # Under forkserver, our own fork server (see _forkserver).
+            self.Process: Any = ForkServerProcess if method == "forkserver" else self.ctx.Process
             if method != "fork":
-                # multiprocessing's helper processes, started lazily by the
-                # first spawn or forkserver start, are started now, before
-                # SIGINT is held back: the fork server would hand a blocked
-                # mask to every process it forks (the program's own ones
-                # too), and starting the resource tracker unblocks SIGINT in
-                # the calling thread, which would let it reach our children.
+                # multiprocessing's resource tracker, started lazily by the
+                # first spawn or forkserver start, is started now, before
+                # SIGINT is held back: starting it unblocks SIGINT in the
+                # calling thread, which would let a press reach our children.
                 multiprocessing.resource_tracker.ensure_running()
-                if method == "forkserver":
-                    multiprocessing.forkserver.ensure_running()
             with sigint_held_back():
                 self.start()
         except BaseException:
@@ -252,9 +224,7 @@ class ProcessEngine:
             Scheduler(opts.max_batch, opts.max_tasks_per_worker),
             Supervisor(self.progress, n, opts.task_timeout),
         )
-        consumer = _ignore_sigint_first(
-            ctx.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
-        )
+        consumer = self.Process(target=consumer_main, args=(spec,), name="parallel_queue-consumer", daemon=opts.daemon)
         _wire.reserve_descriptors(DESCRIPTORS_PER_START)
         consumer.start()
         self.consumer = Child(consumer)
@@ -333,13 +303,11 @@ class ProcessEngine:
         if self.rings:
             self.rings[slot.index].args.empty()  # (no worker reads it now)
         incarnation = slot.new_incarnation()
-        proc = _ignore_sigint_first(
-            self.ctx.Process(
-                target=worker_main,
-                args=(Inherited(spec),),
-                name=f"parallel_queue-worker-{slot.index}.{incarnation}",
-                daemon=opts.daemon,
-            )
+        proc = self.Process(
+            target=worker_main,
+            args=(Inherited(spec),),
+            name=f"parallel_queue-worker-{slot.index}.{incarnation}",
+            daemon=opts.daemon,
         )
         handed_over = False
         try:

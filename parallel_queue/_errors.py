@@ -136,7 +136,6 @@ def consumer_died(what: str, start_method: str, delivered_any: bool) -> QueueBro
             f'.  It died before it delivered anything.  If it printed "An attempt has been made to start a'
             ' new process before the current process has finished its bootstrapping phase", the script makes'
             f" queues at import time: under {start_method!r} every child imports the main script again, so"
-            ' make queues only under  if __name__ == "__main__":  (A Ctrl-C in a queue\'s first moments under'
-            " forkserver can also end it so.)"
+            ' make queues only under  if __name__ == "__main__":'
         )
     return QueueBrokenError(message)

@@ -69,6 +69,8 @@ _DOC_OPTIONS = """
       of the oldest unfinished one waits.
     - ``mp_context``: a ``multiprocessing`` context or its name (``"fork"``,
       ``"spawn"``, ``"forkserver"``); default: multiprocessing's default.
+      Under ``"forkserver"`` the processes come from the package's own fork
+      server, which holds Ctrl-C back from them as they start.
     - ``task_timeout``: seconds a single task may run; past it the task's
       worker is killed and replaced, and its slot raises ``TaskTimeoutError``.
     - ``max_tasks_per_worker``: replace each worker after this many tasks.
