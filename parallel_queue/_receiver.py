@@ -20,6 +20,7 @@ watches would let its number be reused under their feet.
 
 from __future__ import annotations
 
+import contextlib
 import select
 import threading
 from collections import deque
@@ -28,7 +29,7 @@ from typing import Any, Callable, Optional
 from . import _wire
 from ._payload import TaskError, loads_results_careful
 from ._salvage import load_results
-from ._threads import Waiters, run_whole
+from ._threads import Waiters, run_whole, sigint_blocked_here
 from ._wakeups import Bell, Bells
 from ._wire import decode_result, split_result
 
@@ -161,21 +162,38 @@ class Receiver:
         # A Ctrl-C landing after the read took bytes from the pipe and before
         # they are accounted for (as ``readv`` returns, say) loses them, and
         # every frame after them would be read out of step: results silently
-        # wrong, or a length that is garbage.  So a KeyboardInterrupt out of
-        # this step marks the pipe cut, and nothing more is read from it
-        # (get() raises once what was read before is handed out: see
-        # Delivery.raise_if_finished).
+        # wrong, or a length that is garbage.  Reads into a large frame's
+        # body (see _wire.FrameReader), which is where the time goes when
+        # results too large for a ring come through the pipe, are made with
+        # SIGINT blocked in the main thread: a press then waits for the end
+        # of the step, and is raised with what it read in hand.  (Every read
+        # so, 5 us each, would slow small results; and a press the kernel
+        # gives another thread of the program is raised in the step even
+        # so.)  A KeyboardInterrupt from inside the step marks the pipe cut,
+        # and nothing more is read from it (get() raises once what was read
+        # before is handed out: see Delivery.raise_if_finished).
+        hold = getattr(reader, "in_large_frame", False) and threading.current_thread() is threading.main_thread()
+        got: list[Any] = []
+        done = False
         try:
-            got = reader.read_ready()
-            self.bodies.extend(got)
+            with sigint_blocked_here() if hold else contextlib.nullcontext():
+                got = reader.read_ready()
+                self.bodies.extend(got)
+                done = True
         except KeyboardInterrupt:
-            self.cut = True
+            if not done:
+                self.cut = True
+            elif got:
+                self.ring_getters()  # what came is in hand: others may take it
             raise
         if got or reader.eof:
-            with self.queue_lock:
-                self.getters.ring()
+            self.ring_getters()
             return True
         return False
+
+    def ring_getters(self) -> None:
+        with self.queue_lock:
+            self.getters.ring()
 
     def pump(self) -> bool:
         """(lock not held) Move what the output pipe holds into memory; False

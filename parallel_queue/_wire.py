@@ -368,6 +368,11 @@ class FrameReader:
             buf += data[pos:]
         return bodies
 
+    @property
+    def in_large_frame(self) -> bool:
+        """Whether the next read goes into a large frame's body."""
+        return self._big is not None
+
     def _read_big(self) -> list[bytes]:
         """One read into the large frame's body; the body once it is whole."""
         big = self._big
