@@ -29,7 +29,7 @@ from typing import Any, Callable, Optional
 from . import _wire
 from ._payload import TaskError, loads_results_careful
 from ._salvage import load_results
-from ._threads import Waiters, run_whole, sigint_blocked_here
+from ._threads import Waiters, run_whole, sigint_deferred
 from ._wakeups import Bell, Bells
 from ._wire import decode_result, split_result
 
@@ -164,19 +164,17 @@ class Receiver:
         # every frame after them would be read out of step: results silently
         # wrong, or a length that is garbage.  Reads into a large frame's
         # body (see _wire.FrameReader), which is where the time goes when
-        # results too large for a ring come through the pipe, are made with
-        # SIGINT blocked in the main thread: a press then waits for the end
-        # of the step, and is raised with what it read in hand.  (Every read
-        # so, 5 us each, would slow small results; and a press the kernel
-        # gives another thread of the program is raised in the step even
-        # so.)  A KeyboardInterrupt from inside the step marks the pipe cut,
-        # and nothing more is read from it (get() raises once what was read
-        # before is handed out: see Delivery.raise_if_finished).
-        hold = getattr(reader, "in_large_frame", False) and threading.current_thread() is threading.main_thread()
+        # results too large for a ring come through the pipe, defer a press
+        # to the end of the step, and it is raised with what the read
+        # brought in hand.  (Every read so, some 12 us each, would slow
+        # small results.)  A KeyboardInterrupt from inside the step marks
+        # the pipe cut, and nothing more is read from it (get() raises once
+        # what was read before is handed out: see Delivery.raise_if_finished).
+        hold = getattr(reader, "in_large_frame", False)
         got: list[Any] = []
         done = False
         try:
-            with sigint_blocked_here() if hold else contextlib.nullcontext():
+            with sigint_deferred() if hold else contextlib.nullcontext():
                 got = reader.read_ready()
                 self.bodies.extend(got)
                 done = True

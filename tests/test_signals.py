@@ -857,32 +857,44 @@ def filled(i: int, size: int) -> bytes:
     return bytes([i]) * size
 
 
-def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch):
+@pytest.mark.parametrize("taken_by", ["main thread", "another thread"])
+def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch, taken_by):
     """Regression: a Ctrl-C landing as a read of the consumer's pipe returned,
     before what it read was accounted for, lost those bytes; the queue broke
     rather than hand out what followed out of step.  With results too large
     for a ring, read from the pipe for as long as they take to copy, that was
     most presses (9 of 14 with 40 MB results, in an adversarial run).
-    Forced with a real signal: the main thread sends itself SIGINT as the
-    k-th read into a large result's body returns (k from 1 to 5), in a
-    program that catches the KeyboardInterrupt and goes on getting.  Reads
-    into a large body keep the press pending until what they read is in
-    hand: every result comes out whole."""
+    Forced with a real signal as the k-th read into a large result's body
+    returns (k from 1 to 5), in a program that catches the KeyboardInterrupt
+    and goes on getting.  The kernel hands a press to any thread that does
+    not block SIGINT, and Python raises it in the main thread all the same:
+    so the signal goes to the main thread, or to another thread of the
+    program (the main thread waits until its C handler ran, on the wake-up
+    descriptor).  Every result comes out whole."""
     size = RING_BYTES + (4 << 20)  # too large for a ring: it comes through the pipe
     me, main = os.getpid(), threading.main_thread().ident
     real_readv = os.readv
     armed = {"reads": 0}
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    other = threading.Thread(target=threading.Event().wait, args=(60,), daemon=True)
 
     def readv(fd, buffers):
         n = real_readv(fd, buffers)
         if armed["reads"] and os.getpid() == me and threading.get_ident() == main and reader.in_large_frame:
             armed["reads"] -= 1
-            if not armed["reads"]:
-                signal.pthread_kill(main, signal.SIGINT)  # lands as the read returns
+            if not armed["reads"]:  # a press, as the read returns
+                if taken_by == "main thread":
+                    signal.pthread_kill(main, signal.SIGINT)
+                else:
+                    signal.pthread_kill(other.ident, signal.SIGINT)
+                    os.read(wake_r, 1)  # its C handler ran: Python raises it at the main thread's next check
         return n
 
     # As a terminal session (a test runner's worker may ignore SIGINT).
     handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    old_wakeup = signal.set_wakeup_fd(wake_w)
+    other.start()
     try:
         with ParallelQueue(num_workers=1) as q:
             reader = q._core.delivery.receiver.reader
@@ -901,7 +913,10 @@ def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch):
                 assert armed["reads"] == 0, i  # the press was sent
             monkeypatch.setattr(os, "readv", real_readv)
     finally:
+        signal.set_wakeup_fd(old_wakeup)
         signal.signal(signal.SIGINT, handler)
+        os.close(wake_r)
+        os.close(wake_w)
     assert interrupted == 10
 
 
