@@ -678,19 +678,31 @@ def interrupt_at_event(n: int, files: tuple[str, ...]):
     begins, or as a call made from their code returns (the interpreter runs
     signal handlers there; not between any two lines).  Not as a generator
     resumes: a press there lands inside it, where its own try statements
-    see it, and a tracer's exception would be raised before them.  Returns
-    (tracer, places counted)."""
+    see it, and a tracer's exception would be raised before them.  Nor as a
+    generator yields to their code: a press there lands in the caller once
+    the generator is suspended, but a tracer's exception raised at the
+    yield ends the generator without running its ``finally`` (a context
+    manager's clean-up that no real press skips); it is raised at the
+    caller's next event instead.  Returns (tracer, places counted)."""
     seen = [0]
+    pending = [False]
 
     def ours(frame) -> bool:
         return frame is not None and frame.f_code.co_filename.endswith(files)
 
     def tracer(frame, event, arg):
-        begins = event == "call" and ours(frame) and not frame.f_code.co_flags & inspect.CO_GENERATOR
+        if pending[0] and ours(frame):
+            pending[0] = False
+            raise KeyboardInterrupt
+        is_generator = frame.f_code.co_flags & inspect.CO_GENERATOR
+        begins = event == "call" and ours(frame) and not is_generator
         if begins or (event == "return" and ours(frame.f_back)):
             seen[0] += 1
             if seen[0] == n:
-                raise KeyboardInterrupt
+                if event == "return" and is_generator:
+                    pending[0] = True
+                else:
+                    raise KeyboardInterrupt
         return tracer
 
     return tracer, seen
