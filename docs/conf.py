@@ -28,6 +28,8 @@ autodoc_typehints = "signature"
 autodoc_typehints_format = "short"
 autodoc_member_order = "bysource"
 add_module_names = False
+# A long signature (the queues' options) shows one parameter a line.
+python_maximum_signature_line_length = 88
 
 exclude_patterns = ["_build"]
 html_theme = "furo"
