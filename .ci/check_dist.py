@@ -1,8 +1,10 @@
 """Check the built sdist and wheel: the files each must carry.
 
 The sdist must run its own tests (conftest.py and the pytest settings in
-setup.cfg) and carry the license; the wheel, the package with its py.typed
-marker and the license.  Usage: python .ci/check_dist.py DIST_DIR
+setup.cfg, and the doctests of the documentation's pages), build the
+documentation site (docs/conf.py, its pages and charts, no local build of
+it) and carry the license; the wheel, the package with its py.typed marker
+and the license.  Usage: python .ci/check_dist.py DIST_DIR
 """
 
 from __future__ import annotations
@@ -28,7 +30,15 @@ def main(dist: str) -> int:
         "tests/test_payloads.py",
         "parallel_queue/py.typed",
         "parallel_queue/__init__.py",
+        "tests/test_doctests.py",
+        "docs/conf.py",
+        "docs/index.rst",
+        "docs/api.rst",
+        "docs/benchmarks.png",
+        "docs/payloads.png",
     } - names
+    if any(n.startswith("docs/_build/") for n in names):
+        missing.add("sdist: no docs/_build (a local build of the site)")
     with zipfile.ZipFile(wheel) as z:
         wnames = set(z.namelist())
         metadata = next(z.read(n).decode() for n in wnames if n.endswith(".dist-info/METADATA"))

@@ -50,9 +50,12 @@
 - **delivery** (``get()``, caller's thread) reads the output pipe, unpickles
   a packet's results, and hands out values, errors and markers in put order.
 - **rings** (``_region``): one shared-memory region per slot, holding a ring
-  for the worker's large results (read here, zero-copy) and one for its
-  large arguments (written by the dispatcher).  The frames that cross the
-  pipes say where their buffers are; the consumer forwards them unread.
+  for the worker's large results (copied out here with one read, into
+  memory of this process's own: nothing maps a ring) and one for its large
+  arguments (written by the dispatcher).  The frames that cross the pipes
+  say where their buffers are; the consumer forwards them unread.
+- Under ``forkserver``, every process comes from the package's own fork
+  server (``_forkserver``), which holds Ctrl-C back from them as they start.
 
 Every pipe has a single writer process; readers never block on a frame half
 written (see ``_wire``), so a process that dies at any instant loses at most

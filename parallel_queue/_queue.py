@@ -50,7 +50,7 @@ if TYPE_CHECKING:  # (typing.ParamSpec is Python 3.10's; only the type checker n
     P = ParamSpec("P")
 
 _DOC_OPTIONS = """
-    Options (all keyword arguments, the first eight as in 0.5):
+    Options (the first seven as in 0.5, which may also be given by position; the rest by keyword only):
 
     - ``num_workers``: worker processes (default: the CPU count).
     - ``daemon``: make the worker and consumer processes daemonic.

@@ -40,17 +40,17 @@ class QueueStats:
     tasks_put: int  #: tasks accepted by put() (markers not counted)
     results_delivered: int  #: task results (and errors) handed out by get()
     errors: int  #: of those, errors raised in their slots
-    markers_put: int
-    markers_delivered: int
+    markers_put: int  #: markers accepted by put()
+    markers_delivered: int  #: markers handed back by get()
     in_flight: int  #: tasks put but not yet delivered
     pending: int  #: tasks waiting to be sent to a worker
-    reorder_buffer_packets: int  #: packets waiting in the consumer for earlier ones
+    reorder_buffer_packets: int  #: packets waiting for earlier ones (in the consumer; with an executor, here)
     reorder_buffer_items: int  #: tasks in those packets
-    workers_alive: int
+    workers_alive: int  #: worker processes running now (with an executor: its size while the queue runs)
     workers_replaced: int  #: workers started to replace dead or recycled ones
     latency_mean: Optional[float]  #: seconds from put() until get() reached the result's packet (sampled)
-    latency_p50: Optional[float]
-    latency_p99: Optional[float]
+    latency_p50: Optional[float]  #: median of the latest 4096 sampled latencies, in seconds
+    latency_p99: Optional[float]  #: 99th percentile of the latest 4096 sampled latencies, in seconds
 
     def as_dict(self) -> dict[str, Any]:
         """The snapshot as a plain dict (for logging or JSON)."""
