@@ -19,20 +19,20 @@ __all__ = ["imap", "aimap"]
 R = TypeVar("R")
 
 
-class _OneArgQueue(ParallelSingleTaskQueue[R]):
+class _OneArgQueue(ParallelSingleTaskQueue[Any, R]):
     """A map's queue over one iterable: a task item is the argument itself."""
 
     _form = ONE
 
 
-class _StarQueue(ParallelSingleTaskQueue[R]):
+class _StarQueue(ParallelSingleTaskQueue[Any, R]):
     """A map's queue over several iterables: a task item is the args tuple."""
 
     _form = STAR
 
 
 def _own_map(
-    queue_cls: type[ParallelSingleTaskQueue[R]],
+    queue_cls: type[ParallelSingleTaskQueue[Any, R]],
     fn: Callable[..., R],
     inputs: Optional[Source],
     total: Optional[int],

@@ -8,6 +8,7 @@ a handful of C calls each (see ``_intake`` and ``_delivery``).
 
 from __future__ import annotations
 
+import sys
 from multiprocessing.context import BaseContext
 from types import TracebackType
 from typing import (
@@ -44,10 +45,12 @@ _SAMPLE_MASK = SAMPLE_EVERY - 1
 
 R = TypeVar("R")
 R2 = TypeVar("R2")
-if TYPE_CHECKING:  # (typing.ParamSpec is Python 3.10's; only the type checker needs it)
+if TYPE_CHECKING or sys.version_info >= (3, 10):
     from typing import ParamSpec
 
     P = ParamSpec("P")
+else:  # Python 3.9 has no ParamSpec: a stand-in keeps ParallelSingleTaskQueue generic in two parameters
+    P = TypeVar("P")
 
 _DOC_OPTIONS = """
     Options (the first seven as in 0.5, which may also be given by position; the rest by keyword only):
@@ -397,8 +400,14 @@ class ParallelQueue(_QueueBase[Any]):
             await _aio.aput(self._core, lambda: self._intake.put_marker(task, 0), timeout)
 
 
-class ParallelSingleTaskQueue(_QueueBase[R]):
+class ParallelSingleTaskQueue(_QueueBase[R], Generic[P, R]):
     """An ordered process pool with one task function, handed over at process start.
+
+    Generic in the function's parameters and result: the type checker
+    checks each ``put()`` against ``task_fn`` (but one that passes
+    ``timeout=``, see ``put()``), and ``get()`` gives its result type;
+    spelled ``ParallelSingleTaskQueue[[int, str], bytes]`` for a function
+    of ``(int, str)`` returning ``bytes``.
 
     ``task_fn`` is given to each worker when it starts (inherited under
     ``fork``, pickled while the process starts otherwise), so closures over
@@ -418,7 +427,7 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
 
     def __init__(
         self,
-        task_fn: Callable[..., R],
+        task_fn: Callable[P, R],
         num_workers: Optional[int] = None,
         daemon: bool = False,
         in_q_max: int = 1000,
@@ -444,11 +453,19 @@ class ParallelSingleTaskQueue(_QueueBase[R]):
         item = (args, kwargs or None)
         await _aio.aput(self._core, lambda: self._intake.put_task(item, 0), timeout)
 
-    def put_nowait(self, *args: Any, **kwargs: Any) -> None:
+    def put_nowait(self, *args: P.args, **kwargs: P.kwargs) -> None:
         """``put()`` that never waits: ``queue.Full`` at once if there is no room."""
         self.put(*args, timeout=0, **kwargs)
 
-    def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:
+    # The arguments are checked against task_fn's, unless put() is given
+    # timeout= (see ParallelQueue.put).
+    @overload
+    def put(self, *args: Any, timeout: Optional[float], **kwargs: Any) -> None: ...
+
+    @overload
+    def put(self, *args: P.args, **kwargs: P.kwargs) -> None: ...
+
+    def put(self, *args: Any, timeout: Optional[float] = None, **kwargs: Any) -> None:  # type: ignore[misc]
         """Queue one call ``task_fn(*args, **kwargs)``.
 
         ``timeout`` is put()'s own (``queue.Full`` after that many seconds

@@ -38,6 +38,20 @@ results: Iterator[int] = imap(square, [1, 2, 3])
 squares: list[int] = list(q.imap(square, range(3)))
 not_strings: list[str] = list(imap(square, [1]))  # type: ignore[arg-type]
 
-s: ParallelSingleTaskQueue[int] = ParallelSingleTaskQueue(square)
+# A single-task queue is generic in its function's parameters and result.
+s: ParallelSingleTaskQueue[[int], int] = ParallelSingleTaskQueue(square)
 one: int = s.get()
 wrong: str = s.get()  # type: ignore[assignment]
+s.put(3)
+s.put("3")  # type: ignore[call-overload]
+s.put(3, 4)  # type: ignore[call-overload]
+s.put_nowait(3)
+s.put_nowait("3")  # type: ignore[arg-type]
+s.put(3, timeout=5)  # put()'s own timeout (the arguments are not checked then)
+
+f = ParallelSingleTaskQueue(fetch)
+f.put("http://example.com", retries=2)
+f.put("http://example.com", retri=2)  # type: ignore[call-overload]
+page: bytes = f.get()
+not_a_page: int = f.get()  # type: ignore[assignment]
+mismatched: ParallelSingleTaskQueue[[str], bytes] = ParallelSingleTaskQueue(square)  # type: ignore[arg-type]
