@@ -64,8 +64,8 @@ class Receiver:
         # it again from the same copy (the range goes back to the worker,
         # to be written over, once the packet is taken).
         self.rings: list[Any] = []
-        self.held: Optional[tuple[Any, bytearray, Any, int, int]] = None
-        self.to_give: Optional[tuple[Any, bytearray, Any, int, int]] = None
+        self.held: Optional[tuple[Any, memoryview, Any, int, int]] = None
+        self.to_give: Optional[tuple[Any, memoryview, Any, int, int]] = None
 
     @property
     def eof(self) -> bool:
@@ -140,7 +140,7 @@ class Receiver:
                 held = self.held
                 if held is not None and held[0] is body:
                     return memoryview(held[1])
-                into = self.reader.pool.take(end - data)
+                into = self.reader.pool.take(end - data, ring.phase(data))
                 ring.read(data, end, into)
                 self.held = (body, into, ring, start, end)
                 return memoryview(into)

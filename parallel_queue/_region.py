@@ -242,6 +242,11 @@ class RingReader(_Ring):
         self.done: dict[int, int] = {}  # ranges given back, by start: their end
         self.lock = threading.Lock()  # (the dispatcher gives back too: forget)
 
+    def phase(self, data: int) -> int:
+        """Where in its page the ring's position ``data`` lies (see
+        _wire.BodyPool: a copy is fastest into the same place in a page)."""
+        return (self.base + data % self.size) % _PAGE
+
     def read(self, data: int, end: int, into: Any) -> None:
         """Copy the ring from position ``data`` to ``end`` into ``into``."""
         view = memoryview(into).cast("B")[: end - data]

@@ -16,6 +16,7 @@ and a dead writer leaves at most a partial tail that the reader discards.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import itertools
 import mmap
@@ -235,18 +236,36 @@ def scratch_buffer(size: int = READ_CHUNK) -> memoryview:
     return memoryview(mmap.mmap(-1, size))
 
 
+_PAGE = mmap.PAGESIZE
+
+
+def _address(buf: bytearray) -> int:
+    """Where ``buf``'s bytes are in memory (unchanged while it keeps its size)."""
+    cell = ctypes.c_char.from_buffer(buf)  # (an export of buf, gone with cell)
+    return ctypes.addressof(cell)
+
+
 class BodyPool:
-    """Large frame bodies given back once their reader is done with them, for
-    the next large frames to be read into.
+    """Memory for large frame bodies and ring copies to be read into, taken
+    back once their reader is done with them for the next ones.
 
     A fresh bytearray of a few megabytes is zero-filled in fresh pages: a
     page fault per 4 KiB, half of the consumer's time on large results (the
     memory that malloc hands back to the kernel as the body is freed comes
-    back as fresh pages next time).  A body is taken back only if nothing
-    still uses its memory: a numpy array rebuilt on it (zero-copy) exports
-    its buffer, and a bytearray with exports refuses to change size, which
-    is what ``give`` tries.  At most ``MAX_POOLED`` bodies, ``MAX_POOLED_BYTES``
-    in all, are kept.
+    back as fresh pages next time).  So bodies are kept: at most
+    ``MAX_POOLED`` of them, ``MAX_POOLED_BYTES`` in all.
+
+    A body is a window of a bytearray (a memoryview, writable: arrays load
+    on it writable) that begins at a chosen place in a page, the same as
+    where the copied bytes lie in theirs (``phase``).  The kernel copies a
+    page to an address a few bytes past the same place in a page several
+    times slower (4 KiB aliasing: each load waits on the store 4 KiB
+    before it): a bytearray's bytes begin 16 bytes into a page, and ranges
+    in a ring begin on a page more often than not (arrays of whole pages):
+    8 MiB read out of a ring at 2 GB/s into a bytearray, 7 GB/s here.
+
+    A window is taken back only if nothing still uses its memory: a numpy
+    array rebuilt on it (zero-copy) exports it; so does a view kept of it.
     """
 
     __slots__ = ("free", "held")
@@ -255,33 +274,45 @@ class BodyPool:
         self.free: list[bytearray] = []
         self.held = 0  # bytes in ``free``
 
-    def take(self, size: int) -> bytearray:
-        """A bytearray of ``size`` bytes, its contents undefined."""
+    def take(self, size: int, phase: int = 0) -> memoryview:
+        """A window of ``size`` bytes, its contents undefined, that begins
+        ``phase`` bytes into a page."""
+        need = size + _PAGE  # room to begin anywhere in the first page
         free = self.free
         for i in range(len(free) - 1, -1, -1):
             body = free[i]
             alloc = body.__alloc__()
             # Resized within its allocation (CPython resizes a bytearray in
             # place from half its allocation up): no copy, no fresh page.
-            if alloc // 2 <= size < alloc:
+            if alloc // 2 <= need < alloc:
                 del free[i]
                 self.held -= len(body)
-                if len(body) > size:
-                    del body[size:]
-                elif len(body) < size:
-                    body.extend(bytes(size - len(body)))
-                return body
-        return bytearray(size)
+                if len(body) > need:
+                    del body[need:]
+                elif len(body) < need:
+                    body.extend(bytes(need - len(body)))
+                break
+        else:
+            body = bytearray(need)
+        skip = (phase - _address(body)) % _PAGE
+        return memoryview(body)[skip : skip + size]
 
-    def give(self, body: Any) -> None:
-        """``body`` is no longer needed by its reader: keep it if nothing else
-        uses its memory."""
-        if type(body) is not bytearray or len(body) < BIG_FRAME:
+    def give(self, window: Any) -> None:
+        """``window`` (from ``take``) is no longer needed by its reader: keep
+        its memory if nothing else uses it."""
+        try:
+            body = window.obj
+        except (AttributeError, ValueError):  # not a window, or one given back already
+            return
+        if type(window) is not memoryview or type(body) is not bytearray:
+            return
+        if len(body) < BIG_FRAME + _PAGE:
             return
         if len(self.free) >= MAX_POOLED or self.held + len(body) > MAX_POOLED_BYTES:
             return
         try:
-            del body[-1:]  # refused while anything exports its buffer
+            window.release()  # refused while an array made on it exports it
+            del body[-1:]  # refused while anything else exports the bytearray
         except BufferError:
             return
         body.append(0)  # (both in place: see take)
@@ -307,8 +338,8 @@ class FrameReader:
     once, at its final size, and the rest of it is read straight into it.
     Gathering cost two more copies of every byte (into the partial buffer,
     then out into the body), which is what large results paid here twice,
-    in the consumer and in the main process.  Such a body is a bytearray,
-    from ``pool`` (see BodyPool), which ``give_back`` refills.
+    in the consumer and in the main process.  Such a body is a window of a
+    bytearray, from ``pool`` (see BodyPool), which ``give_back`` refills.
     """
 
     __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos", "pool")
@@ -319,7 +350,7 @@ class FrameReader:
         self.eof = False
         self._scratch = scratch if scratch is not None else scratch_buffer()
         self.pool = pool if pool is not None else BodyPool()
-        self._big: bytearray | None = None  # a large frame's body, being read into
+        self._big: memoryview | None = None  # a large frame's body, being read into
         self._big_pos = 0  # how much of it has come
 
     def read_ready(self) -> list[bytes]:
@@ -354,7 +385,7 @@ class FrameReader:
                     pos = end
                 break
             with data[pos + 8 : pos + 8 + size] as chunk:  # (released: ``buf`` is trimmed below)
-                if size >= BIG_FRAME:  # a bytearray, however it came: its buffers load writable
+                if size >= BIG_FRAME:  # writable, however it came: its buffers load writable
                     body = self.pool.take(size)
                     body[:] = chunk
                     bodies.append(body)  # type: ignore[arg-type]
@@ -389,7 +420,7 @@ class FrameReader:
         if self._big_pos < len(big):
             return []
         self._big = None
-        return [big]  # type: ignore[list-item]  # (a bytearray: bodies are only read)
+        return [big]  # type: ignore[list-item]  # (a window of a bytearray: bodies are only read)
 
     def give_back(self, body: Any) -> None:
         """A body this reader gave is no longer needed (see BodyPool)."""
@@ -622,7 +653,7 @@ def _split_buffers(
 
     A buffer in the frame that is most of the frame is a view of ``body``,
     which a numpy array loaded from it keeps alive (zero-copy; writable if
-    ``body`` is a bytearray, as a frame this large is: see FrameReader); a
+    ``body`` is writable, as a frame this large is: see FrameReader); a
     buffer in the ring that is most of the frame's range is a view of the
     ring (see _region.RingReader.view).  A smaller one is a copy of its own:
     an array kept on it would keep the whole frame (a 64 KiB array beside

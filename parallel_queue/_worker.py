@@ -204,7 +204,7 @@ class _Worker:
         # What the arguments ring's buffers were copied into, taken back for
         # the next packet's once nothing uses them (see _wire.BodyPool).
         self.pool = _wire.BodyPool()
-        self.lent: list[bytearray] = []
+        self.lent: list[memoryview] = []
         self.prog[self.p0 + P_STAGE] = STAGE_IDLE  # past worker_init_f: a death is no start-up death
 
     def decode(self, body: bytearray) -> _wire.TaskPacket:
@@ -221,7 +221,7 @@ class _Worker:
 
         def view_of(start: int, data: int, end: int) -> memoryview:
             assert ring is not None
-            into = self.pool.take(end - data)
+            into = self.pool.take(end - data, ring.phase(data))
             ring.read(data, end, into)
             ring.give_back(start, end)
             self.lent.append(into)

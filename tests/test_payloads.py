@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import gc
+import mmap
 import os
 import pickle
 import signal
@@ -12,6 +14,7 @@ import sys
 import textwrap
 import threading
 import time
+from typing import NamedTuple
 
 import numpy
 import pytest
@@ -79,16 +82,22 @@ def test_large_results_come_back_whole_in_order_and_of_their_type(kind):
             assert value == want
 
 
+class RingRead(NamedTuple):
+    memory: bytearray
+    size: int
+
+
 @pytest.fixture
 def ring_reads(monkeypatch):
     """What the main process read from the workers' rings: each copy's
-    memory (see _region.RingReader.read)."""
+    memory and size (see _region.RingReader.read; the memory is the
+    bytearray behind the window read into, see _wire.BodyPool)."""
     reads = []
     real = _region.RingReader.read
 
     def read(self, data, end, into):
         real(self, data, end, into)
-        reads.append(into)
+        reads.append(RingRead(into.obj, end - data))
 
     monkeypatch.setattr(_region.RingReader, "read", read)
     return reads
@@ -101,7 +110,7 @@ def test_a_large_array_result_is_not_copied_out_of_what_was_received(ring_reads)
     with ParallelQueue(num_workers=2) as q:
         small, big = q.imap(make, [("numpy", OOB_MIN // 2, 1), ("numpy", 4 * OOB_MIN, 2)])
     assert numpy.array_equal(big, numpy.full(4 * OOB_MIN // 8, 2.0))
-    assert any(_memory_of(big) is r for r in ring_reads)
+    assert any(_memory_of(big) is r.memory for r in ring_reads)
     assert big.flags.writeable
     assert len(_memory_of(small)) == small.nbytes
 
@@ -227,7 +236,7 @@ def test_a_worker_killed_between_its_ring_and_its_frame_gives_the_ring_back(ring
         second = q.get(timeout=60)
         assert numpy.array_equal(first, numpy.full(third // 8, 1.0))
         assert numpy.array_equal(second, numpy.full(third // 8, 2.0))
-        assert [len(r) for r in ring_reads] == [third, third]  # both through the ring
+        assert [r.size for r in ring_reads] == [third, third]  # both through the ring
     finally:
         os.kill(engine.consumer.pid, signal.SIGCONT)
         q.terminate()
@@ -248,7 +257,7 @@ def test_results_kept_hold_nothing_of_the_ring(ring_reads):
     for k, a in enumerate(kept):
         assert numpy.array_equal(a, numpy.full(size // 8, float(k)))
     assert numpy.array_equal(again, numpy.full(size // 8, 8.0))
-    assert ring_reads and len(ring_reads[-1]) == size and len(ring_reads) > 1
+    assert ring_reads and ring_reads[-1].size == size and len(ring_reads) > 1
 
 
 def forks_a_reader(arg, report):
@@ -373,7 +382,8 @@ def test_large_payloads_need_no_numpy():
 
 def test_a_large_frame_is_read_straight_into_its_body():
     """FrameReader: a frame of BIG_FRAME or more that a read did not bring
-    whole is completed by reads into its own bytearray; the frames after it
+    whole is completed by reads into its own body (a window of a bytearray,
+    page-aligned: see BodyPool); the frames after it
     come as usual; a writer dying half-way leaves a partial frame that
     discard_partial() drops."""
     r, w = os.pipe()
@@ -388,7 +398,8 @@ def test_a_large_frame_is_read_straight_into_its_body():
                 os.write(w, data[k : k + 3000])
                 bodies += reader.read_ready()
         assert bodies == [b"small", big, b"after"]
-        assert type(bodies[1]) is bytearray
+        assert type(bodies[1].obj) is bytearray and not bodies[1].readonly
+        assert _page_offset(bodies[1]) == 0
         # A writer that dies half-way through a large frame.
         data = b"".join(bytes(x) for x in _wire.frame((big,)))
         for k in range(0, len(data) // 2, 3000):
@@ -410,32 +421,55 @@ def test_a_body_goes_back_to_the_pool_only_when_nothing_uses_its_memory():
     pool = _wire.BodyPool()
     body = pool.take(_wire.BIG_FRAME * 2)
     view = memoryview(body)[10:20]  # as a zero-copy array's buffer would
+    view[:] = b"0123456789"
     pool.give(body)
     assert pool.free == []
+    assert bytes(view) == b"0123456789"  # still the caller's
     view.release()
+    body = pool.take(_wire.BIG_FRAME * 2)
+    memory = body.obj
     pool.give(body)
-    assert pool.free == [body] and len(body) == _wire.BIG_FRAME * 2
+    assert len(pool.free) == 1 and pool.free[0] is memory
     # Taken again for a frame a little smaller, or a little larger: the same
     # memory, resized in place.
     smaller = pool.take(_wire.BIG_FRAME * 2 - 100)
-    assert smaller is body and len(body) == _wire.BIG_FRAME * 2 - 100
-    pool.give(body)
-    assert pool.take(_wire.BIG_FRAME * 2) is body
-    pool.give(body)
+    assert smaller.obj is memory and len(smaller) == _wire.BIG_FRAME * 2 - 100
+    pool.give(smaller)
+    again = pool.take(_wire.BIG_FRAME * 2)
+    assert again.obj is memory and len(again) == _wire.BIG_FRAME * 2
+    pool.give(again)
+    pool.give(again)  # (given twice: the second is ignored)
     # Not for a frame of another size altogether, and small bodies are not kept.
-    assert pool.take(_wire.BIG_FRAME * 5) is not body
-    pool.give(bytearray(100))
-    assert pool.free == [body]
+    assert pool.take(_wire.BIG_FRAME * 5).obj is not memory
+    pool.give(memoryview(bytearray(100)))
+    assert len(pool.free) == 1 and pool.free[0] is memory
+
+
+def _page_offset(window):
+    return ctypes.addressof(ctypes.c_char.from_buffer(window)) % mmap.PAGESIZE
+
+
+@pytest.mark.parametrize("phase", [0, 16, 64, mmap.PAGESIZE - 8])
+def test_a_body_begins_where_its_bytes_lie_in_their_page(phase):
+    """A copy into memory a few bytes past the same place in a page as its
+    source runs several times slower (4 KiB aliasing): a body begins at the
+    place in a page it is asked for, new or taken again from the pool."""
+    pool = _wire.BodyPool()
+    for size in (_wire.BIG_FRAME, _wire.BIG_FRAME + 1, 3 * _wire.BIG_FRAME):
+        for _ in range(2):  # new, then from the pool
+            window = pool.take(size, phase)
+            assert len(window) == size and _page_offset(window) == phase
+            pool.give(window)
 
 
 def test_what_the_pool_keeps_is_bounded():
     pool = _wire.BodyPool()
-    bodies = [bytearray(_wire.BIG_FRAME) for _ in range(_wire.MAX_POOLED + 2)]
+    bodies = [_wire.BodyPool().take(_wire.BIG_FRAME) for _ in range(_wire.MAX_POOLED + 2)]
     for b in bodies:
         pool.give(b)
     assert len(pool.free) == _wire.MAX_POOLED
     pool = _wire.BodyPool()
-    pool.give(bytearray(_wire.MAX_POOLED_BYTES + 1))
+    pool.give(memoryview(bytearray(_wire.MAX_POOLED_BYTES + 1)))
     assert pool.free == []
 
 
@@ -547,7 +581,7 @@ def count_ring_reads():
     def read(self, data, end, into):
         real(self, data, end, into)
         WORKER_RING_READS.append(end - data)
-        WORKER_RING_INTOS.append(into)
+        WORKER_RING_INTOS.append(into.obj)  # (the bytearray behind the window: see _wire.BodyPool)
 
     _region.RingReader.read = read
 
@@ -569,7 +603,7 @@ def test_large_payloads_under_every_start_method(method, ring_reads):
     for k, value in enumerate(got):
         assert numpy.array_equal(value, numpy.full((k + 1) * OOB_MIN // 8, k + 1.0))
     assert 8 << 20 in worker_reads  # the argument came through the worker's ring
-    assert any(len(r) == 8 << 20 for r in ring_reads)  # the result through the main process's
+    assert any(r.size == 8 << 20 for r in ring_reads)  # the result through the main process's
     assert numpy.array_equal(result, numpy.full(1 << 20, 7.0))
 
 
