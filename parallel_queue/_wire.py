@@ -499,9 +499,11 @@ def write_frame_blocking(fd: int, *body_parts: bytes | memoryview) -> None:
         _written(bufs, os.writev(fd, list(itertools.islice(bufs, WRITEV_MAX))))
 
 
-def read_exact(fd: int, n: int) -> bytearray | None:
-    """Read exactly ``n`` bytes from a blocking pipe; None at end-of-file."""
-    buf = bytearray(n)
+def read_exact(fd: int, n: int, pool: BodyPool | None = None) -> bytearray | memoryview | None:
+    """Read exactly ``n`` bytes from a blocking pipe; None at end-of-file.
+    With ``pool``, ``n`` bytes from BIG_FRAME on are read into a window of
+    it (its memory used again, and page-aligned: see BodyPool)."""
+    buf: bytearray | memoryview = pool.take(n) if pool is not None and n >= BIG_FRAME else bytearray(n)
     view = memoryview(buf)
     pos = 0
     while pos < n:
@@ -512,13 +514,14 @@ def read_exact(fd: int, n: int) -> bytearray | None:
     return buf
 
 
-def read_frame_blocking(fd: int) -> bytearray | None:
-    """Read one whole frame body from a blocking pipe; None at end-of-file."""
+def read_frame_blocking(fd: int, pool: BodyPool | None = None) -> bytearray | memoryview | None:
+    """Read one whole frame body from a blocking pipe; None at end-of-file
+    (``pool``: see read_exact)."""
     head = read_exact(fd, 8)
     if head is None:
         return None
     (n,) = _LEN.unpack(head)
-    return read_exact(fd, n)
+    return read_exact(fd, n, pool)
 
 
 # ------------------------------------------------------------ message types
@@ -633,20 +636,20 @@ def encode_tasks(
     return head + buffer_table(buffers, placement)
 
 
-def decode_tasks(body: bytearray, view_of: ViewOf | None = None) -> TaskPacket:
+def decode_tasks(body: bytearray | memoryview, view_of: ViewOf | None = None) -> TaskPacket:
     _, pid, count, ind, form, n_buffers, first = _TASKS.unpack_from(body)
     payload, buffers = _split_buffers(body, _TASKS.size, n_buffers, view_of)
     return TaskPacket(pid, count, bool(ind), form, payload, buffers, first)
 
 
-def tasks_id(body: bytes | bytearray) -> tuple[int, bool]:
+def tasks_id(body: bytes | bytearray | memoryview) -> tuple[int, bool]:
     """A task frame's packet id, and whether it is careful (nothing else decoded)."""
     _, pid, _, careful, _, _, _ = _TASKS.unpack_from(body)
     return pid, bool(careful)
 
 
 def _split_buffers(
-    body: bytes | bytearray, start: int, n: int, view_of: ViewOf | None
+    body: bytes | bytearray | memoryview, start: int, n: int, view_of: ViewOf | None
 ) -> tuple[memoryview, list[Any] | None]:
     """A frame's pickle, from ``start`` on, and its ``n`` out-of-band buffers
     (None if it has none), whose places come first (see buffer_table).

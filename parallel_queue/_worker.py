@@ -190,7 +190,7 @@ class _Worker:
         self.done = 0
         # Packets read while waiting for a re-sent (careful) packet: they are
         # run after it, in the order they came.
-        self.stash: list[bytearray] = []
+        self.stash: list[bytearray | memoryview] = []
         # What our own pipes are: a task may close them (os.closerange) and
         # even open files that take their numbers (see check_own_pipes).
         ours = [spec.tasks_in.fd, spec.results_out.fd, spec.go_in.fd]
@@ -207,17 +207,19 @@ class _Worker:
         self.lent: list[memoryview] = []
         self.prog[self.p0 + P_STAGE] = STAGE_IDLE  # past worker_init_f: a death is no start-up death
 
-    def decode(self, body: bytearray) -> _wire.TaskPacket:
+    def decode(self, body: bytearray | memoryview) -> _wire.TaskPacket:
         """A task packet, its buffers in the arguments ring copied into
         memory of the worker's own (a helper process a task forks keeps a
         copy of its arguments, not a view of the ring that later packets
         write over); the range goes back to the dispatcher at once."""
-        ring = self.args_ring
-        if ring is None:
-            return _wire.decode_tasks(body)
         for lent in self.lent:
             self.pool.give(lent)  # (kept only if the packet before let go of it)
         self.lent.clear()
+        if type(body) is memoryview:
+            self.lent.append(body)  # a large frame, read into the pool (see run)
+        ring = self.args_ring
+        if ring is None:
+            return _wire.decode_tasks(body)
 
         def view_of(start: int, data: int, end: int) -> memoryview:
             assert ring is not None
@@ -242,7 +244,7 @@ class _Worker:
     def run(self) -> None:
         fd = self.spec.tasks_in.fd
         while True:
-            body = self.stash.pop(0) if self.stash else _wire.read_frame_blocking(fd)
+            body = self.stash.pop(0) if self.stash else _wire.read_frame_blocking(fd, self.pool)
             if body is None or body[0] == Kind.STOP:
                 return
             pkt = self.decode(body)
@@ -361,7 +363,7 @@ class _Worker:
         """
         _wire.write_frame_blocking(self.spec.results_out.fd, _wire.encode_id(Kind.REJECT, packet_id))
         while True:
-            body = _wire.read_frame_blocking(self.spec.tasks_in.fd)
+            body = _wire.read_frame_blocking(self.spec.tasks_in.fd, self.pool)
             if body is None:
                 os._exit(0)
             if body[0] == Kind.TASKS and _wire.tasks_id(body) == (packet_id, True):
