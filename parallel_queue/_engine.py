@@ -126,6 +126,24 @@ def _forget_parent_alive() -> None:
 os.register_at_fork(after_in_child=_forget_parent_alive)
 
 
+def _fresh_resource_tracker_lock() -> None:
+    # Our dispatcher thread starts processes (replacing workers) while the
+    # program's other threads run: under spawn and forkserver each start
+    # takes multiprocessing's resource tracker lock.  A program that forks
+    # (os.fork) at that moment gives its child the lock held by a thread
+    # the child does not have, and the child's first spawn or forkserver
+    # process (a queue of its own, say) waits for it for ever.  The child
+    # has only the forking thread, which cannot hold it: a fresh lock of
+    # the same kind is the one it would have had.
+    tracker = getattr(multiprocessing.resource_tracker, "_resource_tracker", None)
+    lock = getattr(tracker, "_lock", None)
+    if lock is not None:
+        tracker._lock = threading.RLock() if isinstance(lock, type(threading.RLock())) else threading.Lock()  # type: ignore[union-attr]
+
+
+os.register_at_fork(after_in_child=_fresh_resource_tracker_lock)
+
+
 class _EndedThread:
     """Stands for a dispatcher thread that has ended, once its Thread object
     is let go (see ProcessEngine.let_go)."""

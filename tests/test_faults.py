@@ -15,7 +15,7 @@ import threading
 import time
 
 import pytest
-from conftest import drain, wait_until
+from conftest import drain, run_python, wait_until
 
 from parallel_queue import (
     ParallelQueue,
@@ -364,6 +364,54 @@ def fork_a_helper():
         time.sleep(120)
         os._exit(0)
     return pid
+
+
+FORK_WHILE_TRACKER_LOCK_HELD = """
+import os, signal, threading, time
+import multiprocessing.resource_tracker as rt
+from parallel_queue import ParallelQueue
+
+held, release = threading.Event(), threading.Event()
+
+def hold():  # as the dispatcher does while it starts a worker under spawn
+    with rt._resource_tracker._lock:
+        held.set()
+        release.wait(60)
+
+rt.ensure_running()
+t = threading.Thread(target=hold)
+t.start()
+assert held.wait(60)
+pid = os.fork()
+if pid == 0:
+    with ParallelQueue(num_workers=1, mp_context={method!r}) as q:
+        q.put(abs, -7)
+        os._exit(0 if q.get(timeout=60) == 7 else 1)
+release.set()
+t.join()
+deadline = time.monotonic() + 60
+while not os.waitpid(pid, os.WNOHANG)[0]:
+    if time.monotonic() > deadline:
+        os.kill(pid, signal.SIGKILL)
+        print("the child hung")
+        break
+    time.sleep(0.01)
+else:
+    print("the child's queue ran")
+"""
+
+
+@pytest.mark.parametrize("method", ["spawn", "forkserver"])
+def test_a_child_forked_while_a_thread_starts_a_process_can_start_its_own(method):
+    """Interleaving: the program forks (os.fork) while our dispatcher thread
+    starts a replacement worker under spawn or forkserver, holding
+    multiprocessing's resource tracker lock; the child inherits the lock
+    held by a thread it does not have, and its own first queue waited for it
+    for ever (found by adversarial testing).  Forced here: a thread holds the
+    lock while the program forks."""
+    r = run_python(FORK_WHILE_TRACKER_LOCK_HELD.format(method=method), timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "the child's queue ran"
 
 
 @pytest.mark.skipif(not hasattr(os, "pidfd_open"), reason="needs pidfds (Linux 5.3+, Python 3.9+)")
