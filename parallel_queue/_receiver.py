@@ -166,22 +166,29 @@ class Receiver:
         # body (see _wire.FrameReader), which is where the time goes when
         # results too large for a ring come through the pipe, defer a press
         # to the end of the step, and it is raised with what the read
-        # brought in hand.  (Every read so, some 12 us each, would slow
-        # small results.)  A KeyboardInterrupt from inside the step marks
-        # the pipe cut, and nothing more is read from it (get() raises once
-        # what was read before is handed out: see Delivery.raise_if_finished).
+        # brought in hand.  (Every read so, some 18 us each, would slow
+        # small results.)  An exception from inside the step marks the pipe
+        # cut, and nothing more is read from it (get() raises once what was
+        # read before is handed out: see Delivery.raise_if_finished).
         hold = getattr(reader, "in_large_frame", False)
         got: list[Any] = []
         done = False
         try:
             with sigint_deferred() if hold else contextlib.nullcontext():
-                got = reader.read_ready()
-                self.bodies.extend(got)
-                done = True
-        except KeyboardInterrupt:
-            if not done:
-                self.cut = True
-            elif got:
+                # (A press as the deferral begins is raised before this try:
+                # nothing was read, nothing is cut.)
+                try:
+                    got = reader.read_ready()
+                    self.bodies.extend(got)
+                    done = True
+                except BaseException:
+                    # Any exception, not only KeyboardInterrupt: a program's
+                    # own SIGINT handler may raise what it likes.
+                    if not done:
+                        self.cut = True
+                    raise
+        except BaseException:
+            if done and got:
                 self.ring_getters()  # what came is in hand: others may take it
             raise
         if got or reader.eof:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import inspect
 import multiprocessing.heap
@@ -20,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, interrupt_main_thread_when, live_processes, run_python, sleeping_in
 
-from parallel_queue import ParallelQueue, QueueStopped, _delivery, _receiver, _threads, imap
+from parallel_queue import ParallelQueue, QueueBrokenError, QueueStopped, _delivery, _receiver, _threads, imap
 from parallel_queue._region import RING_BYTES
 
 PRELUDE = """
@@ -930,6 +931,94 @@ def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch, 
         os.close(wake_r)
         os.close(wake_w)
     assert interrupted == 10
+
+
+def test_a_press_as_a_large_reads_deferral_begins_cuts_nothing(monkeypatch):
+    """Regression (found by adversarial testing): a Ctrl-C landing as the
+    deferral of a large read began, before anything was read, marked the
+    pipe cut: the queue broke though nothing was lost.  Forced: the main
+    thread sends itself SIGINT as each large read's deferral begins."""
+    main = threading.main_thread().ident
+    real = _receiver.sigint_deferred
+    presses = {"left": 3}
+
+    @contextlib.contextmanager
+    def pressed_first():
+        if presses["left"]:
+            presses["left"] -= 1
+            signal.pthread_kill(main, signal.SIGINT)  # raised at the next check, before the swap
+        with real():
+            yield
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        monkeypatch.setattr(_receiver, "sigint_deferred", pressed_first)
+        with ParallelQueue(num_workers=1) as q:
+            interrupted = 0
+            for i in range(4):
+                q.put(filled, i, RING_BYTES + (4 << 20))
+                got = None
+                while got is None:
+                    try:
+                        got = q.get(timeout=60)
+                    except KeyboardInterrupt:
+                        interrupted += 1
+                assert got == filled(i, RING_BYTES + (4 << 20)), i
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert interrupted == 3
+
+
+class Interrupted(Exception):
+    """What a program's own SIGINT handler raises."""
+
+
+def test_a_programs_own_exception_from_a_press_in_a_small_read_breaks_the_queue_cleanly(monkeypatch):
+    """Regression (found by adversarial testing): a program whose SIGINT
+    handler raises its own exception (not KeyboardInterrupt) got it from
+    inside a read of the consumer's pipe; only a KeyboardInterrupt marked the
+    pipe cut, so what the read had taken was lost unnoticed and the reads
+    after it went out of step (a hang).  Forced: the handler's exception
+    lands as a small read returns; get() then gives QueueBrokenError (what
+    was read is lost: the queue cannot go on in step), never a wrong value
+    or a hang."""
+    main, me = threading.main_thread().ident, os.getpid()
+    real_readv = os.readv
+    armed = {"on": False}
+
+    def readv(fd, buffers):
+        n = real_readv(fd, buffers)
+        if armed["on"] and os.getpid() == me and threading.get_ident() == main and n > 0:
+            armed["on"] = False
+            signal.pthread_kill(main, signal.SIGINT)
+        return n
+
+    def handler(signum, frame):
+        raise Interrupted
+
+    old = signal.signal(signal.SIGINT, handler)
+    try:
+        with ParallelQueue(num_workers=1, max_batch=1) as q:
+            q.put(abs, -1)
+            assert q.get(timeout=60) == 1  # the queue is up
+            monkeypatch.setattr(os, "readv", readv)
+            for i in range(20):
+                q.put(abs, -i)
+            armed["on"] = True
+            got, outcome = [], None
+            while outcome is None:
+                try:
+                    got.append(q.get(timeout=60))
+                except Interrupted:
+                    continue
+                except QueueBrokenError as e:
+                    outcome = e
+            monkeypatch.setattr(os, "readv", real_readv)
+            q.terminate()
+    finally:
+        signal.signal(signal.SIGINT, old)
+    assert got == list(range(len(got)))  # nothing out of step before it
+    assert "Ctrl-C" in str(outcome)
 
 
 def test_a_press_anywhere_in_gets_hand_over_loses_and_repeats_nothing():
