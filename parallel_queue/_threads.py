@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import os
 import signal
 import threading
 import time
@@ -27,6 +28,37 @@ def helper_thread(target: Callable[..., Any], name: str, args: tuple[Any, ...] =
         target(*args)
 
     return threading.Thread(target=run, name=name, daemon=True)
+
+
+class _Recorder:
+    """Python's SIGINT handler while a press is held back: it records the
+    press for the program's own handler (``original``), called once the
+    block is over."""
+
+    __slots__ = ("original", "pressed")
+
+    def __init__(self, original: Callable[[int, Any], Any]) -> None:
+        self.original = original
+        self.pressed: list[int] = []
+
+    def __call__(self, signum: int, frame: Any) -> None:
+        self.pressed.append(signum)
+
+
+def _program_handler_in_child() -> None:
+    # A process the program forks from another thread while our main thread
+    # holds a press back would inherit the recorder, and take no Ctrl-C for
+    # the rest of its life (the program's exit then waits for it, if it is
+    # not daemonic): it gets the program's handler back.
+    handler = signal.getsignal(signal.SIGINT)
+    original = handler
+    while isinstance(original, _Recorder):
+        original = original.original
+    if original is not handler:
+        signal.signal(signal.SIGINT, original)
+
+
+os.register_at_fork(after_in_child=_program_handler_in_child)
 
 
 @contextlib.contextmanager
@@ -57,7 +89,7 @@ def sigint_held_back() -> Iterator[None]:
     press's doing (a fork server that took the same press and died makes
     ``Process.start()`` fail, for one), and one press shows one traceback.
     """
-    pressed: list[int] = []
+    recorder: Optional[_Recorder] = None
     handler: Any = None
     old_mask: Any = None
     swapped = False
@@ -66,7 +98,8 @@ def sigint_held_back() -> Iterator[None]:
         if threading.current_thread() is threading.main_thread():
             handler = signal.getsignal(signal.SIGINT)
             if callable(handler):
-                signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+                recorder = _Recorder(handler)
+                signal.signal(signal.SIGINT, recorder)
                 swapped = True
             else:
                 handler = None  # SIG_IGN, SIG_DFL or a handler set outside Python: the mask suffices
@@ -91,7 +124,7 @@ def sigint_held_back() -> Iterator[None]:
         try:
             if signal.SIGINT not in old_mask:
                 signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})  # a pending press lands here
-            if pressed:
+            if recorder is not None and recorder.pressed:
                 handler(signal.SIGINT, None)
         except KeyboardInterrupt as interrupt:
             interrupt.__suppress_context__ = failed
@@ -115,13 +148,13 @@ def sigint_deferred() -> Iterator[None]:
     if not callable(handler) or threading.current_thread() is not threading.main_thread():
         yield  # nothing raises here: SIG_IGN, SIG_DFL, or not the main thread
         return
-    pressed: list[int] = []
-    signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    recorder = _Recorder(handler)
+    signal.signal(signal.SIGINT, recorder)
     try:
         yield
     finally:
         signal.signal(signal.SIGINT, handler)
-        if pressed:
+        if recorder.pressed:
             handler(signal.SIGINT, None)
 
 

@@ -969,6 +969,37 @@ def test_a_press_as_a_large_reads_deferral_begins_cuts_nothing(monkeypatch):
     assert interrupted == 3
 
 
+@pytest.mark.parametrize("hold", ["sigint_held_back", "sigint_deferred"])
+def test_a_child_forked_while_a_press_is_held_back_takes_ctrl_c(hold):
+    """Regression (found by adversarial testing): a process the program forks
+    from another thread while the main thread holds a press back (a queue
+    starting, a large read) inherited the recorder as its SIGINT handler: it
+    took no Ctrl-C for the rest of its life, and the program's exit waited
+    for it.  Forced: a thread forks inside the hold; the child has the
+    program's handler."""
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    r, w = os.pipe()
+    try:
+
+        def fork_here():
+            pid = os.fork()
+            if pid == 0:
+                os.write(w, b"ok" if signal.getsignal(signal.SIGINT) is signal.default_int_handler else b"no")
+                os._exit(0)
+            os.waitpid(pid, 0)
+
+        with getattr(_threads, hold)():
+            t = threading.Thread(target=fork_here)
+            t.start()
+            t.join(60)
+        assert os.read(r, 2) == b"ok"
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # and ours is back too
+    finally:
+        signal.signal(signal.SIGINT, handler)
+        os.close(r)
+        os.close(w)
+
+
 class Interrupted(Exception):
     """What a program's own SIGINT handler raises."""
 
