@@ -342,7 +342,7 @@ class FrameReader:
     bytearray, from ``pool`` (see BodyPool), which ``give_back`` refills.
     """
 
-    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos", "pool")
+    __slots__ = ("fd", "_buf", "eof", "_scratch", "_big", "_big_pos", "_big_next", "pool")
 
     def __init__(self, fd: Fd, scratch: memoryview | None = None, pool: BodyPool | None = None) -> None:
         self.fd = fd
@@ -352,10 +352,13 @@ class FrameReader:
         self.pool = pool if pool is not None else BodyPool()
         self._big: memoryview | None = None  # a large frame's body, being read into
         self._big_pos = 0  # how much of it has come
+        self._big_next = False  # ``_buf`` holds a large frame's start: its body is made at the next read
 
     def read_ready(self) -> list[bytes]:
         if self._big is not None:
             return self._read_big()
+        if self._big_next:
+            return self._start_big()
         try:
             n = os.readv(self.fd.fd, [self._scratch])
         except (BlockingIOError, InterruptedError):
@@ -375,14 +378,11 @@ class FrameReader:
         while end - pos >= 8:
             (size,) = _LEN.unpack_from(data, pos)
             if end - pos - 8 < size:
-                if size >= BIG_FRAME:
-                    # The rest of the data is this frame's start: the body
-                    # takes it, and the next reads go straight into it.
-                    big = self.pool.take(size)
-                    have = end - pos - 8
-                    big[:have] = data[pos + 8 : end]
-                    self._big, self._big_pos = big, have
-                    pos = end
+                # The rest of the data is this frame's start, kept in _buf.
+                # A large frame's body is made at the next read, which goes
+                # straight into it (see in_large_frame: making it takes long
+                # enough for a Ctrl-C to land in it, 10 ms for 40 MB).
+                self._big_next = size >= BIG_FRAME
                 break
             with data[pos + 8 : pos + 8 + size] as chunk:  # (released: ``buf`` is trimmed below)
                 if size >= BIG_FRAME:  # writable, however it came: its buffers load writable
@@ -401,8 +401,22 @@ class FrameReader:
 
     @property
     def in_large_frame(self) -> bool:
-        """Whether the next read goes into a large frame's body."""
-        return self._big is not None
+        """Whether the next read goes into a large frame's body (made by that
+        read if need be)."""
+        return self._big is not None or self._big_next
+
+    def _start_big(self) -> list[bytes]:
+        """Make the large frame's body from its start in ``_buf``, then read
+        into it."""
+        buf = self._buf
+        (size,) = _LEN.unpack_from(buf, 0)
+        big = self.pool.take(size)
+        have = len(buf) - 8
+        with memoryview(buf) as start:
+            big[:have] = start[8:]
+        self._big, self._big_pos, self._big_next = big, have, False
+        buf.clear()
+        return self._read_big()
 
     def _read_big(self) -> list[bytes]:
         """One read into the large frame's body; the body once it is whole."""
@@ -437,6 +451,7 @@ class FrameReader:
     def discard_partial(self) -> None:
         self._buf.clear()
         self._big = None
+        self._big_next = False
         self.eof = False
 
 

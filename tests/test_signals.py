@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from conftest import ROOT, interrupt_main_thread_when, live_processes, run_python, sleeping_in
 
-from parallel_queue import ParallelQueue, QueueBrokenError, QueueStopped, _delivery, _receiver, _threads, imap
+from parallel_queue import ParallelQueue, QueueBrokenError, QueueStopped, _delivery, _receiver, _threads, _wire, imap
 from parallel_queue._region import RING_BYTES
 
 PRELUDE = """
@@ -931,6 +931,43 @@ def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch, 
         os.close(wake_r)
         os.close(wake_w)
     assert interrupted == 10
+
+
+def test_a_press_as_a_large_results_body_is_made_loses_nothing(monkeypatch):
+    """Regression (found by adversarial testing): the body of a result too
+    large for a ring was made (a bytearray of its size, zero-filled: some 10
+    ms for 40 MB) in the read that found the frame's start, which held no
+    press back: a press then broke the queue in 7 runs of 13 (40 MB results,
+    one press each).  The body is now made by the next read, which holds it
+    back.  Forced: the main thread sends itself SIGINT as each body is made."""
+    size = RING_BYTES + (4 << 20)
+    me, main = os.getpid(), threading.main_thread().ident
+    real_take = _wire.BodyPool.take
+
+    def take(self, n, phase=0):
+        body = real_take(self, n, phase)
+        if n >= size and os.getpid() == me and threading.get_ident() == main:
+            signal.pthread_kill(main, signal.SIGINT)  # lands as the body is made
+        return body
+
+    handler = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with ParallelQueue(num_workers=1) as q:
+            monkeypatch.setattr(_wire.BodyPool, "take", take)
+            interrupted = 0
+            for i in range(3):
+                q.put(filled, i, size)
+                got = None
+                while got is None:
+                    try:
+                        got = q.get(timeout=60)
+                    except KeyboardInterrupt:
+                        interrupted += 1
+                assert got == filled(i, size), i
+            monkeypatch.setattr(_wire.BodyPool, "take", real_take)
+    finally:
+        signal.signal(signal.SIGINT, handler)
+    assert interrupted == 3
 
 
 def test_a_press_as_a_large_reads_deferral_begins_cuts_nothing(monkeypatch):
