@@ -870,6 +870,22 @@ def filled(i: int, size: int) -> bytes:
     return bytes([i]) * size
 
 
+def put_and_get_through_presses(q, i: int, size: int) -> int:
+    """Put ``filled(i, size)`` and get it as a program that catches each
+    KeyboardInterrupt and goes on getting: it must come out whole.  Returns
+    how many presses get() raised."""
+    q.put(filled, i, size)
+    interrupted = 0
+    while True:
+        try:
+            got = q.get(timeout=60)
+            break
+        except KeyboardInterrupt:
+            interrupted += 1
+    assert got == filled(i, size), i
+    return interrupted
+
+
 @pytest.mark.parametrize("taken_by", ["main thread", "another thread"])
 def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch, taken_by):
     """Regression: a Ctrl-C landing as a read of the consumer's pipe returned,
@@ -914,15 +930,8 @@ def test_a_press_as_a_read_of_a_large_result_returns_loses_nothing(monkeypatch, 
             monkeypatch.setattr(os, "readv", readv)
             interrupted = 0
             for i in range(10):
-                q.put(filled, i, size)
                 armed["reads"] = i % 5 + 1
-                got = None
-                while got is None:
-                    try:
-                        got = q.get(timeout=60)
-                    except KeyboardInterrupt:
-                        interrupted += 1
-                assert got == filled(i, size), i
+                interrupted += put_and_get_through_presses(q, i, size)
                 assert armed["reads"] == 0, i  # the press was sent
             monkeypatch.setattr(os, "readv", real_readv)
     finally:
@@ -954,16 +963,7 @@ def test_a_press_as_a_large_results_body_is_made_loses_nothing(monkeypatch):
     try:
         with ParallelQueue(num_workers=1) as q:
             monkeypatch.setattr(_wire.BodyPool, "take", take)
-            interrupted = 0
-            for i in range(3):
-                q.put(filled, i, size)
-                got = None
-                while got is None:
-                    try:
-                        got = q.get(timeout=60)
-                    except KeyboardInterrupt:
-                        interrupted += 1
-                assert got == filled(i, size), i
+            interrupted = sum(put_and_get_through_presses(q, i, size) for i in range(3))
             monkeypatch.setattr(_wire.BodyPool, "take", real_take)
     finally:
         signal.signal(signal.SIGINT, handler)
@@ -991,16 +991,7 @@ def test_a_press_as_a_large_reads_deferral_begins_cuts_nothing(monkeypatch):
     try:
         monkeypatch.setattr(_receiver, "sigint_deferred", pressed_first)
         with ParallelQueue(num_workers=1) as q:
-            interrupted = 0
-            for i in range(4):
-                q.put(filled, i, RING_BYTES + (4 << 20))
-                got = None
-                while got is None:
-                    try:
-                        got = q.get(timeout=60)
-                    except KeyboardInterrupt:
-                        interrupted += 1
-                assert got == filled(i, RING_BYTES + (4 << 20)), i
+            interrupted = sum(put_and_get_through_presses(q, i, RING_BYTES + (4 << 20)) for i in range(4))
     finally:
         signal.signal(signal.SIGINT, handler)
     assert interrupted == 3
