@@ -438,8 +438,13 @@ class ProcessEngine:
                     wait([p.exit_fd], remaining)
                     if not p.ended():
                         return False
-            while pipe_open and delivery.pump():
-                _wire.readable(self.output_r.fd, None)
+            # Every process has ended, the consumer (the pipe's only writer)
+            # too: what it wrote is in the pipe.  Read until it is empty,
+            # not until its end: a process the program forked while this
+            # queue was made holds a copy of the write end, and the end
+            # would not come while that process lives.
+            while pipe_open and delivery.pump() and _wire.readable(self.output_r.fd, 0):
+                pass
             return True
         finally:
             run_whole(leave)

@@ -11,7 +11,7 @@ from multiprocessing import heap
 import pytest
 from conftest import descendants, run_python, sleeping_in, wait_until
 
-from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueClosedError, QueueStopped
+from parallel_queue import ParallelQueue, ParallelSingleTaskQueue, QueueClosedError, QueueStopped, imap
 
 
 def make_counter(lock, counter):
@@ -583,3 +583,42 @@ print("ok")
     r = run_python(code, timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == "ok"
+
+
+def test_join_ends_while_a_process_the_program_forked_holds_the_results_pipe():
+    """Regression (found by adversarial testing): a process the program forks
+    (its own, not the queue's) while a queue is being made holds a copy of
+    its descriptors, the write end of the consumer's output pipe among them;
+    join() read that pipe until its end, which never came while the process
+    lived, so join() and a map's end waited for ever.  Every process of the
+    queue has ended by then: join() reads what the pipe holds and returns."""
+    release_r, release_w = os.pipe()
+    ready_r, ready_w = os.pipe()
+    q = ParallelQueue(num_workers=2)
+    it = imap(abs, range(-20, 0), num_workers=2)
+    pipes = [f"/proc/{os.getpid()}/fd/{x._core.engine.output_r.fd}" for x in (q, it._q)]
+    pid = os.fork()
+    if pid == 0:  # the program's own child, holding both write ends
+        # (A process forked while the queues were being made inherits them;
+        # forked after, it has its copies closed by the queue's after-fork
+        # hook: a write end opened through /proc stands for the first.)
+        held = [os.open(p, os.O_WRONLY) for p in pipes]
+        os.write(ready_w, b"h")
+        os.read(release_r, 1)
+        os._exit(len(held) - 2)
+    assert os.read(ready_r, 1) == b"h"
+    try:
+        for i in range(100):
+            q.put(abs, -i)
+        q.stop()
+        assert list(q) == list(range(100))
+        q.join(timeout=60)
+        assert not q.is_alive()
+        assert list(it) == list(range(20, 0, -1))  # a map ends too
+    finally:
+        it.close()
+        q.terminate()
+        os.write(release_w, b"x")
+        os.waitpid(pid, 0)
+        for fd in (release_r, release_w, ready_r, ready_w):
+            os.close(fd)
