@@ -70,6 +70,7 @@ import multiprocessing
 import multiprocessing.process
 import multiprocessing.resource_tracker
 import os
+import signal
 import threading
 import time
 from multiprocessing.connection import wait
@@ -333,7 +334,14 @@ class ProcessEngine:
         handed_over = False
         try:
             _wire.reserve_descriptors(DESCRIPTORS_PER_START)
-            proc.start()
+            # multiprocessing's resource tracker, started again by spawn or
+            # forkserver if it died, unblocks SIGINT in the starting thread:
+            # the dispatcher's mask is put back (see _threads.helper_thread).
+            mask = signal.pthread_sigmask(signal.SIG_BLOCK, ())
+            try:
+                proc.start()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, mask)
             child = Child(proc)
             slot.started(child, tasks_w)  # recorded at once: whatever comes next, terminate() sees it
             handed_over = True

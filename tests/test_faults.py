@@ -366,6 +366,34 @@ def fork_a_helper():
     return pid
 
 
+def _sigint_blocked_in(native_id: int) -> bool:
+    with open(f"/proc/self/task/{native_id}/status") as f:
+        blocked = next(int(line.split()[1], 16) for line in f if line.startswith("SigBlk:"))
+    return bool(blocked & (1 << (signal.SIGINT - 1)))
+
+
+@pytest.mark.filterwarnings("ignore:resource_tracker. process died unexpectedly:UserWarning")
+def test_a_resource_tracker_started_again_leaves_the_dispatcher_blocking_ctrl_c():
+    """Regression (found by adversarial testing): multiprocessing's resource
+    tracker, when it has died, is started again by the next spawn or
+    forkserver process start, and unblocks SIGINT in the starting thread: a
+    worker replaced after it left the dispatcher thread taking Ctrl-C for
+    good.  Forced: the tracker is killed, then a worker is replaced."""
+    import multiprocessing.resource_tracker as rt
+
+    with ParallelQueue(num_workers=1, mp_context="spawn", max_tasks_per_worker=1) as q:
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        dispatcher = q._core.engine.thread.native_id
+        assert _sigint_blocked_in(dispatcher)
+        os.kill(rt._resource_tracker._pid, signal.SIGKILL)
+        os.waitpid(rt._resource_tracker._pid, 0)
+        for i in range(3):  # each task replaces the worker
+            q.put(abs, -i)
+            assert q.get(timeout=60) == i
+        assert _sigint_blocked_in(dispatcher)
+
+
 FORK_WHILE_TRACKER_LOCK_HELD = """
 import os, signal, threading, time
 import multiprocessing.resource_tracker as rt
