@@ -274,24 +274,34 @@ class BodyPool:
         self.free: list[bytearray] = []
         self.held = 0  # bytes in ``free``
 
+    def _kept_for(self, need: int) -> int:
+        """Where in ``free`` a body that can hold ``need`` bytes is (-1: none)."""
+        free = self.free
+        for i in range(len(free) - 1, -1, -1):
+            alloc = free[i].__alloc__()
+            # Resized within its allocation (CPython resizes a bytearray in
+            # place from half its allocation up): no copy, no fresh page.
+            if alloc // 2 <= need < alloc:
+                return i
+        return -1
+
+    def has(self, size: int) -> bool:
+        """Whether ``take(size)`` would use memory kept, not make a body
+        (zero-filled: some 10 ms for 40 MB)."""
+        return self._kept_for(size + _PAGE) >= 0
+
     def take(self, size: int, phase: int = 0) -> memoryview:
         """A window of ``size`` bytes, its contents undefined, that begins
         ``phase`` bytes into a page."""
         need = size + _PAGE  # room to begin anywhere in the first page
-        free = self.free
-        for i in range(len(free) - 1, -1, -1):
-            body = free[i]
-            alloc = body.__alloc__()
-            # Resized within its allocation (CPython resizes a bytearray in
-            # place from half its allocation up): no copy, no fresh page.
-            if alloc // 2 <= need < alloc:
-                del free[i]
-                self.held -= len(body)
-                if len(body) > need:
-                    del body[need:]
-                elif len(body) < need:
-                    body.extend(bytes(need - len(body)))
-                break
+        i = self._kept_for(need)
+        if i >= 0:
+            body = self.free.pop(i)
+            self.held -= len(body)
+            if len(body) > need:
+                del body[need:]
+            elif len(body) < need:
+                body.extend(bytes(need - len(body)))
         else:
             body = bytearray(need)
         skip = (phase - _address(body)) % _PAGE
@@ -378,11 +388,20 @@ class FrameReader:
         while end - pos >= 8:
             (size,) = _LEN.unpack_from(data, pos)
             if end - pos - 8 < size:
-                # The rest of the data is this frame's start, kept in _buf.
-                # A large frame's body is made at the next read, which goes
-                # straight into it (see in_large_frame: making it takes long
-                # enough for a Ctrl-C to land in it, 10 ms for 40 MB).
-                self._big_next = size >= BIG_FRAME
+                if size >= BIG_FRAME:
+                    if self.pool.has(size):
+                        # The rest of the data is this frame's start: the
+                        # body takes it, and the next reads go straight in.
+                        big = self.pool.take(size)
+                        have = end - pos - 8
+                        big[:have] = data[pos + 8 : end]
+                        self._big, self._big_pos = big, have
+                        pos = end
+                    else:
+                        # A new body: made at the next read (see
+                        # in_large_frame), for making it takes long enough
+                        # for a Ctrl-C to land in it; the start waits in _buf.
+                        self._big_next = True
                 break
             with data[pos + 8 : pos + 8 + size] as chunk:  # (released: ``buf`` is trimmed below)
                 if size >= BIG_FRAME:  # writable, however it came: its buffers load writable
