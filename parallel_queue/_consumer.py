@@ -119,6 +119,7 @@ class _Consumer:
                         self.on_worker_frame(tag, body)
             self.deliver()
             if self.last_total is not None and self.delivered >= self.last_total and not self.output.pending_bytes:
+                self.credits.send(bytes([Kind.FINISHED]))
                 self.credits_flush_blocking()
                 return
             want_out = bool(self.output.pending_bytes)

@@ -81,6 +81,10 @@ class Dispatcher:
         self.credits_reader = _wire.FrameReader(engine.credits_r, _wire.scratch_buffer(1 << 16))
         self.sel: selectors.BaseSelector  # made by run(): a queue that fails to start has none to close
         self.last_sent = False  # the consumer knows how many packets there are
+        # It said it had delivered every packet (Kind.FINISHED), then it
+        # exited.  Its saying so, not its exit status: that is lost if the
+        # fork server it came from was killed (see _forkserver).
+        self.consumer_finished = False
         self.consumer_done = False  # it exited after delivering them all
         self.replaced = 0  # workers started to replace ended ones
 
@@ -249,6 +253,8 @@ class Dispatcher:
                 self.on_drained(self.slots[_wire.decode_slot(body)])
             elif kind == Kind.FATAL:
                 self.core.fail(init_failure(bytes(body[1:])))
+            elif kind == Kind.FINISHED:
+                self.consumer_finished = True
         if self.credits_reader.eof:
             self.sel.unregister(self.engine.credits_r.fd)
 
@@ -344,7 +350,7 @@ class Dispatcher:
         # Its last credits may still be in the pipe: count them first.
         while not self.credits_reader.eof and _wire.readable(self.engine.credits_r.fd, 0):
             self.on_credits()
-        if self.last_sent and consumer.exitcode == 0:
+        if self.consumer_finished:
             self.consumer_done = True
             for slot in self.slots:
                 if slot.state is SlotState.DRAINING:
@@ -354,7 +360,11 @@ class Dispatcher:
             if self.lifecycle.terminated:
                 return
         method = self.core.opts.ctx.get_start_method()
-        self.core.fail(consumer_died(f" (exit code {consumer.exitcode})", method, self.credits_seen > 0))
+        code = consumer.exitcode
+        how = f" (exit code {code})"
+        if code is None:
+            how = " (how is unknown: the fork server that started it was killed)"
+        self.core.fail(consumer_died(how, method, self.credits_seen > 0))
 
     def finish_if_stopped(self) -> None:
         """After stop(): once every task is sent, tell the consumer and the workers."""

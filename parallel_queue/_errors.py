@@ -69,7 +69,8 @@ class WorkerLostError(ParallelQueueError, RuntimeError):
     Raised by ``get()`` in exactly that task's place in the order; a new
     worker replaced the dead one and the other tasks went on.  Attributes:
     ``task_index`` (the task's position among the tasks put, from 0),
-    ``pid`` and ``exitcode`` (negative: the signal number) of the worker.
+    ``pid`` and ``exitcode`` (negative: the signal number; None if unknown,
+    when the fork server that started the worker was killed) of the worker.
     """
 
     def __init__(self, message: str, task_index: int = -1, pid: int = 0, exitcode: int | None = None) -> None:

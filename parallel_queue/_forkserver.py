@@ -19,21 +19,32 @@ press pending, blocked, until that process sets SIGINT to ignored
 is left as the program has it: a mask inherited there would reach the
 program's own processes, which should take a Ctrl-C as usual.
 
+Nor does a queue depend on the server staying alive.  multiprocessing
+learns of a process's end, and its exit status, from the server: with the
+server killed (SIGKILL, the OOM killer), every process it had started read
+as ended with exit code 255 while it ran on, and a consumer ending normally
+as dead.  Ours watches each process's own pidfd instead (see ``_Popen``);
+only the exit status goes with the server.  A request the server fails (it
+died before or as it was asked) is made again of a new server (``_connect``).
+
 Only the instance that starts the server and asks it for processes is ours;
 the server, its protocol and the child's side are multiprocessing's.
 """
 
 from __future__ import annotations
 
+import errno
 import io
 import multiprocessing.context
 import multiprocessing.forkserver
 import multiprocessing.popen_forkserver
 import multiprocessing.resource_tracker
 import os
+import pickle
 import signal
 import threading
 from multiprocessing import reduction, spawn, util
+from multiprocessing.connection import wait
 from typing import Any, Optional
 
 __all__ = ["ForkServerProcess"]
@@ -41,33 +52,117 @@ __all__ = ["ForkServerProcess"]
 _server: Optional[multiprocessing.forkserver.ForkServer] = None
 _server_lock = threading.Lock()
 
+# What the server's end says about a process it had started: SIGKILL, the
+# OOM killer, or a fault of its own (see _request).
+_SERVER_GONE = (EOFError, ConnectionError, FileNotFoundError)
 
-def _connect(fds: list[int]) -> tuple[int, int]:
-    """Ask our server for a new process (starting the server first if need
-    be, SIGINT blocked); returns multiprocessing's (status_r, data_w)."""
+
+def _connect(fds: list[int]) -> tuple[int, int, int]:
+    """Have our server fork a new process, starting the server first if need
+    be (SIGINT blocked, see the module docstring); returns the status pipe's
+    read end, the data pipe's write end, and the new process's pid.
+
+    A server that fails a request (it was killed, or died of a fault of its
+    own) is killed, to be sure, and started again, and the request made once
+    more: one dead server costs no queue a worker.  A second failure in a row
+    raises ConnectionError.  Failures on this side (no descriptor left) are
+    raised as they are.
+    """
     global _server
     # The resource tracker unblocks SIGINT in the calling thread as it
     # starts: it must run before the block, not inside it.
     multiprocessing.resource_tracker.ensure_running()
     old_mask = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
+        # One request at a time: the server forks one at a time anyway, and a
+        # thread that restarts a failed server must not kill the new one that
+        # another thread has just started.
         with _server_lock:
             if _server is None:
                 _server = multiprocessing.forkserver.ForkServer()
-                # The program's choice of modules to preload holds for ours.
-                preload = getattr(multiprocessing.forkserver._forkserver, "_preload_modules", None)
-                if preload is not None:
-                    _server.set_forkserver_preload(list(preload))
-            server = _server
-        server.ensure_running()
-        return server.connect_to_new_process(fds)  # type: ignore[no-any-return]
+            # The program's choice of modules to preload holds for ours, as
+            # it stands when ours (re)starts.
+            preload = getattr(multiprocessing.forkserver._forkserver, "_preload_modules", None)
+            if preload is not None:
+                _server.set_forkserver_preload(list(preload))
+            try:
+                return _request(_server, fds)
+            except _SERVER_GONE:
+                _end(_server)
+            try:
+                return _request(_server, fds)
+            except _SERVER_GONE as e:
+                _end(_server)
+                raise ConnectionError(f"the fork server failed twice in a row to start a process: {e!r}") from e
     finally:
         if signal.SIGINT not in old_mask:
             signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
 
 
+def _request(server: multiprocessing.forkserver.ForkServer, fds: list[int]) -> tuple[int, int, int]:
+    server.ensure_running()  # starts it again if it has died since
+    status_r, data_w = server.connect_to_new_process(fds)
+    try:
+        # The server writes the pid as soon as it has forked, before the new
+        # process reads anything: taken before the data is sent (the reverse
+        # of multiprocessing's order), a server that dies in between leaves
+        # at most a process told to exit (below), never one that runs a
+        # worker nobody knows of.
+        pid = multiprocessing.forkserver.read_signed(status_r)
+    except BaseException:
+        # A process forked just before the server died reads this first: it
+        # exits at once, where end-of-file would have had it print a
+        # traceback.  (If none was forked, no one reads it.)
+        try:
+            os.write(data_w, _EXIT_QUIETLY)
+        except OSError:
+            pass
+        os.close(status_r)
+        os.close(data_w)
+        raise
+    return status_r, data_w, pid
+
+
+class _ExitQuietly:
+    def __reduce__(self) -> tuple[Any, tuple[int]]:
+        return os._exit, (0,)
+
+
+_EXIT_QUIETLY = pickle.dumps(_ExitQuietly())
+
+
+def _end(server: multiprocessing.forkserver.ForkServer) -> None:
+    """Kill a server that failed a request and wait until it is gone (without
+    reaping it: its ensure_running() does that, and starts a new one)."""
+    pid = server._forkserver_pid  # type: ignore[attr-defined]
+    if pid is None:
+        return
+    try:
+        os.kill(pid, signal.SIGKILL)
+        waitid = getattr(os, "waitid", None)
+        if waitid is not None:
+            waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+        # (Without waitid, macOS before Python 3.13, the new request may find
+        # it still dying, fail, and raise ConnectionError.)
+    except ChildProcessError:
+        pass  # reaped already
+
+
 class _Popen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
-    """multiprocessing's fork-server Popen, asking our server."""
+    """multiprocessing's fork-server Popen, asking our server, and whose
+    process's end does not depend on the server.
+
+    multiprocessing learns that a process ended, and its exit status, from
+    the server, on the status pipe.  When the server is gone (SIGKILL, the
+    OOM killer), that pipe ends at once: multiprocessing then reported every
+    process it had started as ended, with exit code 255, while they ran on.
+    Here a pidfd of the process itself (Linux 5.3 and later) is the
+    ``sentinel``, readable when the process ends whoever its parent is then;
+    the status still comes from the server, and if the server has gone,
+    ``status_lost`` is set and ``returncode`` is 255.
+    """
+
+    status_lost = False
 
     def _launch(self, process_obj: Any) -> None:
         data = io.BytesIO()
@@ -77,14 +172,57 @@ class _Popen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
             reduction.dump(process_obj, data)
         finally:
             multiprocessing.context.set_spawning_popen(None)
-        self.sentinel, data_w = _connect(self._fds)  # type: ignore[attr-defined]
-        # The child takes the end of its data pipe as its parent's death: a
-        # copy of the write end stays open for as long as this object lives.
-        alive_w = os.dup(data_w)
-        self.finalizer = util.Finalize(self, _close_all, (alive_w, self.sentinel))
+        self.status_r, data_w, self.pid = _connect(self._fds)  # type: ignore[attr-defined]
+        self.pidfd = None
+        pidfd_open = getattr(os, "pidfd_open", None)
+        try:
+            if pidfd_open is not None:
+                # The process waits for its data, sent below: it cannot have
+                # ended and been reaped, so this pid is still it.
+                try:
+                    self.pidfd = pidfd_open(self.pid)
+                except OSError as e:
+                    if e.errno in (errno.EMFILE, errno.ENFILE):
+                        raise
+                    # ENOSYS and the like: an older kernel, or a sandbox.
+            # The child takes the end of its data pipe as its parent's death:
+            # a copy of the write end stays open for as long as this object lives.
+            alive_w = os.dup(data_w)
+        except BaseException:
+            for fd in (self.status_r, data_w, self.pidfd):
+                if fd is not None:
+                    os.close(fd)
+            raise
+        owned = (alive_w, self.status_r) if self.pidfd is None else (alive_w, self.status_r, self.pidfd)
+        self.finalizer = util.Finalize(self, _close_all, owned)
+        self.sentinel = self.status_r if self.pidfd is None else self.pidfd
         with open(data_w, "wb", closefd=True) as f:
             f.write(data.getbuffer())
-        self.pid = multiprocessing.forkserver.read_signed(self.sentinel)
+
+    def _send_signal(self, sig: int) -> None:
+        if self.pidfd is None:
+            super()._send_signal(sig)  # type: ignore[misc]
+        elif self.returncode is None:
+            # Through the pidfd: once the server is gone, nobody of ours
+            # reaps the process, and its pid may be another's by now.
+            try:
+                signal.pidfd_send_signal(self.pidfd, sig)
+            except ProcessLookupError:
+                pass
+
+    def poll(self, flag: int = os.WNOHANG) -> Optional[int]:
+        if self.returncode is not None or self.pidfd is None:
+            return super().poll(flag)  # type: ignore[no-any-return]
+        if not wait([self.pidfd], 0 if flag == os.WNOHANG else None):
+            return None
+        # It has ended: the server writes its status as it reaps it, or
+        # closes the pipe as it dies.
+        try:
+            self.returncode = multiprocessing.forkserver.read_signed(self.status_r)
+        except (OSError, EOFError):
+            self.status_lost = True
+            self.returncode = 255
+        return self.returncode  # type: ignore[no-any-return]
 
 
 def _close_all(*fds: int) -> None:

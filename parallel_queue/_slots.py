@@ -67,6 +67,8 @@ class Child:
     def watch(self) -> None:
         """Open the pidfd (kept apart from __init__: the caller records the
         Child first, so a failure here, EMFILE say, still leaves it killable)."""
+        if getattr(self.proc._popen, "pidfd", None) is not None:
+            return  # a fork server's process: its sentinel is a pidfd already (see _forkserver)
         pidfd_open = getattr(os, "pidfd_open", None)
         if pidfd_open is not None:
             try:
@@ -86,7 +88,13 @@ class Child:
 
     @property
     def exitcode(self) -> Optional[int]:
-        return self.proc.exitcode  # type: ignore[no-any-return]
+        """Its exit status once it has ended (negative: killed by that
+        signal); None while it runs, and when the status was lost with the
+        fork server that started it (see _forkserver)."""
+        code = self.proc.exitcode
+        if getattr(self.proc._popen, "status_lost", False):
+            return None
+        return code  # type: ignore[no-any-return]
 
     def ended(self) -> bool:
         """Whether the process has exited (reaped or not)."""

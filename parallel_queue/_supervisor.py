@@ -88,7 +88,7 @@ class Supervisor:
         self.startup_deaths[slot.index] += 1
         if self.startup_deaths[slot.index] < MAX_STARTUP_DEATHS:
             return None
-        return WorkerInitError(f"worker processes keep dying before running a task (last exit code {proc.exitcode})")
+        return WorkerInitError(f"worker processes keep dying before running a task (the last {how_it_ended(proc)})")
 
     def credited(self, slot_index: int) -> None:
         """A worker in the slot finished a packet: it does start."""
@@ -221,6 +221,8 @@ def blame(rec: PacketRecord, k: int, proc: Child, how: str, timeout: bool = Fals
 
 def how_it_ended(proc: Child) -> str:
     code = proc.exitcode
+    if code is None:
+        return "ended, how is unknown (the fork server that started it was killed)"
     if code is not None and code < 0:
         try:
             name = f"{signal.Signals(-code).name} ({-code})"

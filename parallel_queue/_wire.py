@@ -578,6 +578,7 @@ class Kind:
     DRAIN = 9  # dispatcher -> consumer: this slot's worker ended; read its pipe out
     LAST = 10  # dispatcher -> consumer: this many packets in all; exit after them
     FATAL = 11  # consumer -> dispatcher: the queue cannot go on (payload: error)
+    FINISHED = 12  # consumer -> dispatcher: every packet is delivered; I exit now
 
 
 class TaskPacket(NamedTuple):

@@ -349,7 +349,7 @@ def test_initializer_that_exits_cleanly_breaks_instead_of_looping():
     q = ParallelQueue(num_workers=2, worker_init_f=exit_cleanly_in_init)
     try:
         q.put(abs, -1)
-        with pytest.raises(WorkerInitError, match="exit code 0"):
+        with pytest.raises(WorkerInitError, match=r"the last exited with code 0\)"):
             q.get(timeout=60)
         assert q.stats().workers_replaced < 10
     finally:
