@@ -16,7 +16,7 @@ import os
 import statistics
 import threading
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 from . import peers
 
@@ -108,12 +108,20 @@ def factories() -> list[Callable[[], peers.Peer]]:
     return out
 
 
-def cell_items(kind: str, size: int, direction: str, total: int) -> tuple[Callable[[Any], Any], list[Any]]:
+def cell_items(
+    kind: str, size: int, direction: str, total: int
+) -> tuple[Callable[[Any], Any], Union[list[Any], Callable[[], list[Any]]]]:
+    """The task and its items (for arguments: a function that makes new
+    ones).  Arguments are made anew for every run: joblib writes a large
+    array argument to a file once and, given the same array object again,
+    sends only the file's name.  With the same arrays in every round, its
+    8 MB numpy argument figure was a cache hit (5,905 MB/s, 721 with new
+    arrays each round, in one run); a real workload passes each array once."""
     n = max(4, total // size)
     if direction == "results":
         return KINDS[kind], [(i, size) for i in range(n)]
     make = KINDS[kind]
-    return size_of, [make((i, size)) for i in range(n)]
+    return size_of, lambda: [make((i, size)) for i in range(n)]
 
 
 def run_payloads(quick: bool, rounds: int, throughput: Callable[..., dict[str, list[float]]]) -> Result:

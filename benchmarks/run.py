@@ -25,7 +25,7 @@ import statistics
 import sys
 import threading
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Union
 
 from parallel_queue import ParallelQueue
 
@@ -35,28 +35,33 @@ Result = dict[str, Any]
 
 
 def _throughput(
-    factories: list[Callable[[], peers.Peer]], fn: Callable[[Any], Any], items: list[Any], rounds: int
+    factories: list[Callable[[], peers.Peer]],
+    fn: Callable[[Any], Any],
+    items: Union[list[Any], Callable[[], list[Any]]],
+    rounds: int,
 ) -> dict[str, list[float]]:
     """Tasks per second of each peer, ``rounds`` times.
 
     Every peer is started first; then each round runs every peer once, in
     turn, so a machine that speeds up or slows down during the run (shared
     machines do) weighs on all of them alike.  A first round warms every
-    peer up and is not counted.
+    peer up and is not counted.  ``items`` given as a function makes new
+    items for every run, before its timer starts (see payloads.cell_items).
     """
     rates: dict[str, list[float]] = {}
     with contextlib.ExitStack() as stack:
         started = [stack.enter_context(f()) for f in factories]
         for r in range(rounds + 1):
             for peer in started:
+                run_items = items() if callable(items) else items
                 t0 = time.perf_counter()
                 n = 0
-                for _ in peer.map(fn, items):
+                for _ in peer.map(fn, run_items):
                     n += 1
                 dt = time.perf_counter() - t0
-                assert n == len(items)
+                assert n == len(run_items)
                 if r:
-                    rates.setdefault(peer.name, []).append(len(items) / dt)
+                    rates.setdefault(peer.name, []).append(len(run_items) / dt)
     return rates
 
 
