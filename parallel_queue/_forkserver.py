@@ -172,6 +172,7 @@ class _Popen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
             reduction.dump(process_obj, data)
         finally:
             multiprocessing.context.set_spawning_popen(None)
+        self._status_lock = threading.Lock()
         self.status_r, data_w, self.pid = _connect(self._fds)  # type: ignore[attr-defined]
         self.pidfd = None
         pidfd_open = getattr(os, "pidfd_open", None)
@@ -215,13 +216,19 @@ class _Popen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
             return super().poll(flag)  # type: ignore[no-any-return]
         if not wait([self.pidfd], 0 if flag == os.WNOHANG else None):
             return None
-        # It has ended: the server writes its status as it reaps it, or
-        # closes the pipe as it dies.
-        try:
-            self.returncode = multiprocessing.forkserver.read_signed(self.status_r)
-        except (OSError, EOFError):
-            self.status_lost = True
-            self.returncode = 255
+        # It has ended: the server writes its status as it reaps it, then
+        # closes the pipe (or closes it as it dies).  One reader: any thread
+        # that starts a process polls every child of the program
+        # (multiprocessing's _cleanup), and a second reader would find the
+        # pipe's end after the first took the status, and call it lost.
+        with self._status_lock:
+            if self.returncode is None:
+                try:
+                    code = multiprocessing.forkserver.read_signed(self.status_r)
+                except (OSError, EOFError):
+                    self.status_lost = True
+                    code = 255
+                self.returncode = code
         return self.returncode  # type: ignore[no-any-return]
 
 

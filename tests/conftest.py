@@ -60,16 +60,17 @@ def _cmdline(pid: int) -> str:
 def descendants(pid: int) -> list[int]:
     """Every live descendant of ``pid``, but multiprocessing's long-lived helpers.
 
-    The forkserver and the resource tracker live as long as the test process
-    by design; a forkserver's *children* are ours and are counted.
+    The fork servers and the resource tracker live as long as the test
+    process by design; a fork server's *children* are ours and are counted
+    (they have its command line: it forks without exec).
     """
     out: list[int] = []
     todo = [pid]
     while todo:
-        for kid in _children_of(todo.pop()):
+        parent = todo.pop()
+        for kid in _children_of(parent):
             todo.append(kid)
-            cmd = _cmdline(kid)
-            if "forkserver" in cmd or "resource_tracker" in cmd:
+            if parent == pid and any(h in _cmdline(kid) for h in ("forkserver", "resource_tracker")):
                 continue
             out.append(kid)
     return out

@@ -1,15 +1,24 @@
 """The package's fork server (``mp_context="forkserver"``) killed, or failing a
 request: no queue breaks, no result is lost, no process is left.
 
-Each test runs in a child interpreter: killing the server orphans the
+The tests that kill the server run in a child interpreter: that orphans the
 processes it had started, and they must be watched to their end there, not
 left to the test process.
 """
 
 from __future__ import annotations
 
+import multiprocessing
+import os
+import signal
+import threading
+from multiprocessing.connection import wait
+
 import pytest
-from conftest import run_python
+from conftest import run_python, wait_until
+
+from parallel_queue import _forkserver
+from parallel_queue._forkserver import ForkServerProcess
 
 PRELUDE = """
 import multiprocessing.forkserver, os, signal
@@ -207,3 +216,45 @@ with ParallelQueue(num_workers=2, mp_context="forkserver") as q:
 """
     )
     assert out == [f"{list(range(6))} False"]
+
+
+def _blocked(thread: threading.Thread) -> bool:
+    """Whether ``thread`` sleeps in the kernel (on a lock or in a read)."""
+    try:
+        with open(f"/proc/self/task/{thread.native_id}/wchan") as f:
+            return f.read() not in ("", "0")
+    except OSError:
+        return False
+
+
+def test_two_threads_polling_one_ended_process_agree_on_its_status():
+    """Regression: every thread that starts a process polls every child of
+    the program (multiprocessing's _cleanup), so two threads can read one
+    fork-server process's status at once.  The server writes it, then
+    closes the pipe: the second reader found the pipe's end and called the
+    status lost (exit code 255, "how is unknown").  Forced here: the server
+    is stopped until both threads wait on the status of a process that has
+    ended."""
+    mine, theirs = multiprocessing.Pipe()
+    proc = ForkServerProcess(target=theirs.recv)
+    proc.start()
+    theirs.close()
+    server = _forkserver._server._forkserver_pid
+    os.kill(server, signal.SIGSTOP)
+    try:
+        mine.send(None)  # the process returns from recv() and exits 0
+        assert wait([proc.sentinel], 60)
+        codes: list[object] = []
+        pollers = [threading.Thread(target=lambda: codes.append(proc.exitcode)) for _ in range(2)]
+        for t in pollers:
+            t.start()
+        wait_until(lambda: all(_blocked(t) for t in pollers))
+    finally:
+        os.kill(server, signal.SIGCONT)
+    for t in pollers:
+        t.join(60)
+    assert codes == [0, 0]
+    assert proc.exitcode == 0 and not proc._popen.status_lost
+    proc.join()
+    proc.close()
+    mine.close()
