@@ -110,17 +110,23 @@ def _request(server: multiprocessing.forkserver.ForkServer, fds: list[int]) -> t
         # worker nobody knows of.
         pid = multiprocessing.forkserver.read_signed(status_r)
     except BaseException:
-        # A process forked just before the server died reads this first: it
-        # exits at once, where end-of-file would have had it print a
-        # traceback.  (If none was forked, no one reads it.)
-        try:
-            os.write(data_w, _EXIT_QUIETLY)
-        except OSError:
-            pass
-        os.close(status_r)
-        os.close(data_w)
+        _abandon(status_r, data_w)
         raise
     return status_r, data_w, pid
+
+
+def _abandon(status_r: int, data_w: int) -> None:
+    """Give up a process asked for: it is told to exit, then its pipes are
+    closed.  A process forked (just before the server died, or before a
+    failure on this side) reads the order first and exits at once, where
+    end-of-file would have had it print a traceback.  (If none was forked,
+    no one reads it.)"""
+    try:
+        os.write(data_w, _EXIT_QUIETLY)
+    except OSError:
+        pass
+    os.close(status_r)
+    os.close(data_w)
 
 
 class _ExitQuietly:
@@ -190,9 +196,9 @@ class _Popen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
             # a copy of the write end stays open for as long as this object lives.
             alive_w = os.dup(data_w)
         except BaseException:
-            for fd in (self.status_r, data_w, self.pidfd):
-                if fd is not None:
-                    os.close(fd)
+            if self.pidfd is not None:
+                os.close(self.pidfd)
+            _abandon(self.status_r, data_w)
             raise
         owned = (alive_w, self.status_r) if self.pidfd is None else (alive_w, self.status_r, self.pidfd)
         self.finalizer = util.Finalize(self, _close_all, owned)

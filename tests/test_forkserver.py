@@ -258,3 +258,29 @@ def test_two_threads_polling_one_ended_process_agree_on_its_status():
     proc.join()
     proc.close()
     mine.close()
+
+
+def test_a_process_given_up_after_its_fork_exits_without_a_word():
+    """No descriptor left for the new process's pidfd (EMFILE: forced at
+    that call, as when another thread takes the last descriptors after the
+    queue reserved its own): the construction raises it, and the process
+    the server had forked exits quietly (it printed an EOFError traceback:
+    its data pipe was closed unsent)."""
+    out = run("""
+import errno
+real = os.pidfd_open
+
+def no_descriptor(pid, *flags):
+    raise OSError(errno.EMFILE, "Too many open files")
+
+os.pidfd_open = no_descriptor
+try:
+    ParallelQueue(num_workers=1, mp_context="forkserver")
+except OSError as e:
+    print(e.errno == errno.EMFILE, multiprocessing.active_children())
+os.pidfd_open = real
+with ParallelQueue(num_workers=1, mp_context="forkserver") as q:
+    q.put(abs, -3)
+    print(q.get(timeout=60))
+""")
+    assert out == ["True []", "3"]
