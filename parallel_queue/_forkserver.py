@@ -222,6 +222,12 @@ class _Popen(multiprocessing.popen_forkserver.Popen):  # type: ignore[misc]
             return super().poll(flag)  # type: ignore[no-any-return]
         if not wait([self.pidfd], 0 if flag == os.WNOHANG else None):
             return None
+        if flag == os.WNOHANG and not wait([self.status_r], 0):
+            # Ended, but the server has not said how yet (a stopped server
+            # never will): not known yet, as multiprocessing's own Popen says.
+            # Any thread that starts a process polls this one, and must not
+            # wait for the server.
+            return None
         # It has ended: the server writes its status as it reaps it, then
         # closes the pipe (or closes it as it dies).  One reader: any thread
         # that starts a process polls every child of the program

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import enum
 import errno
+import multiprocessing.process
 import os
 from collections import deque
 from typing import Any, Optional
@@ -116,10 +117,15 @@ class Child:
         if self.pidfd is not None:
             os.close(self.pidfd)
             self.pidfd = None
-        try:
-            self.proc.close()
-        except ValueError:  # still running: only after a failed kill
-            pass
+        popen = self.proc._popen
+        if popen is None or popen.poll() is None:  # still running: only after a failed kill
+            return
+        # Its descriptors, not Process.close(): that sets _popen to None, and
+        # another thread's Process.start() may be polling it from a list of
+        # children taken before (Python 3.9's _cleanup then raised
+        # AttributeError in that thread).
+        multiprocessing.process._children.discard(self.proc)  # type: ignore[attr-defined]
+        popen.close()
 
 
 class PacketRecord(TaskBatch):

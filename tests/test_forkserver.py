@@ -17,7 +17,7 @@ from multiprocessing.connection import wait
 import pytest
 from conftest import run_python, wait_until
 
-from parallel_queue import _forkserver
+from parallel_queue import ParallelQueue, _forkserver
 from parallel_queue._forkserver import ForkServerProcess
 
 PRELUDE = """
@@ -229,8 +229,8 @@ def _blocked(thread: threading.Thread) -> bool:
 
 def test_two_threads_polling_one_ended_process_agree_on_its_status():
     """Regression: every thread that starts a process polls every child of
-    the program (multiprocessing's _cleanup), so two threads can read one
-    fork-server process's status at once.  The server writes it, then
+    the program (multiprocessing's _cleanup), and another may join it, so two
+    threads can read one fork-server process's status at once.  The server writes it, then
     closes the pipe: the second reader found the pipe's end and called the
     status lost (exit code 255, "how is unknown").  Forced here: the server
     is stopped until both threads wait on the status of a process that has
@@ -245,7 +245,8 @@ def test_two_threads_polling_one_ended_process_agree_on_its_status():
         mine.send(None)  # the process returns from recv() and exits 0
         assert wait([proc.sentinel], 60)
         codes: list[object] = []
-        pollers = [threading.Thread(target=lambda: codes.append(proc.exitcode)) for _ in range(2)]
+        # Blocking polls (join's): both wait for the status (one on the lock).
+        pollers = [threading.Thread(target=lambda: codes.append(proc._popen.wait())) for _ in range(2)]
         for t in pollers:
             t.start()
         wait_until(lambda: all(_blocked(t) for t in pollers))
@@ -284,3 +285,49 @@ with ParallelQueue(num_workers=1, mp_context="forkserver") as q:
     print(q.get(timeout=60))
 """)
     assert out == ["True []", "3"]
+
+
+def test_polling_an_ended_process_does_not_wait_for_a_stopped_server():
+    """Found by adversarial testing: a poll that must not wait (every
+    Process.start() in the program polls every child) blocked on the status
+    of an ended process until the server, SIGSTOPped, went on.  It now says
+    "not known yet" (None), as multiprocessing's own Popen does, and the
+    status once the server has sent it."""
+    mine, theirs = multiprocessing.Pipe()
+    proc = ForkServerProcess(target=theirs.recv)
+    proc.start()
+    theirs.close()
+    server = _forkserver._server._forkserver_pid
+    os.kill(server, signal.SIGSTOP)
+    try:
+        mine.send(None)
+        assert wait([proc.sentinel], 60)
+        got: list[object] = []
+        poller = threading.Thread(target=lambda: got.append(proc.exitcode))
+        poller.start()
+        poller.join(60)  # a bound for the failure only: the call returns at once
+        assert got == [None]
+    finally:
+        os.kill(server, signal.SIGCONT)
+    proc.join()
+    assert proc.exitcode == 0
+    mine.close()
+
+
+def test_a_released_child_can_still_be_polled_by_another_threads_cleanup():
+    """Found by adversarial testing (Python 3.9): every Process.start() polls
+    the children in a list taken first (multiprocessing's _cleanup), and
+    Process.close() set ``_popen`` to None under it: AttributeError in the
+    other thread (a queue's dispatcher: "internal error").  The interleaving
+    is forced: the list is taken, the queue's worker ends and is released,
+    then 3.9's loop runs over the list."""
+    with ParallelQueue(num_workers=1, mp_context="forkserver", max_tasks_per_worker=1) as q:
+        first = q._core.engine.slots[0].proc
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        wait_until(lambda: first.released)  # recycled after its one task, and replaced
+        old = first.proc
+    taken = [old]  # as in a list taken before the release
+    for p in taken:
+        assert p._popen.poll() == 0  # 3.9's _cleanup: p._popen.poll() with no check for None
+    assert old not in multiprocessing.process._children
