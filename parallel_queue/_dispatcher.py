@@ -363,7 +363,7 @@ class Dispatcher:
         code = consumer.exitcode
         how = f" (exit code {code})"
         if code is None:
-            how = " (how is unknown: the fork server that started it was killed)"
+            how = f" (how is unknown: {consumer.why_unknown})"
         self.core.fail(consumer_died(how, method, self.credits_seen > 0))
 
     def finish_if_stopped(self) -> None:

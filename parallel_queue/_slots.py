@@ -97,6 +97,16 @@ class Child:
             return None
         return code  # type: ignore[no-any-return]
 
+    @property
+    def why_unknown(self) -> str:
+        """(exitcode is None, it has ended) Why its exit status is unknown."""
+        if getattr(self.proc._popen, "status_lost", False):
+            return "the fork server that started it was killed"
+        # multiprocessing's _cleanup, run by every Process.start(), reaps
+        # children from any thread: a reap between its waitpid() and its
+        # storing of the status leaves ours with ECHILD.
+        return "another thread of the program took its exit status"
+
     def ended(self) -> bool:
         """Whether the process has exited (reaped or not)."""
         return self.released or _wire.readable(self.exit_fd, 0)

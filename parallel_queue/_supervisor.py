@@ -222,7 +222,7 @@ def blame(rec: PacketRecord, k: int, proc: Child, how: str, timeout: bool = Fals
 def how_it_ended(proc: Child) -> str:
     code = proc.exitcode
     if code is None:
-        return "ended, how is unknown (the fork server that started it was killed)"
+        return f"ended, how is unknown ({proc.why_unknown})"
     if code is not None and code < 0:
         try:
             name = f"{signal.Signals(-code).name} ({-code})"
