@@ -8,11 +8,13 @@ left to the test process.
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
 import signal
 import threading
 from multiprocessing.connection import wait
+from typing import Iterator
 
 import pytest
 from conftest import run_python, wait_until
@@ -227,14 +229,11 @@ def _blocked(thread: threading.Thread) -> bool:
         return False
 
 
-def test_two_threads_polling_one_ended_process_agree_on_its_status():
-    """Regression: every thread that starts a process polls every child of
-    the program (multiprocessing's _cleanup), and another may join it, so two
-    threads can read one fork-server process's status at once.  The server writes it, then
-    closes the pipe: the second reader found the pipe's end and called the
-    status lost (exit code 255, "how is unknown").  Forced here: the server
-    is stopped until both threads wait on the status of a process that has
-    ended."""
+@contextlib.contextmanager
+def ended_under_a_stopped_server() -> Iterator[ForkServerProcess]:
+    """A fork-server process that has ended while the server is SIGSTOPped
+    (so it has not sent the status yet); the server goes on at the end of
+    the block, and the process is joined (the caller closes it)."""
     mine, theirs = multiprocessing.Pipe()
     proc = ForkServerProcess(target=theirs.recv)
     proc.start()
@@ -244,21 +243,33 @@ def test_two_threads_polling_one_ended_process_agree_on_its_status():
     try:
         mine.send(None)  # the process returns from recv() and exits 0
         assert wait([proc.sentinel], 60)
-        codes: list[object] = []
+        yield proc
+    finally:
+        os.kill(server, signal.SIGCONT)
+        mine.close()
+    proc.join()
+
+
+def test_two_threads_polling_one_ended_process_agree_on_its_status():
+    """Regression: every thread that starts a process polls every child of
+    the program (multiprocessing's _cleanup), and another may join it, so two
+    threads can read one fork-server process's status at once.  The server
+    writes it, then closes the pipe: the second reader found the pipe's end
+    and called the status lost (exit code 255, "how is unknown").  Forced
+    here: the server is stopped until both threads wait on the status of a
+    process that has ended."""
+    codes: list[object] = []
+    with ended_under_a_stopped_server() as proc:
         # Blocking polls (join's): both wait for the status (one on the lock).
         pollers = [threading.Thread(target=lambda: codes.append(proc._popen.wait())) for _ in range(2)]
         for t in pollers:
             t.start()
         wait_until(lambda: all(_blocked(t) for t in pollers))
-    finally:
-        os.kill(server, signal.SIGCONT)
     for t in pollers:
         t.join(60)
     assert codes == [0, 0]
     assert proc.exitcode == 0 and not proc._popen.status_lost
-    proc.join()
     proc.close()
-    mine.close()
 
 
 def test_a_process_given_up_after_its_fork_exits_without_a_word():
@@ -293,25 +304,14 @@ def test_polling_an_ended_process_does_not_wait_for_a_stopped_server():
     of an ended process until the server, SIGSTOPped, went on.  It now says
     "not known yet" (None), as multiprocessing's own Popen does, and the
     status once the server has sent it."""
-    mine, theirs = multiprocessing.Pipe()
-    proc = ForkServerProcess(target=theirs.recv)
-    proc.start()
-    theirs.close()
-    server = _forkserver._server._forkserver_pid
-    os.kill(server, signal.SIGSTOP)
-    try:
-        mine.send(None)
-        assert wait([proc.sentinel], 60)
-        got: list[object] = []
+    got: list[object] = []
+    with ended_under_a_stopped_server() as proc:
         poller = threading.Thread(target=lambda: got.append(proc.exitcode))
         poller.start()
         poller.join(60)  # a bound for the failure only: the call returns at once
         assert got == [None]
-    finally:
-        os.kill(server, signal.SIGCONT)
-    proc.join()
     assert proc.exitcode == 0
-    mine.close()
+    proc.close()
 
 
 def test_a_released_child_can_still_be_polled_by_another_threads_cleanup():
