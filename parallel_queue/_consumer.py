@@ -16,6 +16,12 @@ one, so when nobody calls ``get()`` the window stops, workers stop, and
 For every packet it receives it credits the dispatcher (the main process's
 thread that feeds workers), which is how the dispatcher knows a worker is
 ready for more and which packets a dead worker took with it.
+
+A packet whose results grew large comes in several frames (see
+_wire.ResultHeader), and its worker sends each frame but the last only
+while the packet is the next to deliver: those frames are passed on at
+once, in the order they came, and the worker's pipe is not read again
+until they are written out, so a worker cannot pile its frames up here.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from __future__ import annotations
 import os
 import select
 import selectors
+from collections import deque
 from typing import Any, NamedTuple, Optional
 
 from . import _wire
@@ -79,6 +86,10 @@ class _Consumer:
         self.pool = _wire.BodyPool()
         self.readers = [_wire.FrameReader(fd, scratch, self.pool) for fd in spec.results_in]
         self.sent: Optional[bytes] = None  # the body being written out, if any
+        # The next packet's first frames, to pass on before anything else,
+        # and the slots whose pipes are not read until they are passed on.
+        self.firsts: deque[bytes] = deque()
+        self.held_back: set[int] = set()
         self.ctrl = _wire.FrameReader(spec.ctrl_in, scratch)
         _wire.set_nonblocking(spec.output_out)
         _wire.set_nonblocking(spec.credits_out)
@@ -114,10 +125,14 @@ class _Consumer:
                         self.on_command(body)
                 elif tag == "parent":
                     os._exit(3)
-                else:
+                elif tag not in self.held_back:  # (held back by a frame read earlier in this batch)
                     for body in self.readers[tag].read_ready():
                         self.on_worker_frame(tag, body)
             self.deliver()
+            if self.held_back and not self.firsts and not self.output.pending_bytes:
+                for slot in self.held_back:  # what they sent is out: read them again
+                    sel.register(self.readers[slot].fd.fd, selectors.EVENT_READ, slot)
+                self.held_back.clear()
             if self.last_total is not None and self.delivered >= self.last_total and not self.output.pending_bytes:
                 self.credits.send(bytes([Kind.FINISHED]))
                 self.credits_flush_blocking()
@@ -135,9 +150,18 @@ class _Consumer:
         kind = body[0]
         if kind == Kind.RESULT:
             h = _wire.decode_result(body)
-            self.buffer.add(h.packet_id, h.n_items, body)
-            self.count_buffer()
-            self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False, _wire.result_bytes(body, h)))
+            size = _wire.result_bytes(body, h)
+            if h.more:
+                # (its worker waited for its turn: it is the next packet)
+                assert h.packet_id == self.buffer.next_id.value, (h.packet_id, self.buffer.next_id.value)
+                self.firsts.append(body)
+                if slot not in self.held_back:
+                    self.sel.unregister(self.readers[slot].fd.fd)
+                    self.held_back.add(slot)
+            else:
+                self.buffer.add(h.packet_id, h.n_items, body)
+                self.count_buffer()
+            self.credit(Credit(slot, h.packet_id, h.n_items, h.compute_ns, False, size, h.more, h.start))
         elif kind == Kind.WAIT:
             pid = _wire.decode_id(body)
             if ahead(pid, self.spec.max_packet_id.value, self.modulus, self.spec.window):
@@ -172,6 +196,10 @@ class _Consumer:
             if self.sent is not None:  # written out whole: its memory serves the next frame
                 self.pool.give(self.sent)
                 self.sent = None
+            if self.firsts:  # the next packet's first frames, before its last
+                self.sent = self.firsts.popleft()
+                self.output.send(self.sent)
+                continue
             if not buffer.next_is_ready():
                 break
             packet = buffer.pop_next()

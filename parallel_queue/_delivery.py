@@ -302,11 +302,12 @@ class Delivery:
         if peeked is None:
             return False
         body, packet, decoded = peeked
-        new = split_results(*packet)
+        # (no results: a frame whose results all came before its worker died, see Receiver.decode)
+        new = split_results(*packet) if packet[0] else []
         steps, receiver = self.steps, self.receiver
 
         def hand_over() -> None:
-            if not (steps and steps[-1] is new[-1]):  # (steps are fresh objects: ``is`` tells)
+            if new and not (steps and steps[-1] is new[-1]):  # (steps are fresh objects: ``is`` tells)
                 steps.extend(new)
             receiver.taken(body, decoded)
 

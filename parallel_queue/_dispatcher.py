@@ -267,12 +267,17 @@ class Dispatcher:
             rec.careful = True
             self.send(slot, rec)
             return
+        self.scheduler.measured_time(c.n_items, c.compute_ns)
+        self.scheduler.measured_result_size(c.n_items, c.result_bytes)
+        if c.more:
+            # One of a packet's first frames (see _wire.ResultHeader): the
+            # packet is not done, but new packets are sized by it at once.
+            slot.first_frame_credited(c.packet_id, c.start)
+            return
         rec = slot.credited()
         self.credits_seen += 1
         assert rec.packet_id == c.packet_id, (rec.packet_id, c.packet_id)
         self.supervisor.credited(c.slot)
-        self.scheduler.measured_time(c.n_items, c.compute_ns)
-        self.scheduler.measured_result_size(c.n_items, c.result_bytes)
 
     # ------------------------------------------------------------ slow paths
 
@@ -310,10 +315,13 @@ class Dispatcher:
         rings = self.engine.rings
         if rings:
             doubt = rings[slot.index].in_doubt()
-            if doubt is not None and any(rec.packet_id == doubt[2] for rec in lost):
-                # It died writing that packet's results: the consumer never
-                # had the frame, so nobody will read the range (see _region).
-                rings[slot.index].results.forget(doubt[0], doubt[1])
+            if doubt is not None:
+                packet_id, _ = _wire.split_frame_key(doubt[2])
+                if doubt[2] != slot.first_frame and any(rec.packet_id == packet_id for rec in lost):
+                    # It died writing that frame: the consumer never had it
+                    # (it credits every frame it has, before DRAINED), so
+                    # nobody will read the range (see _region).
+                    rings[slot.index].results.forget(doubt[0], doubt[1])
         if lost:
             self.supervisor.diagnose(slot, lost[0], proc)
         # Wake-ups the dead worker never read (end-of-file once the consumer is gone).

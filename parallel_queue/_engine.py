@@ -321,6 +321,7 @@ class ProcessEngine:
             opts.task_timeout is not None,
             self.rings[slot.index].region.fd if self.rings else None,
             RING_BYTES,
+            opts.consumer_buffer_max,
         )
         if self.rings:
             self.rings[slot.index].args.empty()  # (no worker reads it now)

@@ -501,3 +501,49 @@ def result_unpickling_error(exc: BaseException, index: int) -> TaskError:
     return TaskError.for_failure(
         exc, f"could not unpickle the result of task #{index} in the main process", pickle.UnpicklingError
     )
+
+
+# What a result's size is taken to be without pickling it (see rough_size):
+# these hold their bytes themselves; these hold nothing worth counting.
+_FLAT = (bytes, str, bytearray)
+_SMALL = (int, float, bool, type(None), complex)
+
+
+def rough_size(values: list[Any]) -> int:
+    """About how many bytes ``values`` will pickle to, cheaply, for a worker
+    deciding whether a packet's results have grown large (see
+    _worker.SPLIT_BYTES): ``bytes``, ``str`` and ``bytearray`` count their
+    length, anything with ``nbytes`` (numpy arrays, memoryviews) that, and
+    tuples, lists and dicts (and an object's ``__dict__``) what they hold,
+    two levels deep.  What it cannot see is only found when the packet's
+    results are pickled."""
+    total = 0
+    for v in values:
+        t = type(v)
+        if t in _SMALL:
+            continue
+        total += _size_of(v, t, 2)
+    return total
+
+
+def _size_of(v: Any, t: type, depth: int) -> int:
+    if t in _FLAT:
+        return len(v)
+    if t in _SMALL:
+        return 0
+    nbytes = getattr(t, "nbytes", None)
+    if nbytes is not None:
+        try:
+            return int(v.nbytes)
+        except Exception:  # a property that fails: not ours to report
+            return 0
+    if not depth:
+        return 0
+    if t is tuple or t is list:
+        return sum(_size_of(x, type(x), depth - 1) for x in v)
+    if t is dict:
+        return sum(_size_of(x, type(x), depth - 1) for x in v.values())
+    d = getattr(v, "__dict__", None)
+    if type(d) is dict:
+        return sum(_size_of(x, type(x), depth - 1) for x in d.values())
+    return 0

@@ -31,7 +31,7 @@ from ._payload import TaskError, loads_results_careful
 from ._salvage import load_results
 from ._threads import Waiters, run_whole, sigint_deferred
 from ._wakeups import Bell, Bells
-from ._wire import decode_result, split_result
+from ._wire import ResultHeader, decode_result, split_result
 
 __all__ = ["Receiver"]
 
@@ -64,6 +64,11 @@ class Receiver:
         # it again from the same copy (the range goes back to the worker,
         # to be written over, once the packet is taken).
         self.rings: list[Any] = []
+        # While a packet's first frames come in (see _wire.ResultHeader):
+        # its id and how many of its tasks' results were taken.  Should its
+        # worker die, the packet runs again and its frames start again at
+        # its first task: those results are dropped (see decode).
+        self.partial: Optional[tuple[int, int]] = None
         self.held: Optional[tuple[Any, memoryview, Any, int, int]] = None
         self.to_give: Optional[tuple[Any, memoryview, Any, int, int]] = None
 
@@ -96,6 +101,13 @@ class Receiver:
         bodies = self.bodies
         if bodies and bodies[0] is body:
             self.decoded = decoded  # (before the pop: a run cut short between them runs again)
+            if type(body) is not tuple:
+                header = decode_result(body)
+                if header.more:
+                    had = self.already_taken(header) + header.start
+                    self.partial = (header.packet_id, max(had, header.start + header.n_items))
+                else:
+                    self.partial = None
             held = self.held
             if held is not None and held[0] is body:
                 # Its buffers' range of the ring goes back to the worker once
@@ -121,6 +133,15 @@ class Receiver:
         self.to_give = None
         self.reader.give_back(into)
 
+    def already_taken(self, header: ResultHeader) -> int:
+        """How many tasks of the packet of frame ``header`` have had their
+        results taken before the frame's first (from frames of an earlier
+        run of the packet, whose worker died); 0 for a new packet."""
+        partial = self.partial
+        if partial is None or partial[0] != header.packet_id:
+            return 0
+        return partial[1] - header.start
+
     def decode(self, body: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
         """(packets in order) A packet's ``(values, errors)``, and its number
         of task results; ``first`` is the number of its first task.
@@ -128,10 +149,20 @@ class Receiver:
         A value that will not unpickle here fails in its own slot: the fast
         load of the whole packet is tried first, then each value on its own
         (a careful packet's are pickled one by one; any other is salvaged,
-        see _salvage)."""
+        see _salvage).  Results that came before, from an earlier run of
+        the packet (see ``partial``), are left out."""
         if type(body) is tuple:  # from the executor engine: already (values, errors)
             return body, 0
         header = decode_result(body)
+        skip = min(max(self.already_taken(header), 0), header.n_items)
+        if skip:
+            (values, errors), n = self.decode_frame(body, header, first - skip)
+            kept = {k - skip: e for k, e in errors.items() if k >= skip}
+            return (values[skip:], kept), n - skip
+        return self.decode_frame(body, header, first)
+
+    def decode_frame(self, body: Any, header: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
+        """decode(), for the whole frame."""
         view_of = None
         if header.n_buffers and self.rings:
             ring = self.rings[header.slot]

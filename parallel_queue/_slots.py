@@ -178,6 +178,7 @@ class Slot:
         "told_to_stop",
         "timeout_kill",
         "incarnation",
+        "first_frame",
     )
 
     def __init__(self, index: int, results_w: Fd, go_r: Fd) -> None:
@@ -195,6 +196,10 @@ class Slot:
         # for running past task_timeout (0: not killed for that).
         self.timeout_kill = 0
         self.incarnation = 0
+        # The last of its worker's packets' first frames (see
+        # _wire.ResultHeader) the consumer received, as a frame_key; -1: none
+        # since its oldest packet's last frame.
+        self.first_frame = -1
 
     # ----------------------------------------------------------- transitions
 
@@ -207,6 +212,7 @@ class Slot:
         self.sent_items = 0
         self.told_to_stop = False
         self.timeout_kill = 0
+        self.first_frame = -1
         self.state = SlotState.RUNNING
 
     def stop_sent(self) -> None:
@@ -242,7 +248,13 @@ class Slot:
 
     def credited(self) -> PacketRecord:
         """Its worker's oldest packet was received by the consumer."""
+        self.first_frame = -1
         return self.outstanding.popleft()
+
+    def first_frame_credited(self, packet_id: int, start: int) -> None:
+        """The consumer received one of its oldest packet's first frames."""
+        assert self.outstanding and self.outstanding[0].packet_id == packet_id
+        self.first_frame = _wire.frame_key(packet_id, start)
 
     def take_lost(self) -> list[PacketRecord]:
         """(DRAINING) The packets its dead worker had not finished, oldest first."""

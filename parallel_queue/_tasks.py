@@ -52,8 +52,14 @@ def run_items(
     p0: int = 0,
     seq: int = 0,
     timed: bool = False,
+    lo: int = 0,
+    hi: Optional[int] = None,
 ) -> tuple[list[Any], dict[int, Any], int]:
     """Run a packet's tasks (items of ``form``) in order: ``(values, errors, seq)``.
+
+    ``lo``, ``hi``: only ``items[lo:hi]`` (a process worker runs a packet a
+    few tasks at a time, see _worker.run_packet); ``errors`` are keyed by
+    index from ``lo``, the progress array by index in the whole packet.
 
     A task that raises gets ``capture(exception)`` in ``errors`` at its index
     (SystemExit too: it is that task's error); a TaskError in place of a task
@@ -67,20 +73,23 @@ def run_items(
     """
     if prog is None:
         prog, p0 = [0] * PROGRESS_FIELDS, 0
+    if hi is None:
+        hi = len(items)
     if isinstance(fn, TaskError):  # a map's function that could not be pickled or unpickled
-        return (*every_slot_fails(len(items), fn), seq)
+        return (*every_slot_fails(hi - lo, fn), seq)
     at_item = p0 + P_ITEM
     if not timed:
         prog[p0 + P_SEQ] = seq + 1
     values: list[Any] = []
     errors: dict[int, Any] = {}
-    for k, item in enumerate(items):
+    for k in range(lo, hi):
+        item = items[k]
         if timed:
             seq = mark_step(prog, p0, STAGE_RUNNING, k, seq)
         else:
             prog[at_item] = k
         if type(item) is TaskError:
-            errors[k] = item
+            errors[k - lo] = item
             values.append(None)
             continue
         try:
@@ -95,11 +104,11 @@ def run_items(
                 args, kwargs = item
                 values.append(fn(*args, **kwargs) if kwargs else fn(*args))  # type: ignore[misc]
         except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
-            errors[k] = capture(e)
+            errors[k - lo] = capture(e)
             values.append(None)
-    prog[at_item] = len(items)
+    prog[at_item] = hi
     if not timed:
-        seq += len(items)
+        seq += hi - lo
         prog[p0 + P_SEQ] = seq
     return values, errors, seq
 

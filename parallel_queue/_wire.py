@@ -733,10 +733,19 @@ def _split_buffers(
 class ResultHeader(NamedTuple):
     """Worker -> consumer -> main: the results of packet ``packet_id``.
 
-    ``compute_ns`` is the time the worker spent running the packet's tasks
+    ``compute_ns`` is the time the worker spent running the frame's tasks
     (the dispatcher sizes batches from it).  ``careful``: the payload holds
     one pickle per result (see TaskPacket).  ``n_buffers``: how many
     out-of-band buffers follow the pickle (see split_result).
+
+    A packet whose results grow large goes in several frames (see
+    _worker.SPLIT_BYTES): each holds the results of tasks ``start`` to
+    ``start + n_items`` of the packet, and every frame but the last has
+    ``more`` set.  A worker sends such a frame only while its packet is the
+    next one the consumer delivers, so it goes straight through.  If the
+    worker dies, the packet runs again from its first task and its frames
+    start again at 0: the main process drops what it already had (see
+    Receiver.decode).
     """
 
     packet_id: int
@@ -745,9 +754,12 @@ class ResultHeader(NamedTuple):
     careful: bool
     n_buffers: int
     slot: int
+    start: int = 0
+    more: bool = False
 
 
-RESULT = struct.Struct("<BqIQBIH")
+RESULT = struct.Struct("<BqIQBIHI")
+_CAREFUL, _MORE = 1, 2  # RESULT's flags
 
 
 def encode_result(
@@ -758,18 +770,32 @@ def encode_result(
     buffers: Sequence[memoryview] = (),
     placement: Placement | None = None,
     slot: int = 0,
+    start: int = 0,
+    more: bool = False,
 ) -> bytes:
     """A result frame's header: the fixed part, then where each out-of-band
     buffer is (the pickle and the buffers in the frame follow it, in that
-    order).  ``slot``: the worker's, whose ring holds the others."""
-    return RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, careful, len(buffers), slot) + buffer_table(
-        buffers, placement
-    )
+    order).  ``slot``: the worker's, whose ring holds the others; ``start``
+    and ``more``: see ResultHeader."""
+    flags = (_CAREFUL if careful else 0) | (_MORE if more else 0)
+    head = RESULT.pack(Kind.RESULT, packet_id, count, compute_ns, flags, len(buffers), slot, start)
+    return head + buffer_table(buffers, placement)
 
 
 def decode_result(body: bytes | bytearray) -> ResultHeader:
-    _, pid, count, ns, careful, n_buffers, slot = RESULT.unpack_from(body)
-    return ResultHeader(pid, count, ns, bool(careful), n_buffers, slot)
+    _, pid, count, ns, flags, n_buffers, slot, start = RESULT.unpack_from(body)
+    return ResultHeader(pid, count, ns, bool(flags & _CAREFUL), n_buffers, slot, start, bool(flags & _MORE))
+
+
+def frame_key(packet_id: int, start: int) -> int:
+    """One number for a result frame, unique among a worker's: its packet id
+    and its first task's index in the packet (see _region's FRAME_PACKET)."""
+    return packet_id | (start << 32)
+
+
+def split_frame_key(key: int) -> tuple[int, int]:
+    """``(packet_id, start)`` of a ``frame_key``."""
+    return key & 0xFFFFFFFF, key >> 32
 
 
 def split_result(
@@ -807,7 +833,9 @@ class Credit(NamedTuple):
 
     ``rejected``: it could not unpickle the batch, so the dispatcher sends
     the packet again with each task pickled on its own.  ``result_bytes``:
-    the size of the packet's results (the dispatcher sizes packets by it too).
+    the size of the frame's results (the dispatcher sizes packets by it too).
+    ``more``: the frame is one of a packet's first frames (see
+    ResultHeader), starting at task ``start``; the packet is not done yet.
     """
 
     slot: int
@@ -816,18 +844,22 @@ class Credit(NamedTuple):
     compute_ns: int
     rejected: bool
     result_bytes: int = 0
+    more: bool = False
+    start: int = 0
 
 
-_CREDIT = struct.Struct("<BHqIQBQ")
+_CREDIT = struct.Struct("<BHqIQBQBI")
 
 
 def encode_credit(c: Credit) -> bytes:
-    return _CREDIT.pack(Kind.CREDIT, c.slot, c.packet_id, c.n_items, c.compute_ns, c.rejected, c.result_bytes)
+    return _CREDIT.pack(
+        Kind.CREDIT, c.slot, c.packet_id, c.n_items, c.compute_ns, c.rejected, c.result_bytes, c.more, c.start
+    )
 
 
 def decode_credit(body: bytes | bytearray) -> Credit:
-    _, slot, pid, count, ns, rej, size = _CREDIT.unpack_from(body)
-    return Credit(slot, pid, count, ns, bool(rej), size)
+    _, slot, pid, count, ns, rej, size, more, start = _CREDIT.unpack_from(body)
+    return Credit(slot, pid, count, ns, bool(rej), size, bool(more), start)
 
 
 _SLOT = struct.Struct("<BH")  # DRAIN, DRAINED

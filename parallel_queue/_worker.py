@@ -39,6 +39,7 @@ from ._payload import (
     load_one_task,
     loads_tasks,
     loads_tasks_envelope,
+    rough_size,
 )
 from ._region import RingReader, RingWriter, attach
 from ._tasks import (
@@ -62,6 +63,19 @@ from ._wire import Fd, Kind
 
 # The exit status of a worker whose own pipes failed (see worker_main).
 EXIT_PIPE_LOST = 3
+
+# A packet's results are sent in more than one frame once they pass this
+# size: packets are sized by what was measured (see _scheduler), but results
+# that grow suddenly (tiny ones, then megabytes each) would otherwise all be
+# held until the packet's last task ran, up to max_batch of them, in the
+# worker, then in the consumer and the main process.  Each frame but the
+# last waits until its packet is the next one delivered, and the consumer
+# reads nothing more from the worker until it has passed it on (see
+# _consumer), so a worker holds at most this much, plus one step of tasks.
+SPLIT_BYTES = 8 << 20
+# The most tasks run between two looks at the results' size (see
+# run_packet): a frame overshoots SPLIT_BYTES by at most this many results.
+STEP_MAX = 16
 
 
 class Inherited:
@@ -123,6 +137,7 @@ class WorkerSpec(NamedTuple):
     timed: bool  # task_timeout is set: record each task's start (see run_items)
     region: Optional[Fd] = None  # the slot's shared memory (see _region), if any
     ring_bytes: int = 0
+    buffer_max: int = 1  # the consumer's (see wait_for_turn)
 
 
 def worker_main(handed: Inherited) -> None:
@@ -274,12 +289,51 @@ class _Worker:
         prog[p0 + P_STAGE] = STAGE_RUNNING
         t0 = time.perf_counter_ns()
         fn, items = packet_function(self.fn, pkt.form, items)
-        values, errors, self.seq = run_items(fn, pkt.form, items, capture_error, prog, p0, self.seq, self.spec.timed)
-        compute_ns = time.perf_counter_ns() - t0
-        self.done += len(items)
+        n, form, timed = len(items), pkt.form, self.spec.timed
+        # The tasks run a few at a time (1, 2, 4, ... up to STEP_MAX), with
+        # a look at their results' size in between: once the results not
+        # yet sent pass SPLIT_BYTES, they go in a frame of their own.
+        lo = hi = size = 0
+        step = 1
+        values: list[Any] = []
+        errors: dict[int, Any] = {}
+        while hi < n:
+            end = min(n, hi + step)
+            more, more_errors, self.seq = run_items(fn, form, items, capture_error, prog, p0, self.seq, timed, hi, end)
+            if more_errors:
+                errors.update((k + hi - lo, e) for k, e in more_errors.items())
+            values += more
+            hi = end
+            size += rough_size(more)
+            if size >= SPLIT_BYTES and hi < n:
+                self.send_results(pkt, items, lo, hi, values, errors, time.perf_counter_ns() - t0)
+                lo, size, values, errors = hi, 0, [], {}
+                prog[p0 + P_STAGE] = STAGE_RUNNING
+                t0 = time.perf_counter_ns()
+            if step < STEP_MAX:
+                step += step
+        self.done += n
+        self.send_results(pkt, items, lo, n, values, errors, time.perf_counter_ns() - t0)
+
+    def send_results(
+        self,
+        pkt: _wire.TaskPacket,
+        items: list[Any],
+        lo: int,
+        hi: int,
+        values: list[Any],
+        errors: dict[int, Any],
+        compute_ns: int,
+    ) -> None:
+        """Pickle and send the results of tasks ``lo`` to ``hi`` of ``pkt``
+        (the last of its frames if ``hi`` is its end)."""
+        # The index of no task (see Supervisor.diagnose): a death from here
+        # on is in pickling or sending, which one task at a time will tell.
         self.step(STAGE_SAVING, len(items))
-        payload, buffers = dumps_results_oob(values, errors, items, pkt.first)
-        self.send(pkt.packet_id, len(items), compute_ns, False, payload, buffers)
+        payload, buffers = dumps_results_oob(
+            values, errors, items[lo:hi] if lo or hi < len(items) else items, pkt.first + lo
+        )
+        self.send(pkt.packet_id, hi - lo, compute_ns, False, payload, buffers, lo, hi < len(items))
 
     def run_careful(self, pkt: _wire.TaskPacket) -> None:
         """A careful packet: every step one task at a time, each recorded.
@@ -305,6 +359,8 @@ class _Worker:
         t0 = time.perf_counter_ns()
         results: list[Optional[bytes]] = []
         errors: dict[int, Any] = {}
+        lo = size = 0
+        n = len(items)
         for k, item in enumerate(items):
             self.step(STAGE_RUNNING, k)
             value, error = run_one(fn, pkt.form, item)
@@ -313,28 +369,49 @@ class _Worker:
                 value, error = dump_one_result(value, item)
             results.append(value)
             if error is not None:
-                errors[k] = error
+                errors[k - lo] = error
             self.check_own_pipes()
+            size += len(value) if value is not None else 0
+            if size >= SPLIT_BYTES and k + 1 < n:  # (see SPLIT_BYTES)
+                ns = time.perf_counter_ns() - t0
+                self.step(STAGE_SENDING, n)
+                self.send(pkt.packet_id, k + 1 - lo, ns, True, dumps_results_envelope(results, errors), (), lo, True)
+                lo, size, results, errors = k + 1, 0, [], {}
+                t0 = time.perf_counter_ns()
         compute_ns = time.perf_counter_ns() - t0
-        self.done += len(items)
-        self.send(pkt.packet_id, len(items), compute_ns, True, dumps_results_envelope(results, errors))
+        self.done += n
+        self.send(pkt.packet_id, n - lo, compute_ns, True, dumps_results_envelope(results, errors), (), lo)
 
     def send(
-        self, packet_id: int, count: int, compute_ns: int, careful: bool, payload: bytes, buffers: Sequence[Any] = ()
+        self,
+        packet_id: int,
+        count: int,
+        compute_ns: int,
+        careful: bool,
+        payload: bytes,
+        buffers: Sequence[Any] = (),
+        start: int = 0,
+        more: bool = False,
     ) -> None:
-        """Send a packet's results, once the consumer will take them: the
+        """Send a packet's results (tasks ``start`` to ``start + count``; ``more``:
+        not its last frame), once the consumer will take them: the
         out-of-band ``buffers`` are written from where they are."""
         self.prog[self.p0 + P_STAGE] = STAGE_SENDING
         self.check_own_pipes()
-        self.wait_for_window(packet_id)
+        if more:
+            self.wait_for_turn(packet_id)
+        else:
+            self.wait_for_window(packet_id)
         ring = self.results_ring
         placement = ring.place(buffers) if ring is not None and buffers else None
-        header = _wire.encode_result(packet_id, count, compute_ns, careful, buffers, placement, self.spec.slot)
+        slot = self.spec.slot
+        header = _wire.encode_result(packet_id, count, compute_ns, careful, buffers, placement, slot, start, more)
         if placement is None:
             _wire.write_frame_blocking(self.spec.results_out.fd, header, payload, *buffers)
             return
         assert ring is not None
-        ring.publish(placement, packet_id)  # (a death from here on leaves the range in doubt: see _region)
+        # (a death from here on leaves the range in doubt: see _region)
+        ring.publish(placement, _wire.frame_key(packet_id, start))
         _wire.write_frame_blocking(self.spec.results_out.fd, header, payload, *_wire.in_frame(buffers, placement))
         ring.written()
 
@@ -369,6 +446,13 @@ class _Worker:
             if body[0] == Kind.TASKS and _wire.tasks_id(body) == (packet_id, True):
                 return self.decode(body)
             self.stash.append(body)
+
+    def wait_for_turn(self, packet_id: int) -> None:
+        """Wait until ``packet_id`` is the next packet the consumer delivers,
+        which it stays until its last frame is in (see SPLIT_BYTES): the
+        consumer accepts ids up to ``next + buffer_max - 1``, so this is the
+        window's wait for the id ``buffer_max - 1`` past it."""
+        self.wait_for_window((packet_id + self.spec.buffer_max - 1) % self.modulus)
 
     def wait_for_window(self, packet_id: int) -> None:
         spec = self.spec
