@@ -106,7 +106,9 @@ def run_items(
         except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
             errors[k - lo] = capture(e)
             values.append(None)
-    prog[at_item] = hi
+    # No task's index (the packet's length): a death before the next step
+    # is not this task's (see Supervisor.diagnose), however many remain.
+    prog[at_item] = len(items)
     if not timed:
         seq += hi - lo
         prog[p0 + P_SEQ] = seq
