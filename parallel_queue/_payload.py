@@ -503,33 +503,27 @@ def result_unpickling_error(exc: BaseException, index: int) -> TaskError:
     )
 
 
-# What a result's size is taken to be without pickling it (see rough_size):
-# these hold their bytes themselves; these hold nothing worth counting.
+# What a result is taken to weigh without pickling it (see weigh): these
+# hold their bytes themselves; these (SMALL_TYPES) hold nothing worth counting.
 _FLAT = (bytes, str, bytearray)
-_SMALL = (int, float, bool, type(None), complex)
+SMALL_TYPES = frozenset({int, float, bool, type(None), complex})
 
 
-def rough_size(values: list[Any]) -> int:
-    """About how many bytes ``values`` will pickle to, cheaply, for a worker
+def weigh(value: Any) -> int:
+    """About how many bytes ``value`` will pickle to, cheaply, for a worker
     deciding whether a packet's results have grown large (see
     _worker.SPLIT_BYTES): ``bytes``, ``str`` and ``bytearray`` count their
     length, anything with ``nbytes`` (numpy arrays, memoryviews) that, and
     tuples, lists and dicts (and an object's ``__dict__``) what they hold,
     two levels deep.  What it cannot see is only found when the packet's
     results are pickled."""
-    total = 0
-    for v in values:
-        t = type(v)
-        if t in _SMALL:
-            continue
-        total += _size_of(v, t, 2)
-    return total
+    return _size_of(value, type(value), 2)
 
 
 def _size_of(v: Any, t: type, depth: int) -> int:
     if t in _FLAT:
         return len(v)
-    if t in _SMALL:
+    if t in SMALL_TYPES:
         return 0
     nbytes = getattr(t, "nbytes", None)
     if nbytes is not None:

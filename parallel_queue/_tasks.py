@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from typing import Any, Callable, Optional
 
-from ._payload import TaskError, every_slot_fails
+from ._payload import SMALL_TYPES, TaskError, every_slot_fails, weigh
 
 # What a task item is (a queue's own form, or a map's):
 CALL = 0  # ParallelQueue: (fn, args, kwargs or None)
@@ -53,13 +53,14 @@ def run_items(
     seq: int = 0,
     timed: bool = False,
     lo: int = 0,
-    hi: Optional[int] = None,
+    limit: int = 0,
 ) -> tuple[list[Any], dict[int, Any], int]:
     """Run a packet's tasks (items of ``form``) in order: ``(values, errors, seq)``.
 
-    ``lo``, ``hi``: only ``items[lo:hi]`` (a process worker runs a packet a
-    few tasks at a time, see _worker.run_packet); ``errors`` are keyed by
-    index from ``lo``, the progress array by index in the whole packet.
+    From task ``lo`` on (``errors`` are keyed by index from ``lo``, the
+    progress array by index in the whole packet); with a ``limit``, only
+    until the results weigh that much (see _payload.weigh): ``values`` then
+    ends early, after the task that reached it (see _worker.SPLIT_BYTES).
 
     A task that raises gets ``capture(exception)`` in ``errors`` at its index
     (SystemExit too: it is that task's error); a TaskError in place of a task
@@ -73,16 +74,16 @@ def run_items(
     """
     if prog is None:
         prog, p0 = [0] * PROGRESS_FIELDS, 0
-    if hi is None:
-        hi = len(items)
+    n = len(items)
     if isinstance(fn, TaskError):  # a map's function that could not be pickled or unpickled
-        return (*every_slot_fails(hi - lo, fn), seq)
+        return (*every_slot_fails(n - lo, fn), seq)
     at_item = p0 + P_ITEM
     if not timed:
         prog[p0 + P_SEQ] = seq + 1
     values: list[Any] = []
     errors: dict[int, Any] = {}
-    for k in range(lo, hi):
+    weight = 0
+    for k in range(lo, n):
         item = items[k]
         if timed:
             seq = mark_step(prog, p0, STAGE_RUNNING, k, seq)
@@ -94,23 +95,29 @@ def run_items(
             continue
         try:
             if form == ONE:
-                values.append(fn(item))  # type: ignore[misc]
+                value = fn(item)  # type: ignore[misc]
             elif form == STAR:
-                values.append(fn(*item))  # type: ignore[misc]
+                value = fn(*item)  # type: ignore[misc]
             elif form == CALL:
                 f, args, kwargs = item
-                values.append(f(*args, **kwargs) if kwargs else f(*args))
+                value = f(*args, **kwargs) if kwargs else f(*args)
             else:
                 args, kwargs = item
-                values.append(fn(*args, **kwargs) if kwargs else fn(*args))  # type: ignore[misc]
+                value = fn(*args, **kwargs) if kwargs else fn(*args)  # type: ignore[misc]
         except BaseException as e:  # noqa: BLE001 - SystemExit in a task is its error too
             errors[k - lo] = capture(e)
             values.append(None)
+            continue
+        values.append(value)
+        if limit and type(value) not in SMALL_TYPES:
+            weight += weigh(value)
+            if weight >= limit:
+                break
     # No task's index (the packet's length): a death before the next step
-    # is not this task's (see Supervisor.diagnose), however many remain.
-    prog[at_item] = len(items)
+    # is not this task's (see Supervisor.diagnose).
+    prog[at_item] = n
     if not timed:
-        seq += hi - lo
+        seq += len(values)
         prog[p0 + P_SEQ] = seq
     return values, errors, seq
 

@@ -39,7 +39,6 @@ from ._payload import (
     load_one_task,
     loads_tasks,
     loads_tasks_envelope,
-    rough_size,
 )
 from ._region import RingReader, RingWriter, attach
 from ._tasks import (
@@ -71,11 +70,10 @@ EXIT_PIPE_LOST = 3
 # worker, then in the consumer and the main process.  Each frame but the
 # last waits until its packet is the next one delivered, and the consumer
 # reads nothing more from the worker until it has passed it on (see
-# _consumer), so a worker holds at most this much, plus one step of tasks.
+# _consumer), so a worker holds at most this much, plus one result.  The
+# results are weighed as they come (see _payload.weigh); what that cannot
+# see is left to the packet's size limits (see _scheduler).
 SPLIT_BYTES = 8 << 20
-# The most tasks run between two looks at the results' size (see
-# run_packet): a frame overshoots SPLIT_BYTES by at most this many results.
-STEP_MAX = 16
 
 
 class Inherited:
@@ -272,7 +270,8 @@ class _Worker:
                 return
 
     def run_packet(self, pkt: _wire.TaskPacket) -> None:
-        """The hot path: load the whole batch, run it, pickle all the results.
+        """The hot path: load the whole batch, run it, pickle its results (in
+        more than one frame once they weigh SPLIT_BYTES).
 
         Should the worker die after the tasks ran (a result that kills it
         while pickled, a task that closed our pipes), the stage it was in
@@ -290,30 +289,21 @@ class _Worker:
         t0 = time.perf_counter_ns()
         fn, items = packet_function(self.fn, pkt.form, items)
         n, form, timed = len(items), pkt.form, self.spec.timed
-        # The tasks run a few at a time (1, 2, 4, ... up to STEP_MAX), with
-        # a look at their results' size in between: once the results not
-        # yet sent pass SPLIT_BYTES, they go in a frame of their own.
-        lo = hi = size = 0
-        step = 1
-        values: list[Any] = []
-        errors: dict[int, Any] = {}
-        while hi < n:
-            end = min(n, hi + step)
-            more, more_errors, self.seq = run_items(fn, form, items, capture_error, prog, p0, self.seq, timed, hi, end)
-            if more_errors:
-                errors.update((k + hi - lo, e) for k, e in more_errors.items())
-            values += more
-            hi = end
-            size += rough_size(more)
-            if size >= SPLIT_BYTES and hi < n:
-                self.send_results(pkt, items, lo, hi, values, errors, time.perf_counter_ns() - t0)
-                lo, size, values, errors = hi, 0, [], {}
-                prog[p0 + P_STAGE] = STAGE_RUNNING
-                t0 = time.perf_counter_ns()
-            if step < STEP_MAX:
-                step += step
+        lo = 0
+        while True:
+            # Until the results weigh SPLIT_BYTES (weighed as they come, see
+            # _payload.weigh); the rest, if any, go in the next frame.
+            values, errors, self.seq = run_items(
+                fn, form, items, capture_error, prog, p0, self.seq, timed, lo, SPLIT_BYTES
+            )
+            hi = lo + len(values)
+            self.send_results(pkt, items, lo, hi, values, errors, time.perf_counter_ns() - t0)
+            if hi == n:
+                break
+            lo = hi
+            prog[p0 + P_STAGE] = STAGE_RUNNING
+            t0 = time.perf_counter_ns()
         self.done += n
-        self.send_results(pkt, items, lo, n, values, errors, time.perf_counter_ns() - t0)
 
     def send_results(
         self,
