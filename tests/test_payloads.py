@@ -242,6 +242,38 @@ def test_a_worker_killed_between_its_ring_and_its_frame_gives_the_ring_back(ring
         q.terminate()
 
 
+def test_a_worker_killed_writing_a_packets_first_frame_gives_the_ring_back(ring_reads):
+    """As above, for the first frame of a packet whose results go in several
+    (see _worker.SPLIT_BYTES): a packet of two such results, the worker
+    killed as it writes the first one's frame.  Its range in the ring is
+    keyed by packet and first task, and given back: the consumer never had
+    that frame.  Both values come out whole, and the ring has its whole size
+    again."""
+    q = ParallelQueue(num_workers=1)
+    engine = q._core.engine
+    try:
+        q.put(abs, -1)
+        assert q.get(timeout=60) == 1
+        os.kill(engine.consumer.pid, signal.SIGSTOP)
+        it = q.imap(half_in_the_ring, [1, 2], chunksize=2)
+        kill_the_worker_blocked_writing(engine)
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        assert list(it) == [half_in_the_ring(1), half_in_the_ring(2)]
+        assert q.stats().workers_replaced == 1
+        third = RING_BYTES * 3 // 8
+        del ring_reads[:]
+        q.put(make, ("numpy", third, 1))
+        first = q.get(timeout=60)
+        q.put(make, ("numpy", third, 2))
+        second = q.get(timeout=60)
+        assert numpy.array_equal(first, numpy.full(third // 8, 1.0))
+        assert numpy.array_equal(second, numpy.full(third // 8, 2.0))
+        assert [r.size for r in ring_reads] == [third, third]  # both through the ring
+    finally:
+        os.kill(engine.consumer.pid, signal.SIGCONT)
+        q.terminate()
+
+
 def test_results_kept_hold_nothing_of_the_ring(ring_reads):
     """A caller that keeps every result keeps copies of its own: the ring
     goes round under them (8 results of a quarter ring each), every one
