@@ -122,9 +122,16 @@ class Supervisor:
             # at a time.  (Its tasks that had run, run again.)
             rec.careful = True
         elif stage == STAGE_LOADING and k == -1 and rec.map_fn is not None:
+            # Not loaded again (see _tasks.run_items); each task fails in its
+            # own slot, under its own number.
             rec.map_fn = TaskError.from_message(
                 WorkerLostError(f"the worker (pid {proc.pid}) {how_it_ended(proc)} while unpickling the map's function")
             )
+            for j in range(n):
+                if not isinstance(rec.items[j], TaskError):
+                    blame(
+                        rec, j, proc, "could not run: its worker (pid {pid}) {how} while unpickling the map's function"
+                    )
         elif stage == STAGE_LOADING and fresh:
             blame(rec, k, proc, "could not be unpickled: its worker (pid {pid}) {how} while unpickling it")
         elif stage == STAGE_SAVING and fresh:

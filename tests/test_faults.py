@@ -760,3 +760,37 @@ def test_idle_workers_killed_from_outside_are_no_start_up_deaths():
             wait_until(lambda old=old: slot.proc is not old)
         q.put(identity, 1)
         assert q.get(timeout=60) == 1
+
+
+def _die_here():
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+class DiesWhenUnpickled:
+    """A map's function that kills any process that unpickles it."""
+
+    def __call__(self, x):
+        return x
+
+    def __reduce__(self):
+        return (_die_here, ())
+
+
+def test_a_maps_function_that_kills_its_worker_as_it_loads_fails_each_task_under_its_own_number():
+    """The worker dies unpickling the map's function, twice (the second time
+    one task at a time): the function is not sent again, and each task
+    fails in its own slot with a WorkerLostError that names it (before, each
+    slot had one same error, numbered -1).  The queue goes on."""
+    with ParallelQueue(num_workers=2) as q:
+        q.put(abs, -5)
+        assert q.get(timeout=60) == 5  # (the queue's tasks numbered from 0: this is task #0)
+        it = q.imap(DiesWhenUnpickled(), range(3), chunksize=3)
+        for i in range(3):
+            with pytest.raises(
+                WorkerLostError, match=rf"^task #{i + 1} .*while unpickling the map's function"
+            ) as caught:
+                next(it)
+            assert caught.value.task_index == i + 1
+        assert next(it, None) is None
+        q.put(abs, -6)
+        assert q.get(timeout=60) == 6
