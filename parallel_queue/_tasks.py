@@ -76,11 +76,11 @@ def run_items(
         prog, p0 = [0] * PROGRESS_FIELDS, 0
     n = len(items)
     if isinstance(fn, TaskError):  # a map's function that could not be pickled or unpickled
-        values, errors = every_slot_fails(n - lo, fn)
+        nones, failed = every_slot_fails(n - lo, fn)
         for k in range(lo, n):
             if type(items[k]) is TaskError:  # (its own error: see Supervisor.diagnose)
-                errors[k - lo] = items[k]
-        return values, errors, seq
+                failed[k - lo] = items[k]
+        return nones, failed, seq
     at_item = p0 + P_ITEM
     if not timed:
         prog[p0 + P_SEQ] = seq + 1
