@@ -161,7 +161,9 @@ class Receiver:
             return (values[skip:], kept), n - skip
         return self.decode_frame(body, header, first)
 
-    def decode_frame(self, body: Any, header: Any, first: int) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
+    def decode_frame(
+        self, body: Any, header: ResultHeader, first: int
+    ) -> tuple[tuple[list[Any], dict[int, TaskError]], int]:
         """decode(), for the whole frame."""
         view_of = None
         if header.n_buffers and self.rings:

@@ -207,6 +207,22 @@ def half_in_the_ring(n):
     return bytes([1]) * (16 << 20), bytes([2]) * (RING_BYTES + n)
 
 
+def assert_the_ring_has_its_whole_size(q, ring_reads):
+    """(one worker, whose dead predecessor's range was [0, 16 MiB) of the
+    ring) Two results of 12 MiB both go through the ring: the first after
+    that range, the second only fits at the ring's start, where that range
+    was, so only if it was given back."""
+    third = RING_BYTES * 3 // 8
+    del ring_reads[:]
+    q.put(make, ("numpy", third, 1))
+    first = q.get(timeout=60)
+    q.put(make, ("numpy", third, 2))
+    second = q.get(timeout=60)
+    assert numpy.array_equal(first, numpy.full(third // 8, 1.0))
+    assert numpy.array_equal(second, numpy.full(third // 8, 2.0))
+    assert [r.size for r in ring_reads] == [third, third]  # both through the ring
+
+
 def test_a_worker_killed_between_its_ring_and_its_frame_gives_the_ring_back(ring_reads):
     """The worker put half a result in its ring and is killed while the rest
     is written in its frame (the consumer is stopped): nobody will ever read
@@ -225,18 +241,7 @@ def test_a_worker_killed_between_its_ring_and_its_frame_gives_the_ring_back(ring
         os.kill(engine.consumer.pid, signal.SIGCONT)
         assert q.get(timeout=60) == half_in_the_ring(1)
         assert q.stats().workers_replaced == 1
-        # The dead worker's range was [0, 16 MiB); the next 12 MiB go after
-        # it, and the 12 MiB after those only fit at the ring's start, where
-        # the dead worker's range was.
-        third = RING_BYTES * 3 // 8
-        del ring_reads[:]
-        q.put(make, ("numpy", third, 1))
-        first = q.get(timeout=60)
-        q.put(make, ("numpy", third, 2))
-        second = q.get(timeout=60)
-        assert numpy.array_equal(first, numpy.full(third // 8, 1.0))
-        assert numpy.array_equal(second, numpy.full(third // 8, 2.0))
-        assert [r.size for r in ring_reads] == [third, third]  # both through the ring
+        assert_the_ring_has_its_whole_size(q, ring_reads)
     finally:
         os.kill(engine.consumer.pid, signal.SIGCONT)
         q.terminate()
@@ -260,15 +265,7 @@ def test_a_worker_killed_writing_a_packets_first_frame_gives_the_ring_back(ring_
         os.kill(engine.consumer.pid, signal.SIGCONT)
         assert list(it) == [half_in_the_ring(1), half_in_the_ring(2)]
         assert q.stats().workers_replaced == 1
-        third = RING_BYTES * 3 // 8
-        del ring_reads[:]
-        q.put(make, ("numpy", third, 1))
-        first = q.get(timeout=60)
-        q.put(make, ("numpy", third, 2))
-        second = q.get(timeout=60)
-        assert numpy.array_equal(first, numpy.full(third // 8, 1.0))
-        assert numpy.array_equal(second, numpy.full(third // 8, 2.0))
-        assert [r.size for r in ring_reads] == [third, third]  # both through the ring
+        assert_the_ring_has_its_whole_size(q, ring_reads)
     finally:
         os.kill(engine.consumer.pid, signal.SIGCONT)
         q.terminate()
