@@ -10,6 +10,7 @@ others go through.
 
 from __future__ import annotations
 
+import itertools
 import pickle
 import traceback
 from types import TracebackType
@@ -503,41 +504,105 @@ def result_unpickling_error(exc: BaseException, index: int) -> TaskError:
     )
 
 
-# What a result is taken to weigh without pickling it (see weigh): these
-# hold their bytes themselves; these (SMALL_TYPES) hold nothing worth counting.
-_FLAT = (bytes, str, bytearray)
-SMALL_TYPES = frozenset({int, float, bool, type(None), complex})
+# What a result is taken to weigh without pickling it (see weigh).
+SMALL_TYPES: frozenset[type] = frozenset({int, float, bool, type(None), complex})
+_LEN, _NBYTES, _BUFFER, _SEQ, _MAP, _OBJ, _NOTHING = range(7)
+_HOW: dict[type, int] = {bytes: _LEN, str: _LEN, bytearray: _LEN, tuple: _SEQ, list: _SEQ, dict: _MAP}
+_HOW.update(dict.fromkeys(SMALL_TYPES, _NOTHING))
+_HOW_MAX = 4096  # types remembered (a program that makes classes on the fly does not grow it for ever)
+_DEPTH = 3  # levels of containers looked into
+_SAMPLE = 8  # elements looked at per container; the rest are taken to weigh as much
 
 
 def weigh(value: Any) -> int:
     """About how many bytes ``value`` will pickle to, cheaply, for a worker
     deciding whether a packet's results have grown large (see
-    _worker.SPLIT_BYTES): ``bytes``, ``str`` and ``bytearray`` count their
-    length, anything with ``nbytes`` (numpy arrays, memoryviews) that, and
-    tuples, lists and dicts (and an object's ``__dict__``) what they hold,
-    two levels deep.  What it cannot see is only found when the packet's
-    results are pickled."""
-    return _size_of(value, type(value), 2)
-
-
-def _size_of(v: Any, t: type, depth: int) -> int:
-    if t in _FLAT:
-        return len(v)
-    if t in SMALL_TYPES:
+    _worker.SPLIT_BYTES).  ``bytes``, ``str``, ``bytearray`` (and their
+    subclasses) count their length; arrays and memoryviews (``nbytes``) and
+    any other buffer (``array.array``) their size; tuples, lists, sets,
+    dicts and objects' attributes what they hold, three levels deep, from at
+    most 8 elements of each spread over it (a list of a million numbers
+    costs 8 looks).  It runs no code of the value's own but an ``nbytes``
+    property or a ``__getattr__``; should those fail, the value weighs 0.
+    What it cannot see is found only when the packet's results are
+    pickled."""
+    t = type(value)
+    how = _HOW.get(t)
+    if how == _LEN:  # (the usual large result: no call further)
+        return len(value)
+    if t is tuple and len(value) <= _SAMPLE:  # (the usual small tuple: no call either)
+        total = 0
+        for x in value:
+            h = _HOW.get(type(x))
+            if h == _LEN:
+                total += len(x)
+            elif h != _NOTHING:
+                break
+        else:
+            return total
+    try:
+        return _weigh(value, _DEPTH)
+    except BaseException:  # noqa: BLE001 - a result's own code failing is not the worker's end
         return 0
-    nbytes = getattr(t, "nbytes", None)
-    if nbytes is not None:
-        try:
-            return int(v.nbytes)
-        except Exception:  # a property that fails: not ours to report
-            return 0
+
+
+def _weigh(v: Any, depth: int) -> int:
+    how = _HOW.get(type(v))
+    if how is None:
+        how = _how_to_weigh(type(v), v)
+    if how == _LEN:
+        return len(v)
+    if how == _NOTHING:
+        return 0
+    if how == _NBYTES:
+        return int(v.nbytes)
+    if how == _BUFFER:
+        with memoryview(v) as view:
+            return view.nbytes
     if not depth:
         return 0
-    if t is tuple or t is list:
-        return sum(_size_of(x, type(x), depth - 1) for x in v)
-    if t is dict:
-        return sum(_size_of(x, type(x), depth - 1) for x in v.values())
-    d = getattr(v, "__dict__", None)
-    if type(d) is dict:
-        return sum(_size_of(x, type(x), depth - 1) for x in d.values())
-    return 0
+    if how == _OBJ:
+        v = getattr(v, "__dict__", None)
+        if type(v) is not dict:
+            return 0
+        how = _MAP
+    n = len(v)
+    if how == _MAP:
+        v = v.values()
+    if n <= _SAMPLE:
+        sample = v
+    elif how == _SEQ and isinstance(v, (tuple, list)):
+        step = n / _SAMPLE
+        sample = [v[int(k * step)] for k in range(_SAMPLE)]
+    else:
+        sample = list(itertools.islice(v, _SAMPLE))
+    total = 0
+    for x in sample:
+        h = _HOW.get(type(x))
+        if h == _NOTHING:
+            continue
+        total += len(x) if h == _LEN else _weigh(x, depth - 1)
+    return total if n <= _SAMPLE else total * n // _SAMPLE
+
+
+def _how_to_weigh(t: type, v: Any) -> int:
+    """How values of type ``t`` (``v`` one of them) are weighed; remembered."""
+    if issubclass(t, (bytes, str, bytearray)):
+        how = _LEN
+    elif issubclass(t, (int, float, complex)):
+        how = _NOTHING
+    elif getattr(t, "nbytes", None) is not None:
+        how = _NBYTES
+    elif issubclass(t, (tuple, list, set, frozenset)):
+        how = _SEQ
+    elif issubclass(t, dict):
+        how = _MAP
+    else:
+        try:
+            with memoryview(v):
+                how = _BUFFER
+        except TypeError:
+            how = _OBJ if getattr(t, "__dictoffset__", 0) else _NOTHING
+    if len(_HOW) < _HOW_MAX:
+        _HOW[t] = how
+    return how

@@ -259,6 +259,10 @@ def test_a_worker_killed_writing_a_packets_first_frame_gives_the_ring_back(ring_
     try:
         q.put(abs, -1)
         assert q.get(timeout=60) == 1
+        # The consumer publishes that the next packet (id 1) is its next
+        # just after it passed packet 0 on: stopped before that, it would
+        # leave the worker waiting for its turn, not writing.
+        wait_until(lambda: engine.max_packet_id.value == engine.opts.consumer_buffer_max)
         os.kill(engine.consumer.pid, signal.SIGSTOP)
         it = q.imap(half_in_the_ring, [1, 2], chunksize=2)
         kill_the_worker_blocked_writing(engine)

@@ -5,6 +5,7 @@ loses nothing and repeats nothing."""
 
 from __future__ import annotations
 
+import array
 import os
 import signal
 import textwrap
@@ -162,12 +163,45 @@ class Holder:
         self.data = data
 
 
+class Blob(bytes):
+    pass
+
+
+class Proxy:
+    """Pickles, but any attribute it lacks raises KeyError (a record that
+    looks names up in a table)."""
+
+    __slots__ = ("data",)
+
+    def __init__(self, data):
+        self.data = data
+
+    def __getattr__(self, name):
+        raise KeyError(name)
+
+    def __reduce__(self):
+        return (Proxy, (self.data,))
+
+
 def test_a_worker_weighs_the_usual_large_results():
     """What a worker weighs its results by, without pickling them."""
     block = b"x" * 1000
-    assert [weigh(v) for v in (block, "y" * 500, bytearray(200))] == [1000, 500, 200]
-    assert [weigh(v) for v in (numpy.zeros(100), memoryview(block))] == [800, 1000]
-    assert [weigh(v) for v in ((1, block), [block, 2.0], {"text": "y" * 10})] == [1000, 1000, 10]
-    assert [weigh(v) for v in (Holder(block), (("deep", block),))] == [1000, 1004]
-    assert [weigh(v) for v in (1, None, 2.5, True, ((((block,),),),))] == [0] * 5  # too deep: left to the pickle
-    assert weigh([block] * 1000) == 1_000_000 < SPLIT_BYTES
+    assert [weigh(v) for v in (block, "y" * 500, bytearray(200), Blob(block))] == [1000, 500, 200, 1000]
+    assert [weigh(v) for v in (numpy.zeros(100), memoryview(block), array.array("b", block))] == [800, 1000, 1000]
+    assert [weigh(v) for v in ((1, block), [block, 2.0], {"text": "y" * 10}, {block})] == [1000, 1000, 10, 1000]
+    assert [weigh(v) for v in (Holder(block), (("deep", block),), {"k": [[block]]})] == [1000, 1004, 1000]
+    assert weigh(((((block,),),),)) == 0  # four levels down: left to the pickle
+    assert weigh([block] * 1000) == 1_000_000 < SPLIT_BYTES  # (8 of them looked at)
+    assert weigh(list(range(10**6))) == 0
+    assert weigh(Proxy(block)) == 0  # its __getattr__ raised: it weighs nothing, the worker goes on
+
+
+def test_a_result_whose_own_code_fails_when_weighed_comes_back():
+    """A result whose ``__getattr__`` raises for a missing attribute pickles
+    and comes back as any other (before, weighing it killed the worker, and
+    every such task was reported lost)."""
+    with ParallelQueue(num_workers=2) as q:
+        for i in range(3):
+            q.put(Proxy, i)
+        assert [q.get(timeout=60).data for _ in range(3)] == [0, 1, 2]
+        assert q.stats().workers_replaced == 0
