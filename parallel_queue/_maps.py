@@ -211,6 +211,11 @@ class IMapIterator(Iterator[R]):
             return
         except QueueStopped:
             pass  # (ended outside the except: a Ctrl-C in the join must not chain onto this)
+        except KeyboardInterrupt:
+            # The map goes on: a program that catches it and goes on gets
+            # every result (closing here ended the map: the next next() said
+            # StopIteration).  Left alone, the map is closed as it is dropped.
+            raise
         except BaseException:
             self.close()
             raise

@@ -1157,3 +1157,30 @@ def test_a_press_anywhere_in_a_maps_hand_over_loses_and_repeats_nothing():
             if not interrupted and n > PLACES:
                 break
         assert closed > 0 and went_on > 0, (closed, went_on)
+
+
+def wait_for_a_file(i, path):
+    """Task 0 waits until the test opens the FIFO ``path``."""
+    if i == 0:
+        with open(path) as f:
+            f.read()
+    return i
+
+
+def test_a_map_waited_on_goes_on_after_a_caught_press(tmp_path):
+    """Ctrl-C while next() on a map waits for its first result (a real
+    SIGINT, the main thread asleep in poll()); the program catches it and
+    goes on with the same map: every result, once, in order.  Before, the
+    press closed the map, and the next next() said StopIteration: 0 of 20."""
+    fifo = str(tmp_path / "go")
+    os.mkfifo(fifo)
+    main = threading.main_thread()
+    with ParallelQueue(num_workers=2) as q:
+        it = q.imap(wait_for_a_file, range(20), [fifo] * 20)
+        sender = interrupt_main_thread_when(lambda: sleeping_in(main, "poll"))
+        with pytest.raises(KeyboardInterrupt):
+            next(it)
+        sender.join()
+        with open(fifo, "w"):
+            pass
+        assert list(it) == list(range(20))
